@@ -1,0 +1,205 @@
+"""Checkpoint folders: written atomically, found again reliably, rotated without loss.
+
+Layout of ``{run_dir}/checkpoints/step-{N:07d}/`` (the state after N optimizer steps)::
+
+    accelerate/            accelerator.save_state: models, optimizers, schedulers, RNG, scaler
+    <stage files>          e.g. vae/ (save_pretrained), discriminator.safetensors, ema.safetensors
+    config.yaml            the resolved config of the run that wrote it
+    trainer_state.json     written last: step, data position, validation result, file manifest
+
+A checkpoint is written into ``.tmp-step-N`` and renamed when complete, so a crash (even
+``kill -9``) mid-write leaves no folder named ``step-*``. ``trainer_state.json`` lists every
+file with its size; a folder whose manifest does not match (copied half-way, truncated) is
+reported and skipped, never loaded.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from lib.errors import CheckpointError
+
+STATE_FILE = "trainer_state.json"
+NAME_RE = re.compile(r"^step-(\d{7,})$")
+TMP_PREFIX = ".tmp-"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+@dataclass
+class CheckpointInfo:
+    path: Path
+    step: int
+    state: dict[str, Any]
+
+    @property
+    def val_loss(self) -> float:
+        """The validation loss recorded with this checkpoint (inf when none)."""
+        v = self.state.get("val_loss")
+        return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else math.inf
+
+
+def _fsync_path(path: Path) -> None:
+    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() and hasattr(os, "O_DIRECTORY") else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _manifest(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_size
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != STATE_FILE}
+
+
+def check_complete(folder: Path) -> Optional[str]:
+    """None if ``folder`` is a complete checkpoint, else the reason it is not."""
+    state_path = folder / STATE_FILE
+    if not state_path.is_file():
+        return f"no {STATE_FILE} (the write did not finish)"
+    try:
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f"{STATE_FILE} is not valid JSON"
+    files = state.get("files")
+    if not isinstance(files, dict) or not isinstance(state.get("step"), int):
+        return f"{STATE_FILE} has no step or file manifest"
+    for rel, size in files.items():
+        p = folder / rel
+        if not p.is_file():
+            return f"missing file {rel}"
+        if p.stat().st_size != size:
+            return f"file {rel} has {p.stat().st_size} bytes, expected {size}"
+    return None
+
+
+def read_state(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+
+
+def list_checkpoints(ckpt_dir: Path, warn: Callable[[str], None] = print) -> list[CheckpointInfo]:
+    """Complete checkpoints under ``ckpt_dir``, oldest first; incomplete ones are named in a warning."""
+    out: list[CheckpointInfo] = []
+    if not ckpt_dir.is_dir():
+        return out
+    for folder in ckpt_dir.iterdir():
+        m = NAME_RE.match(folder.name)
+        if not m or not folder.is_dir():
+            continue
+        reason = check_complete(folder)
+        if reason:
+            warn(f"skipping incomplete checkpoint {folder}: {reason}")
+            continue
+        out.append(CheckpointInfo(folder, int(m.group(1)), read_state(folder)))
+    out.sort(key=lambda c: c.step)
+    return out
+
+
+def best_of(infos: list[CheckpointInfo]) -> Optional[CheckpointInfo]:
+    """The checkpoint with the lowest recorded validation loss (the newest on ties)."""
+    scored = [c for c in infos if math.isfinite(c.val_loss)]
+    return min(reversed(scored), key=lambda c: c.val_loss) if scored else None
+
+
+def resolve(spec: str, ckpt_dir: Path, warn: Callable[[str], None] = print) -> CheckpointInfo:
+    """``latest`` | ``best`` | a path to a ``step-N`` folder -> a complete checkpoint, or a one-line error."""
+    if spec in ("latest", "best"):
+        infos = list_checkpoints(ckpt_dir, warn)
+        if not infos:
+            raise CheckpointError(f"--resume {spec}: no complete checkpoint under {ckpt_dir} "
+                                  f"(start without --resume, or pass a checkpoint folder)")
+        if spec == "latest":
+            return infos[-1]
+        best = best_of(infos)
+        if best is None:
+            raise CheckpointError(f"--resume best: no checkpoint under {ckpt_dir} has a validation "
+                                  f"result (use --resume latest)")
+        return best
+    folder = Path(spec)
+    if not folder.exists():
+        raise CheckpointError(f"--resume {spec}: no such checkpoint folder "
+                              f"(expected latest, best, or a path like {ckpt_dir}/step-0005000)")
+    reason = check_complete(folder)
+    if reason:
+        raise CheckpointError(f"--resume {spec}: not a complete checkpoint: {reason}")
+    state = read_state(folder)
+    return CheckpointInfo(folder, int(state["step"]), state)
+
+
+def clean_temporaries(ckpt_dir: Path) -> list[Path]:
+    """Remove ``.tmp-*`` folders left by a write that was killed (only one writer per run)."""
+    removed = []
+    if ckpt_dir.is_dir():
+        for folder in ckpt_dir.iterdir():
+            if folder.name.startswith(TMP_PREFIX) and folder.is_dir():
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder)
+    return removed
+
+
+def begin(ckpt_dir: Path, step: int) -> Path:
+    """Create (empty) the temporary folder that step ``step``'s checkpoint is written into."""
+    tmp = ckpt_dir / f"{TMP_PREFIX}{checkpoint_name(step)}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit(tmp: Path, state: dict[str, Any]) -> Path:
+    """Seal ``tmp`` with its manifest and state, fsync, and rename it to ``step-N``.
+
+    An existing ``step-N`` (left by a run that was later resumed from an earlier step) is
+    moved aside to ``step-N.replaced-<time>``, never deleted.
+    """
+    step = int(state["step"])
+    state = dict(state, files=_manifest(tmp), saved_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    state_path = tmp / STATE_FILE
+    with open(state_path, "w", encoding="utf-8") as f:
+        json.dump(state, f, indent=1, allow_nan=True)
+        f.flush()
+        os.fsync(f.fileno())
+    for p in tmp.rglob("*"):
+        if p.is_file():
+            _fsync_path(p)
+    _fsync_path(tmp)
+    final = tmp.parent / checkpoint_name(step)
+    if final.exists():
+        final.rename(final.with_name(f"{final.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"))
+    os.replace(tmp, final)
+    _fsync_path(tmp.parent)
+    return final
+
+
+def rotate(ckpt_dir: Path, keep_last: int, warn: Callable[[str], None] = print) -> list[Path]:
+    """Delete all but the newest ``keep_last`` complete checkpoints and the best one.
+
+    Incomplete folders are never counted as kept and never deleted here (they are named
+    by :func:`list_checkpoints` so a person can look at them).
+    """
+    infos = list_checkpoints(ckpt_dir, warn)
+    keep = {c.path for c in infos[-keep_last:]}
+    best = best_of(infos)
+    if best is not None:
+        keep.add(best.path)
+    removed = []
+    for c in infos:
+        if c.path not in keep:
+            shutil.rmtree(c.path, ignore_errors=True)
+            removed.append(c.path)
+    return removed

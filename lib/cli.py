@@ -1,0 +1,21 @@
+"""Command-line arguments shared by the trainers."""
+from __future__ import annotations
+
+import argparse
+
+
+def trainer_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", required=True, help="experiment YAML, e.g. configs/demo.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (dotted, value parsed as YAML); repeatable, "
+                        "e.g. --set vae.train.lr=1e-5")
+    p.add_argument("--resume", default=None, metavar="latest|best|PATH",
+                   help="continue from the newest complete checkpoint, the best by validation "
+                        "loss, or a checkpoint folder (possibly of another run)")
+    p.add_argument("--until-step", type=int, default=None, metavar="N",
+                   help="stop after N optimizer steps with a checkpoint, without changing the "
+                        "schedule (split a long run into jobs; continue with --resume latest)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config and the LR schedule at its key points, then exit")
+    return p

@@ -1,0 +1,231 @@
+"""The run folder and everything a run logs: ``metrics.jsonl``, TensorBoard, ``train.log``, ``run.json``.
+
+One helper (:meth:`RunLog.record`) writes every record, to all three sinks, so the JSON, the
+TensorBoard scalars and the human log always agree. Numbers are printed with significant
+digits (``5.000e-06``), never a fixed number of decimals: the reference trainer's ``{:.5f}``
+printed every LR below 5e-6 as ``0.00000`` for a whole run.
+
+Records in ``metrics.jsonl`` have ``step`` (optimizer steps done), ``split`` (``train``,
+``val`` or ``event``) and ``time`` (unix seconds); event records have ``event`` and
+``message``.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from lib.errors import UserError
+
+RUN_MARKERS = ("metrics.jsonl", "checkpoints", "run.json")
+
+
+def fmt(value: Any) -> str:
+    """A number with 4 significant digits (``1.234e-05``, ``0.5``, ``1234``); others as str."""
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
+            return f"{value:.3e}"
+        return f"{value:.4g}"
+    return str(value)
+
+
+def check_new_run_dir(run_dir: Path, resuming: bool) -> None:
+    """Refuse to start a fresh run in a folder that already holds one (nothing is wiped)."""
+    if resuming or not run_dir.exists():
+        return
+    found = [m for m in RUN_MARKERS if (run_dir / m).exists()]
+    if found:
+        raise UserError(f"{run_dir} already holds a run ({', '.join(found)}); continue it with "
+                        f"--resume latest, or start elsewhere with --set output_dir=NEW_DIR")
+
+
+def _git_commit() -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5, cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "diffusers", "accelerate", "safetensors", "numpy", "torchmetrics"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def now_iso() -> str:
+    return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def update_run_json(run_dir: Path, stage: str, resume: Optional[dict[str, Any]] = None,
+                    extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Write ``run.json`` at a start: command line, versions, git commit, start time, and the
+    resume history (each resume appends an entry; earlier entries are kept)."""
+    path = run_dir / "run.json"
+    info: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            info = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            info = {}
+    info.setdefault("stage", stage)
+    info.setdefault("started", now_iso())
+    info.setdefault("resumes", [])
+    info["command"] = [sys.executable] + sys.argv
+    info["last_start"] = now_iso()
+    info["versions"] = _versions()
+    info["git_commit"] = _git_commit()
+    info["host"] = platform.node()
+    if extra:
+        info.update(extra)
+    if resume is not None:
+        info["resumes"].append(dict(resume, time=now_iso()))
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(info, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+    return info
+
+
+class RunLog:
+    """Writes records and messages of one run; everything is a no-op off the main process."""
+
+    def __init__(self, run_dir: Path, is_main: bool = True, tensorboard: bool = True) -> None:
+        self.run_dir = run_dir
+        self.is_main = is_main
+        self._jsonl = None
+        self._text = None
+        self._tb = None
+        if not is_main:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        self._text = open(run_dir / "train.log", "a", encoding="utf-8")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self._tb = SummaryWriter(str(run_dir / "tb"))
+
+    # -- human-readable lines
+    def _line(self, level: str, message: str) -> None:
+        if not self.is_main:
+            return
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        self._text.write(f"{stamp} {level} {message}\n")
+        self._text.flush()
+        try:
+            from tqdm import tqdm
+            tqdm.write(message if level == "INFO" else f"{level}: {message}", file=sys.stderr)
+        except ImportError:  # pragma: no cover
+            print(message, file=sys.stderr)
+
+    def info(self, message: str) -> None:
+        self._line("INFO", message)
+
+    def warning(self, message: str) -> None:
+        self._line("WARNING", message)
+
+    # -- records
+    def record(self, split: str, step: int, values: dict[str, Any], echo: bool = True) -> dict[str, Any]:
+        """Write one record (``split`` = train | val) to metrics.jsonl, TensorBoard and train.log."""
+        rec = {"step": int(step), "split": split, "time": time.time()}
+        rec.update({k: _plain(v) for k, v in values.items()})
+        if not self.is_main:
+            return rec
+        self._jsonl.write(json.dumps(rec) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in rec.items():
+                if k not in ("step", "time", "split") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._tb.add_scalar(f"{split}/{k}", v, step)
+        text = ", ".join(f"{k}: {fmt(v)}" for k, v in rec.items() if k not in ("step", "split", "time"))
+        if echo:
+            self._line("INFO", f"[{split} {step}] {text}")
+        else:
+            self._text.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} INFO [{split} {step}] {text}\n")
+            self._text.flush()
+        return rec
+
+    def event(self, name: str, step: int, message: str, level: str = "WARNING", **extra: Any) -> None:
+        """An event record (start, resume, preempted, nonfinite, divergence, ...) plus a log line."""
+        if not self.is_main:
+            return
+        rec = {"step": int(step), "split": "event", "time": time.time(), "event": name,
+               "message": message}
+        rec.update({k: _plain(v) for k, v in extra.items()})
+        self._jsonl.write(json.dumps(rec) + "\n")
+        self._jsonl.flush()
+        self._line(level, f"[{name} at step {step}] {message}")
+
+    def flush(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        for h in (self._jsonl, self._text):
+            if h is not None:
+                h.close()
+        if self._tb is not None:
+            self._tb.close()
+        self._jsonl = self._text = self._tb = None
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        v = v.item()
+    if isinstance(v, float) or isinstance(v, int) or v is None or isinstance(v, (str, bool, list, dict)):
+        return v
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return str(v)
+
+
+class MeanTracker:
+    """Running means of detached loss tensors over a log interval, synchronised only when read."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, values: dict[str, Optional[torch.Tensor]]) -> None:
+        for k, v in values.items():
+            if v is None:
+                continue
+            v = v.detach().float()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def result(self, keys: list[str], reduce=None) -> dict[str, Optional[float]]:
+        """Mean of each key (None where nothing was added); ``reduce`` averages a tensor across
+        processes (e.g. ``lambda t: accelerator.reduce(t, 'mean')``)."""
+        present = [k for k in keys if k in self.sums]
+        out: dict[str, Optional[float]] = {k: None for k in keys}
+        if present:
+            means = torch.stack([self.sums[k] / self.counts[k] for k in present])
+            if reduce is not None:
+                means = reduce(means)
+            for k, v in zip(present, means.tolist()):
+                out[k] = v
+        self.sums.clear()
+        self.counts.clear()
+        return out

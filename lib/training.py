@@ -1,0 +1,213 @@
+"""Training-loop mechanics shared by both trainers: the optimizer update (clip, non-finite
+skip, schedule step), the training record, and checkpoint save/restore through Accelerate."""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import torch
+import yaml
+from accelerate import Accelerator
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
+
+from lib import checkpoint as ckpt
+from lib.config import Config, TrainConfig, save_config
+from lib.errors import CheckpointError
+from lib.runlog import MeanTracker, RunLog
+from lib.schedule import check_schedule, rebase_scheduler
+
+# Schedulers are stepped on every update, also for the discriminator before it starts
+# training (its LR follows the same curve); torch warns about that order once.
+warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+
+
+# --------------------------------------------------------------------------- updates
+def _raw(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    return getattr(opt, "optimizer", opt)      # AcceleratedOptimizer -> torch optimizer
+
+
+def clip_grad_norms(accelerator: Accelerator, optimizers: Sequence[torch.optim.Optimizer],
+                    max_norm: float) -> list[torch.Tensor]:
+    """Clip each optimizer's gradients to ``max_norm`` (0: measure only); return the pre-clip
+    global norms.
+
+    Runs before the optimizer steps (the reference trainer clipped after them, to no effect).
+    Gradients are already synchronised across processes here. Under fp16 each optimizer's
+    gradients are unscaled exactly once first.
+    """
+    limit = max_norm if max_norm > 0 else math.inf
+    norms = []
+    for opt in optimizers:
+        if accelerator.scaler is not None:
+            accelerator.scaler.unscale_(_raw(opt))
+        params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        if not params:
+            norms.append(torch.zeros((), device=accelerator.device))
+            continue
+        norms.append(torch.nn.utils.clip_grad_norm_(params, limit))
+    return norms
+
+
+def apply_updates(accelerator: Accelerator, optimizers: Sequence[torch.optim.Optimizer],
+                  schedulers: Sequence[Any], finite: bool) -> bool:
+    """Step every optimizer and scheduler, or none of them. Returns whether the update happened.
+
+    ``finite`` is False when a loss or gradient norm was NaN/inf: then nothing changes (no
+    weight, schedule or EMA update). Under fp16 the gradient scaler decides instead: it steps
+    all optimizers (skipping them on inf/NaN gradients) and updates its scale once, and a
+    step it skipped does not advance the schedule.
+    """
+    scaler = accelerator.scaler
+    if scaler is not None:
+        scale = scaler.get_scale()
+        for opt in optimizers:
+            scaler.step(_raw(opt))
+        scaler.update()
+        applied = scaler.get_scale() >= scale      # the scale drops exactly when it skipped
+    else:
+        applied = finite
+        if applied:
+            for opt in optimizers:
+                opt.step()
+    if applied:
+        for sched in schedulers:
+            sched.step()
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    return applied
+
+
+def all_finite(accelerator: Accelerator, values: Iterable[torch.Tensor]) -> bool:
+    """True if every value is finite on every process (one decision for all replicas)."""
+    flag = torch.stack([torch.isfinite(v.detach().float()).all() for v in values]).all()
+    flag = flag.float().reshape(1)
+    if accelerator.num_processes > 1:
+        flag = accelerator.reduce(flag, "min")
+    return bool(flag.item() > 0)
+
+
+def any_process(accelerator: Accelerator, value: bool) -> bool:
+    """True if ``value`` is true on any process (e.g. a preemption signal seen by one rank)."""
+    if accelerator.num_processes == 1:
+        return value
+    t = torch.tensor([1.0 if value else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(t, "max").item() > 0)
+
+
+# --------------------------------------------------------------------------- logging
+def train_record(accelerator: Accelerator, tracker: MeanTracker, keys: list[str],
+                 lrs: dict[str, torch.optim.Optimizer], steps_per_sec: float,
+                 extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The one place a training record is built: interval means of ``keys`` averaged across
+    processes, the LR of every optimizer read from its param groups, throughput."""
+    values: dict[str, Any] = {name: opt.param_groups[0]["lr"] for name, opt in lrs.items()}
+    reduce = (lambda t: accelerator.reduce(t, "mean")) if accelerator.num_processes > 1 else None
+    values.update(tracker.result(keys, reduce))
+    values["steps_per_sec"] = steps_per_sec
+    values.update(extra or {})
+    return values
+
+
+def guard_schedules(cfg: TrainConfig, step: int, optimizers: dict[str, torch.optim.Optimizer]) -> None:
+    """The schedule guard: every optimizer's LR must equal the configured schedule's value."""
+    for name, opt in optimizers.items():
+        check_schedule(opt, cfg, step, name)
+
+
+# --------------------------------------------------------------------------- EMA
+def save_ema(ema: EMAModel, module: torch.nn.Module, path: Path) -> None:
+    """EMA weights as a safetensors state dict keyed like ``module``'s parameters."""
+    names = [n for n, _ in module.named_parameters()]
+    save_file({n: p.detach().contiguous().cpu() for n, p in zip(names, ema.shadow_params)}, str(path))
+
+
+def load_ema(ema: EMAModel, module: torch.nn.Module, path: Path, optimization_step: int) -> None:
+    tensors = load_file(str(path))
+    for (name, _), shadow in zip(module.named_parameters(), ema.shadow_params):
+        if name not in tensors or tensors[name].shape != shadow.shape:
+            raise CheckpointError(f"{path}: EMA weights do not match the model ({name})")
+        shadow.data.copy_(tensors[name].to(shadow.device))
+    ema.optimization_step = optimization_step
+
+
+# --------------------------------------------------------------------------- checkpoints
+def save_checkpoint(accelerator: Accelerator, ckpt_dir: Path, step: int, cfg: Config,
+                    state: dict[str, Any], write_files: Callable[[Path], None],
+                    keep_last: int, log: RunLog) -> Optional[Path]:
+    """Write ``checkpoints/step-{step:07d}`` atomically on the main process (every process
+    contributes its RNG state through ``save_state``), then rotate old checkpoints."""
+    tmp = ckpt_dir / f"{ckpt.TMP_PREFIX}{ckpt.checkpoint_name(step)}"
+    if accelerator.is_main_process:
+        ckpt.begin(ckpt_dir, step)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp / "accelerate"))
+    accelerator.wait_for_everyone()
+    final = None
+    if accelerator.is_main_process:
+        write_files(tmp)
+        save_config(cfg, tmp / "config.yaml")
+        final = ckpt.commit(tmp, dict(state, step=step))
+        removed = ckpt.rotate(ckpt_dir, keep_last, log.warning)
+        log.info(f"checkpoint {final}" + (f" (removed {len(removed)} older)" if removed else ""))
+    accelerator.wait_for_everyone()
+    return final
+
+
+def check_compatible(info: ckpt.CheckpointInfo, cfg: Config, sections: list[str]) -> dict[str, Any]:
+    """Compare the checkpoint's saved config with ``cfg`` on ``sections`` (dotted, e.g.
+    ``vae.model``): a different model shape is a one-line error naming the keys. Returns
+    the saved config as a dict."""
+    path = info.path / "config.yaml"
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        raise CheckpointError(f"{path}: missing or unreadable (not a checkpoint of this toolkit?)") from None
+    now = cfg.to_dict()
+    for section in sections:
+        a, b = saved, now
+        for part in section.split("."):
+            a = a.get(part) if isinstance(a, dict) else None
+            b = b.get(part) if isinstance(b, dict) else None
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs = [(f"{section}.{k}", a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+                     if a.get(k) != b.get(k)]
+        else:
+            diffs = [(section, a, b)] if a != b else []
+        if diffs:
+            key, old, new = diffs[0]
+            raise CheckpointError(
+                f"{info.path} was saved with a different model: {key} = {old!r} there, "
+                f"{new!r} in this config ({len(diffs)} differing key(s))")
+    return saved
+
+
+def load_training_state(accelerator: Accelerator, info: ckpt.CheckpointInfo) -> None:
+    """Restore models, optimizers, schedulers, RNG and scaler from ``info``'s ``accelerate/``."""
+    try:
+        accelerator.load_state(str(info.path / "accelerate"))
+    except (RuntimeError, KeyError, ValueError, FileNotFoundError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{info.path}: cannot restore the training state ({first[:200]})") from None
+
+
+SCHEDULE_KEYS = ("lr", "min_lr", "lr_scheduler", "warmup_steps", "lr_power", "max_steps")
+
+
+def rebase_if_changed(saved_train: dict[str, Any], cfg: TrainConfig, step: int,
+                      schedulers: dict[str, Any]) -> dict[str, Any]:
+    """When a resume changes the schedule (e.g. a lower ``lr``), continue the new schedule
+    from ``step``. Returns ``{key: [old, new]}`` for the changed keys ({} when unchanged)."""
+    changes = {k: [saved_train.get(k), getattr(cfg, k)] for k in SCHEDULE_KEYS
+               if k in saved_train and saved_train.get(k) != getattr(cfg, k)}
+    if changes:
+        for sched in schedulers.values():
+            rebase_scheduler(getattr(sched, "scheduler", sched), cfg, step)
+    return changes
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))

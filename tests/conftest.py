@@ -1,0 +1,11 @@
+import pytest
+
+from lib.synthetic import generate
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A tiny synthetic dataset (8 maps x 2 transmitters, 32 px), made once per session."""
+    root = tmp_path_factory.mktemp("data") / "city"
+    generate(root, num_maps=8, tx_per_map=2, seed=0, size=32, cars=True, log=lambda m: None)
+    return root

@@ -1,0 +1,116 @@
+import pytest
+import yaml
+
+from lib.config import Config, load_config, parse_override
+from lib.errors import ConfigError
+
+
+def write(tmp_path, data, name="c.yaml"):
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+@pytest.mark.parametrize("name", ["configs/m.yaml", "configs/demo.yaml"])
+def test_shipped_configs_load_and_document_every_key(name):
+    cfg = load_config(name)
+    raw = yaml.safe_load(open(name))
+
+    def keys(d, prefix=""):
+        out = set()
+        for k, v in d.items():
+            out.add(prefix + k)
+            if isinstance(v, dict):
+                out |= keys(v, prefix + k + ".")
+        return out
+    # every key of the resolved config appears in the shipped file (defaults documented there)
+    assert keys(cfg.to_dict()) <= keys(raw)
+
+
+def test_m_yaml_is_the_radiodiff_stage1_setup():
+    cfg = load_config("configs/m.yaml")
+    m, l, t = cfg.vae.model, cfg.vae.loss, cfg.vae.train
+    assert (cfg.data.image_size, m.in_channels, m.out_channels, m.latent_channels) == (256, 1, 1, 3)
+    assert m.block_out_channels == [128, 256, 512] and m.layers_per_block == 2
+    assert (l.kl_weight, l.disc_weight, l.disc_start) == (1e-6, 0.5, 50001)
+    assert (cfg.data.batch_size, t.lr, t.min_lr, t.max_steps) == (2, 5e-6, 5e-7, 150000)
+    assert (t.checkpoint_every, t.val_every, t.log_every) == (5000, 5000, 100)
+
+
+def test_demo_has_disc_start_inside_the_run():
+    cfg = load_config("configs/demo.yaml")
+    assert 0 < cfg.vae.loss.disc_start < cfg.vae.train.max_steps
+    assert cfg.data.source == "synthetic"
+
+
+def test_unknown_key_names_file_key_and_suggestion(tmp_path):
+    p = write(tmp_path, {"vae": {"train": {"lrr": 1e-4}}})
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert str(p) in msg and "vae.train.lrr" in msg and "did you mean 'lr'" in msg
+    assert "\n" not in msg
+
+
+def test_mistyped_value(tmp_path):
+    p = write(tmp_path, {"data": {"batch_size": "two"}})
+    with pytest.raises(ConfigError, match=r"data.batch_size = 'two' has the wrong type; expected an integer"):
+        load_config(p)
+
+
+def test_negative_lr(tmp_path):
+    p = write(tmp_path, {"vae": {"train": {"lr": -1e-4}}})
+    with pytest.raises(ConfigError, match=r"vae.train.lr = -0.0001 is invalid; expected a number > 0"):
+        load_config(p)
+
+
+def test_warmup_not_less_than_max_steps(tmp_path):
+    with pytest.raises(ConfigError, match="vae.train.warmup_steps = 10 is invalid; expected less than"):
+        load_config(None, ["vae.train.max_steps=10", "vae.train.warmup_steps=10"])
+
+
+def test_disc_start_beyond_max_steps_warns():
+    cfg = load_config(None, ["vae.train.max_steps=100", "vae.loss.disc_start=500"])
+    assert any("never train" in w for w in cfg.warnings)
+
+
+def test_bad_choice_lists_valid_values():
+    with pytest.raises(ConfigError, match=r"vae.train.lr_scheduler = 'cosin' is invalid; expected one of 'cosine'"):
+        load_config(None, ["vae.train.lr_scheduler=cosin"])
+    with pytest.raises(ConfigError, match=r"data.simulation = 'XYZ' is invalid"):
+        load_config(None, ["data.simulation=[DPM, XYZ]"])
+
+
+def test_yaml_exponent_without_dot_is_a_number(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("vae:\n  train:\n    lr: 5e-6\n")       # PyYAML reads this as a string
+    assert load_config(p).vae.train.lr == 5e-6
+
+
+def test_overrides_parse_yaml_values_and_dotted_keys():
+    cfg = load_config(None, ["vae.train.lr=1e-5", "data.simulation=IRT2", "vae.model.block_out_channels=[32, 64]",
+                             "output_dir=/tmp/x", "data.tx_per_map=null"])
+    assert cfg.vae.train.lr == 1e-5 and cfg.data.simulation == ["IRT2"]
+    assert cfg.vae.model.block_out_channels == [32, 64] and cfg.output_dir == "/tmp/x"
+    assert cfg.data.tx_per_map is None
+    assert parse_override("a.b=[1, 2]") == (["a", "b"], [1, 2])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(None, ["vae.train.lr"])
+    with pytest.raises(ConfigError, match="unknown key 'vae.trian'"):
+        load_config(None, ["vae.trian.lr=1"])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+    p = tmp_path / "bad.yaml"
+    p.write_text("vae: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML at line"):
+        load_config(p)
+
+
+def test_to_dict_round_trips(tmp_path):
+    cfg = load_config("configs/demo.yaml", ["seed=7"])
+    p = write(tmp_path, cfg.to_dict())
+    assert load_config(p).to_dict() == cfg.to_dict()
+    assert "source_path" not in cfg.to_dict() and isinstance(Config().to_dict(), dict)

@@ -1,0 +1,355 @@
+"""lib.data: discovery, splits, samples, bad-file handling and deterministic batching."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lib import synthetic
+from lib.config import DataConfig, SyntheticConfig
+from lib.data import (RadioMapDataset, batches_per_epoch, build_datasets, discover_maps,
+                      eval_batches, split_maps, train_batches)
+from lib.errors import DataError
+
+N_MAPS, N_TX, SIZE = 6, 3, 32
+quiet = lambda msg: None  # noqa: E731
+
+
+@pytest.fixture(scope="module")
+def city(tmp_path_factory) -> Path:
+    """A tiny read-only dataset: 6 maps x 3 transmitters x 6 simulations, 32 px."""
+    root = tmp_path_factory.mktemp("data") / "city"
+    synthetic.generate(root, N_MAPS, N_TX, seed=0, size=SIZE, log=quiet)
+    return root
+
+
+@pytest.fixture
+def copy(city, tmp_path) -> Path:
+    """A private copy to damage."""
+    return Path(shutil.copytree(city, tmp_path / "city"))
+
+
+def png(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im).astype(np.float32)
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return x / 255 * 2 - 1
+
+
+def keys(batch: dict) -> list[tuple[int, int, int]]:
+    return list(zip(batch["map_id"].tolist(), batch["tx"].tolist(), batch["sim_id"].tolist()))
+
+
+def ds(root, sims=("DPM",), maps=range(N_MAPS), size=SIZE, **kw) -> RadioMapDataset:
+    kw.setdefault("log", quiet)
+    return RadioMapDataset(root, list(sims), list(maps), size, **kw)
+
+
+# ------------------------------------------------------------------ discovery, splits
+def test_discover_maps(city, tmp_path):
+    assert discover_maps(city) == list(range(N_MAPS))
+    with pytest.raises(DataError, match=r"nowhere: folder not found \(expected the RadioMapSeer layout"):
+        discover_maps(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError) as err:
+        discover_maps(tmp_path / "empty")
+    msg = str(err.value)
+    assert "missing folder " + str(tmp_path / "empty/png/buildings_complete") in msg
+    assert "\n" not in msg
+
+
+def test_missing_simulation_or_cars_folder(copy):
+    shutil.rmtree(copy / "gain/IRT2")
+    with pytest.raises(DataError, match="missing folder .*gain/IRT2 .*RadioMapSeer layout"):
+        ds(copy, sims=["DPM", "IRT2"])
+    shutil.rmtree(copy / "png/cars")
+    ds(copy, sims=["DPM"])                                  # cars not needed
+    with pytest.raises(DataError, match="missing folder .*png/cars"):
+        ds(copy, sims=["carsDPM"])
+
+
+def test_split_maps():
+    ids = list(range(20))
+    a = split_maps(ids, train_maps=12, val_maps=2, test_maps=5, seed=1)
+    assert a == split_maps(list(reversed(ids)), 12, 2, 5, seed=1)       # deterministic
+    assert [len(a[k]) for k in ("train", "val", "test")] == [10, 2, 5]
+    assert not set(a["train"]) & set(a["val"]) and not set(a["train"]) & set(a["test"])
+    assert not set(a["val"]) & set(a["test"])
+    assert a != split_maps(ids, 12, 2, 5, seed=2)
+    with pytest.raises(DataError, match=r"found 20, but data.train_maps \(16\) \+ data.test_maps \(5\) = 21"):
+        split_maps(ids, 16, 2, 5, seed=1)
+    with pytest.raises(DataError):
+        split_maps(ids, 2, 2, 5, seed=1)
+
+
+# -------------------------------------------------------------------------- samples
+def test_index_and_sample_contents(city):
+    d = ds(city, sims=["DPM", "carsIRT2"], maps=[1, 4])
+    assert len(d) == 2 * N_TX * 2
+    assert [d.sample_key(i) for i in range(3)] == [(1, 0, "DPM"), (1, 0, "carsIRT2"), (1, 1, "DPM")]
+    for i in (0, 1):
+        s = d[i]
+        m, t, sim = d.sample_key(i)
+        assert (s["map_id"], s["tx"], s["sim_id"]) == (m, t, i)
+        assert s["image"].shape == (1, SIZE, SIZE) and s["cond"].shape == (3, SIZE, SIZE)
+        assert s["image"].dtype == s["cond"].dtype == torch.float32
+        assert -1 <= s["image"].min() and s["image"].max() <= 1
+        np.testing.assert_allclose(s["image"][0], unit(png(city / f"gain/{sim}/{m}_{t}.png")), atol=1e-6)
+        buildings = unit(png(city / f"png/buildings_complete/{m}.png"))
+        np.testing.assert_allclose(s["cond"][0], buildings, atol=1e-6)
+        np.testing.assert_array_equal(s["cond"][1], unit(png(city / f"png/antennas/{m}_{t}.png")))
+        third = unit(png(city / f"png/cars/{m}.png")) if sim.startswith("cars") else buildings
+        np.testing.assert_allclose(s["cond"][2], third, atol=1e-6)
+    assert not torch.equal(d[0]["cond"][2], d[1]["cond"][2])              # cars differ from buildings
+
+
+def test_tx_per_map_keeps_the_first(city):
+    d = ds(city, maps=[2], tx_per_map=2)
+    assert [d.sample_key(i) for i in range(len(d))] == [(2, 0, "DPM"), (2, 1, "DPM")]
+
+
+@pytest.mark.parametrize("size", [8, 16, 64])
+def test_resize_keeps_the_transmitter_pixel(copy, size):
+    # put transmitter 0 of map 0 in the last pixel, where rounding could lose it
+    a = np.zeros((SIZE, SIZE), np.uint8)
+    a[SIZE - 1, SIZE - 1] = 255
+    Image.fromarray(a).save(copy / "png/antennas/0_0.png")
+    d = ds(copy, maps=[0], size=size)
+    for i in range(len(d)):
+        s = d[i]
+        assert s["image"].shape == (1, size, size) and s["cond"].shape == (3, size, size)
+        tx = s["cond"][1]
+        assert (tx == 1).sum() == 1 and (tx == -1).sum() == size * size - 1
+        y, x = np.argwhere(png(copy / f"png/antennas/0_{i}.png"))[0]
+        oy, ox = torch.nonzero(tx == 1)[0].tolist()
+        # the output pixel sits on the transmitter: centres at most half a pixel apart
+        tol = 0.5 * max(1.0, SIZE / size)
+        assert abs((oy + 0.5) * SIZE / size - (y + 0.5)) <= tol
+        assert abs((ox + 0.5) * SIZE / size - (x + 0.5)) <= tol
+        assert -1 <= s["image"].min() and s["image"].max() <= 1
+    assert tuple(torch.nonzero(d[0]["cond"][1] == 1)[0].tolist()) == (size - 1, size - 1)
+    # area-like downsampling keeps the mean of the map
+    if size < SIZE:
+        full = unit(png(copy / "gain/DPM/0_1.png")).mean()
+        assert abs(d[1]["image"].mean().item() - full) < 0.05
+
+
+# ------------------------------------------------------------------------- bad data
+def damage_cases():
+    def missing_gain(root):
+        (root / "gain/DPM/2_1.png").unlink()
+        return "gain/DPM/2_1.png", "missing gain map", 1
+
+    def missing_antenna(root):
+        (root / "png/antennas/3_2.png").unlink()      # its gain file is now unexpected
+        return "gain/DPM/3_2.png", "unexpected file: no transmitter file", 1
+
+    def extra_in_antennas(root):
+        (root / "png/antennas/notes.txt").write_text("hello")
+        return "png/antennas/notes.txt", "unexpected file name", 0
+
+    def extra_in_gain(root):
+        shutil.copy(root / "gain/DPM/0_0.png", root / "gain/DPM/0_0 copy.png")
+        return "gain/DPM/0_0 copy.png", "unexpected file name", 0
+
+    def extra_in_buildings(root):
+        shutil.copy(root / "png/buildings_complete/0.png", root / "png/buildings_complete/007.png")
+        return "png/buildings_complete/007.png", "unexpected file name", 0
+
+    def antenna_of_unknown_map(root):
+        shutil.copy(root / "png/antennas/0_0.png", root / "png/antennas/99_0.png")
+        return "png/antennas/99_0.png", "no building map", 0
+
+    def missing_buildings(root):
+        (root / "png/buildings_complete/5.png").unlink()     # antennas of map 5 become orphans
+        return "png/buildings_complete/5.png", "missing building map", N_TX
+
+    return [missing_gain, missing_antenna, extra_in_antennas, extra_in_gain,
+            extra_in_buildings, antenna_of_unknown_map, missing_buildings]
+
+
+@pytest.mark.parametrize("damage", damage_cases(), ids=lambda f: f.__name__)
+def test_structural_problems(copy, damage):
+    rel, reason, lost = damage(copy)
+    with pytest.raises(DataError) as err:
+        ds(copy)
+    msg = str(err.value)
+    assert msg.startswith(str(copy / rel) + ": ") and reason in msg and "\n" not in msg
+    lines: list[str] = []
+    d = ds(copy, on_bad_file="skip", log=lines.append)
+    assert len(d) == N_MAPS * N_TX - lost
+    assert any(p == str(copy / rel) and reason in r for p, r in d.skipped)
+    assert len(lines) == 1 and "skipped" in lines[0] and str(copy) in lines[0]
+
+
+def test_missing_cars_map(copy):
+    (copy / "png/cars/4.png").unlink()
+    with pytest.raises(DataError, match=r"png/cars/4.png: missing cars map"):
+        ds(copy, sims=["DPM", "carsDPM"])
+    d = ds(copy, sims=["DPM", "carsDPM"], on_bad_file="skip")
+    assert len(d) == N_MAPS * N_TX * 2 - N_TX                   # only carsDPM of map 4 lost
+    assert len(d.skipped) == 1
+    assert ds(copy, sims=["DPM"]).skipped == []                  # not needed without cars
+
+
+def read_cases():
+    def wrong_size(path):
+        Image.fromarray(np.zeros((SIZE + 2, SIZE), np.uint8)).save(path)
+        return "size 32x34; expected 32x32"
+
+    def wrong_mode(path):
+        Image.fromarray(np.zeros((SIZE, SIZE, 3), np.uint8)).save(path)
+        return "mode 'RGB'; expected 8-bit grayscale"
+
+    def sixteen_bit(path):
+        Image.fromarray(np.zeros((SIZE, SIZE), np.uint16)).save(path)
+        return "expected 8-bit grayscale"
+
+    def truncated(path):
+        path.write_bytes(path.read_bytes()[:-30])
+        return "corrupt or truncated PNG"
+
+    def garbage(path):
+        path.write_bytes(b"not an image at all")
+        return "corrupt or truncated PNG"
+
+    def jpeg(path):
+        Image.fromarray(np.zeros((SIZE, SIZE), np.uint8)).save(path, format="JPEG")
+        return "not a PNG file"
+
+    return [wrong_size, wrong_mode, sixteen_bit, truncated, garbage, jpeg]
+
+
+@pytest.mark.parametrize("damage", read_cases(), ids=lambda f: f.__name__)
+def test_unreadable_files(copy, damage):
+    path = copy / "gain/DPM/1_1.png"
+    reason = damage(path)
+    d = ds(copy)                                               # construction does not decode
+    bad = [i for i in range(len(d)) if d.sample_key(i) == (1, 1, "DPM")][0]
+    d[bad - 1]
+    with pytest.raises(DataError) as err:
+        d[bad]
+    assert str(err.value).startswith(f"{path}: ") and reason in str(err.value)
+    lines: list[str] = []
+    d = ds(copy, on_bad_file="skip", log=lines.append)
+    s = d[bad]                                                 # the next readable sample instead
+    assert (s["map_id"], s["tx"]) == d.sample_key(bad + 1)[:2]
+    assert d.skipped == [(str(path), d.skipped[0][1])] and reason in d.skipped[0][1]
+    assert len(lines) == 1
+    d[bad]
+    assert len(d.skipped) == 1                                 # recorded once
+
+
+def test_bad_transmitter_and_building_files(copy):
+    Image.fromarray(np.zeros((SIZE, SIZE), np.uint8)).save(copy / "png/antennas/0_1.png")
+    with pytest.raises(DataError, match=r"antennas/0_1.png: no transmitter pixel"):
+        ds(copy, maps=[0])[1]
+    (copy / "png/buildings_complete/2.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    with pytest.raises(DataError, match=r"buildings_complete/2.png: corrupt or truncated"):
+        ds(copy, maps=[2])[0]
+
+
+# ---------------------------------------------------------------------- batching
+@pytest.fixture(scope="module")
+def small(city) -> RadioMapDataset:
+    """18 samples: 6 maps x 3 transmitters x DPM."""
+    return ds(city, size=8)
+
+
+def take(it, n: int) -> list[list[tuple]]:
+    return [keys(next(it)) for _ in range(n)]
+
+
+def test_batches_per_epoch():
+    assert batches_per_epoch(18, 4, 1) == 4
+    assert batches_per_epoch(18, 4, 2) == 2
+    assert batches_per_epoch(18, 3, 2) == 3
+    assert batches_per_epoch(3, 4, 1) == 0
+
+
+def test_train_batches_resume_exactly_across_epochs(small):
+    full = take(train_batches(small, 4, seed=5), 10)           # 4 batches per epoch
+    for k in (1, 4, 6):
+        assert take(train_batches(small, 4, seed=5, start_batch=k), 10 - k) == full[k:]
+    assert take(train_batches(small, 4, seed=5), 10) == full   # deterministic
+    assert take(train_batches(small, 4, seed=6), 10) != full
+
+
+def test_train_epochs_are_permutations_that_differ(small):
+    batches = take(train_batches(small, 4, seed=0), 8)
+    e0 = [k for b in batches[:4] for k in b]
+    e1 = [k for b in batches[4:] for k in b]
+    assert len(set(e0)) == len(e0) == 16 and len(set(e1)) == 16   # no repeats inside an epoch
+    assert e0 != e1
+    batch = next(train_batches(small, 4, seed=0))
+    assert batch["image"].shape == (4, 1, 8, 8) and batch["cond"].shape == (4, 3, 8, 8)
+    assert batch["map_id"].dtype == torch.int64
+
+
+def test_train_ranks_are_disjoint_and_cover_the_epoch(small):
+    per_rank = [take(train_batches(small, 3, seed=2, rank=r, world_size=2), 3) for r in (0, 1)]
+    seen = [[k for b in batches for k in b] for batches in per_rank]
+    assert not set(seen[0]) & set(seen[1])
+    assert len(set(seen[0]) | set(seen[1])) == len(small) == 18
+    # resuming one rank lands on the same batches
+    assert take(train_batches(small, 3, seed=2, start_batch=2, rank=1, world_size=2), 1) == per_rank[1][2:]
+
+
+def test_train_batches_with_workers_match(small):
+    assert take(train_batches(small, 4, seed=3, num_workers=2), 5) == take(train_batches(small, 4, seed=3), 5)
+
+
+def test_batching_leaves_the_global_rng_alone(small):
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    next(train_batches(small, 4, seed=1, start_batch=7))
+    list(eval_batches(small, 4))
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_train_batches_too_small(small):
+    with pytest.raises(DataError, match="18 samples cannot fill one batch of 10 on each of 2"):
+        train_batches(small, 10, seed=0, world_size=2)
+
+
+def test_eval_batches_fixed_order_sharded(small):
+    order = [small.sample_key(i) for i in range(len(small))]
+    flat = lambda bs: [k for b in bs for k in b]  # noqa: E731
+    as_keys = lambda ks: [(m, t, small.simulations[s]) for m, t, s in ks]  # noqa: E731
+    one = [keys(b) for b in eval_batches(small, 4)]
+    assert [len(b) for b in one] == [4, 4, 4, 4, 2]            # last partial batch kept
+    assert as_keys(flat(one)) == order
+    assert [keys(b) for b in eval_batches(small, 4)] == one
+    assert len(list(eval_batches(small, 4, max_batches=2))) == 2
+    ranks = [flat(keys(b) for b in eval_batches(small, 4, rank=r, world_size=3)) for r in range(3)]
+    assert sorted(sum(ranks, [])) == sorted(flat(one))
+    assert as_keys(ranks[1]) == order[1::3]
+
+
+# ------------------------------------------------------------------- build_datasets
+def test_build_datasets_generates_synthetic(tmp_path):
+    cfg = DataConfig(root=str(tmp_path / "syn"), simulation=["DPM", "carsIRT4"], image_size=32,
+                     train_maps=3, val_maps=1, test_maps=1, tx_per_map=1,
+                     synthetic=SyntheticConfig(num_maps=4, tx_per_map=2))
+    lines: list[str] = []
+    out = build_datasets(cfg, seed=0, splits=("train", "val", "test"), log=lines.append)
+    assert len(lines) == 1 and "generated a synthetic dataset" in lines[0]
+    parts = split_maps(range(4), 3, 1, 1, seed=0)
+    assert {k: v.map_ids for k, v in out.items()} == parts
+    assert len(out["train"]) == 2 * 1 * 2
+    s = out["val"][0]
+    assert s["image"].shape == (1, 32, 32) and (s["cond"][1] == 1).sum() == 1
+
+
+def test_build_datasets_real_source_does_not_generate(tmp_path):
+    cfg = DataConfig(source="radiomapseer", root=str(tmp_path / "RadioMapSeer"))
+    with pytest.raises(DataError, match="RadioMapSeer: folder not found"):
+        build_datasets(cfg, seed=0, log=quiet)
+    assert not (tmp_path / "RadioMapSeer").exists()

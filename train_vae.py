@@ -1,0 +1,308 @@
+"""Stage 1: train the VAE-GAN (AutoencoderKL + PatchGAN) that compresses radio maps to a latent.
+
+    accelerate launch train_vae.py --config configs/demo.yaml
+    accelerate launch train_vae.py --config configs/m.yaml --resume latest
+    python train_vae.py --config configs/m.yaml --dry-run       # schedule at its key points
+
+Reads top to bottom: config, data, models, optimizers and schedules, accelerator.prepare,
+resume, loop, save. Shared pieces live in lib/. Outputs go to ``{output_dir}/vae/``.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate.utils import gather_object, set_seed
+from diffusers.training_utils import EMAModel
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from lib import checkpoint as ckpt
+from lib.accel import make_accelerator
+from lib.cli import trainer_parser
+from lib.config import load_config, save_config
+from lib.data import build_datasets, eval_batches, train_batches
+from lib.errors import run_cli
+from lib.faults import EXIT_PREEMPTED, EXIT_STOPPED, DivergenceWatchdog, NonfiniteCounter, Preemption
+from lib.images import save_grid
+from lib.losses import discriminator_loss, generator_loss, load_perceptual, reconstruction_map
+from lib.metrics import MetricAccumulator, summarize
+from lib.models import VAEWithLogvar, build_discriminator, count_parameters, frozen
+from lib.runlog import MeanTracker, RunLog, check_new_run_dir, fmt, update_run_json
+from lib.schedule import build_scheduler, key_points
+from lib.training import (all_finite, any_process, apply_updates, check_compatible, clip_grad_norms,
+                          guard_schedules, load_ema, load_training_state, rebase_if_changed,
+                          save_checkpoint, save_ema, train_record)
+
+TRAIN_KEYS = ["total_loss", "rec_loss", "nll_loss", "kl_loss", "g_loss", "disc_loss", "d_weight",
+              "disc_factor", "logvar", "logits_real", "logits_fake", "grad_norm", "grad_norm_disc"]
+
+
+def main() -> int:
+    # ------------------------------------------------------------------ config
+    args = trainer_parser(__doc__.splitlines()[0]).parse_args()
+    cfg = load_config(args.config, args.set)
+    tcfg, lcfg = cfg.vae.train, cfg.vae.loss
+    if args.dry_run:
+        print(f"# resolved config ({cfg.source_path})")
+        import yaml
+        print(yaml.safe_dump({"vae": cfg.to_dict()["vae"]}, sort_keys=False))
+        print(f"# {tcfg.lr_scheduler} schedule, {tcfg.max_steps} optimizer steps")
+        for label, step, lr in key_points(tcfg, {"disc_start": lcfg.disc_start}):
+            print(f"step {step:>9d}  lr {lr:.3e}  ({label})")
+        for w in cfg.warnings:
+            print(f"warning: {w}")
+        return 0
+
+    run_dir = Path(cfg.output_dir) / "vae"
+    ckpt_dir = run_dir / "checkpoints"
+    resume = ckpt.resolve(args.resume, ckpt_dir) if args.resume else None
+    check_new_run_dir(run_dir, resuming=resume is not None)
+    accelerator = make_accelerator(tcfg)
+    set_seed(cfg.seed)
+    log = RunLog(run_dir, accelerator.is_main_process)
+    for w in cfg.warnings:
+        log.warning(w)
+    if accelerator.is_main_process:
+        save_config(cfg, run_dir / "config.yaml")
+        ckpt.clean_temporaries(ckpt_dir)
+
+    # ------------------------------------------------------------------ data
+    data = build_datasets(cfg.data, cfg.seed, ("train", "val"), log=log.info)
+    train_ds, val_ds = data["train"], data["val"]
+    log.info(f"data: {len(train_ds)} training and {len(val_ds)} validation samples "
+             f"({cfg.data.source}, {cfg.data.root}, {cfg.data.image_size} px)")
+
+    # ------------------------------------------------------------------ models
+    gen = VAEWithLogvar(cfg.vae.model, cfg.data.image_size, lcfg.logvar_init)
+    disc = build_discriminator(cfg.vae.model, lcfg)
+    perceptual = load_perceptual(lcfg)
+    ema = EMAModel(gen.vae.parameters(), decay=tcfg.ema_decay) if tcfg.ema else None
+    log.info(f"VAE {count_parameters(gen.vae) / 1e6:.2f}M parameters, "
+             f"discriminator {count_parameters(disc) / 1e6:.2f}M")
+
+    # ------------------------------------------------------------------ optimizers and schedules
+    def adamw(params):
+        return torch.optim.AdamW(params, lr=tcfg.lr, betas=tuple(tcfg.adam_betas),
+                                 weight_decay=tcfg.weight_decay)
+    opt_g, opt_d = adamw(gen.parameters()), adamw(disc.parameters())   # logvar is in opt_g
+    sched_g, sched_d = build_scheduler(opt_g, tcfg), build_scheduler(opt_d, tcfg)
+
+    gen, disc, opt_g, opt_d, sched_g, sched_d = accelerator.prepare(gen, disc, opt_g, opt_d, sched_g, sched_d)
+    gen_raw, disc_raw = accelerator.unwrap_model(gen), accelerator.unwrap_model(disc)
+    if ema is not None:
+        ema.to(accelerator.device)
+    if perceptual is not None:
+        perceptual.to(accelerator.device)
+
+    # ------------------------------------------------------------------ resume
+    step, batches, best_val = 0, 0, math.inf
+    nonfinite = NonfiniteCounter(tcfg.max_nonfinite)
+    watchdog = DivergenceWatchdog(tcfg.divergence_factor, tcfg.divergence_window)
+    resume_note = None
+    if resume is not None:
+        saved = check_compatible(resume, cfg, ["vae.model", "data.image_size"])
+        load_training_state(accelerator, resume)
+        state = resume.state
+        step, batches = state["step"], state["batches"]
+        best_val = state.get("best_val_loss") or math.inf
+        nonfinite.total = state.get("nonfinite_total", 0)
+        watchdog.load_state_dict(state.get("watchdog", {}))
+        if ema is not None:
+            load_ema(ema, gen_raw.vae, resume.path / "ema.safetensors", state.get("ema_step", step))
+        changes = rebase_if_changed(saved["vae"]["train"], tcfg, step, {"g": sched_g, "d": sched_d})
+        resume_note = {"from_checkpoint": str(resume.path), "step": step, "changes": changes}
+        log.event("resume", step, f"resumed from {resume.path} at step {step}" +
+                  (f"; schedule changed {changes}, continuing it from step {step}" if changes else ""),
+                  level="INFO", from_checkpoint=str(resume.path), from_step=step, changes=changes)
+    if accelerator.is_main_process:
+        update_run_json(run_dir, "vae", resume_note)
+    log.event("start", step, f"training to step {tcfg.max_steps}, disc_start {lcfg.disc_start}, "
+              f"{accelerator.num_processes} process(es), mixed precision {tcfg.mixed_precision}",
+              level="INFO")
+
+    def validate(step: int) -> float:
+        """Validation loss and metrics on the held-back maps (EMA weights when enabled)."""
+        if ema is not None:
+            ema.store(gen_raw.vae.parameters())
+            ema.copy_to(gen_raw.vae.parameters())
+        gen_raw.eval()
+        acc, rec_losses, grid = MetricAccumulator(), [], None
+        with torch.no_grad():
+            for batch in eval_batches(val_ds, cfg.data.batch_size, tcfg.val_batches,
+                                      accelerator.process_index, accelerator.num_processes):
+                x = batch["image"].to(accelerator.device)
+                with accelerator.autocast():
+                    rec, _ = gen_raw(x, sample_posterior=False)
+                rec = rec.float().clamp(-1, 1)
+                rec_losses.append(reconstruction_map(x, rec, lcfg).mean(dim=(1, 2, 3)).cpu())
+                acc.update(rec, x)
+                if grid is None:
+                    grid = (x.cpu(), rec.cpu())
+        gen_raw.train()
+        if ema is not None:
+            ema.restore(gen_raw.vae.parameters())
+        # Per-map values from every process, then one summary (gather_object: ranks may hold
+        # different numbers of maps).
+        per_rank = gather_object([(torch.cat(rec_losses) if rec_losses else torch.zeros(0), acc.values())])
+        rec_all = torch.cat([r for r, _ in per_rank])
+        metrics = summarize({k: torch.cat([v[k] for _, v in per_rank]) for k in per_rank[0][1]})
+        val_loss = float(rec_all.mean())
+        log.record("val", step, {"rec_loss": val_loss, **{k: metrics[k] for k in
+                                 ("psnr", "ssim", "nmse", "rmse")}, "num_maps": int(rec_all.numel())})
+        if accelerator.is_main_process and grid is not None:
+            x, rec = grid
+            save_grid(run_dir / "samples" / f"step-{step:07d}.png",
+                      [("input", x, "map"), ("reconstruction", rec, "map"),
+                       ("|error|", (rec - x).abs() / 2, "error")])
+        return val_loss
+
+    last_saved = -1
+
+    def save(step: int) -> None:
+        nonlocal best_val, last_saved
+        if step == last_saved:
+            return
+        last_saved = step
+        val_loss = validate(step)
+        best_val = min(best_val, val_loss)
+
+        def write_files(folder: Path) -> None:
+            gen_raw.vae.save_pretrained(folder / "vae", safe_serialization=True)
+            save_file({k: v.contiguous() for k, v in disc_raw.state_dict().items()},
+                      str(folder / "discriminator.safetensors"))
+            if ema is not None:
+                save_ema(ema, gen_raw.vae, folder / "ema.safetensors")
+
+        save_checkpoint(accelerator, ckpt_dir, step, cfg, {
+            "stage": "vae", "batches": batches, "val_loss": val_loss, "best_val_loss": best_val,
+            "nonfinite_total": nonfinite.total, "watchdog": watchdog.state_dict(),
+            "ema_step": ema.optimization_step if ema is not None else None,
+        }, write_files, tcfg.keep_last, log)
+
+    # ------------------------------------------------------------------ loop
+    preemption = Preemption().install()
+    tracker = MeanTracker()
+    bar = tqdm(total=tcfg.max_steps, initial=step, disable=not accelerator.is_main_process,
+               dynamic_ncols=True, desc="vae")
+    data_iter = train_batches(train_ds, cfg.data.batch_size, cfg.seed, start_batch=batches,
+                              rank=accelerator.process_index, world_size=accelerator.num_processes,
+                              num_workers=cfg.data.num_workers)
+    t_last, steps_since_log = time.perf_counter(), 0
+    disc_started_logged = step > lcfg.disc_start
+    exit_code = 0
+    stop_at = min(tcfg.max_steps, args.until_step or tcfg.max_steps)
+    try:
+        while step < stop_at:
+            disc_active = step >= lcfg.disc_start and lcfg.disc_weight > 0
+            if disc_active and not disc_started_logged:
+                log.event("disc_start", step, "discriminator starts training (disc_factor 0 -> 1)", level="INFO")
+                disc_started_logged = True
+            # One optimizer step = gradient_accumulation_steps micro-batches.
+            for _ in range(tcfg.gradient_accumulation_steps):
+                batch = next(data_iter)
+                batches += 1
+                x = batch["image"].to(accelerator.device, non_blocking=True)
+                with accelerator.accumulate(gen, disc):
+                    with accelerator.autocast():
+                        rec, kl = gen(x)          # the one VAE forward of this micro-batch
+                        # Generator: the discriminator is called unwrapped and frozen, so this
+                        # backward puts no gradient into it (it is trained by its own loss below).
+                        with frozen(disc_raw):
+                            g = generator_loss(x, rec, kl, gen_raw.logvar, lcfg, disc_active,
+                                               disc_raw, gen_raw.last_layer, perceptual)
+                    accelerator.backward(g.total)
+                    logs = dict(g.logs)
+                    if disc_active:
+                        with accelerator.autocast():
+                            d_loss, d_logs = discriminator_loss(disc, x, rec)   # rec is detached inside
+                        accelerator.backward(d_loss)
+                        logs.update(d_logs)
+                        losses = [g.total, d_loss]
+                    else:
+                        losses = [g.total]
+                    tracker.add(logs)
+            # accelerate has synchronised the gradients: clip, check, update (all or nothing).
+            norms = clip_grad_norms(accelerator, [opt_g, opt_d] if disc_active else [opt_g], tcfg.grad_clip)
+            finite = all_finite(accelerator, losses + norms)
+            if disc_active:
+                applied = apply_updates(accelerator, [opt_g, opt_d], [sched_g, sched_d], finite)
+            else:
+                opt_d.zero_grad(set_to_none=True)
+                applied = apply_updates(accelerator, [opt_g], [sched_g], finite)
+                if applied:
+                    sched_d.step()            # the discriminator's LR follows the same curve
+            tracker.add({"grad_norm": norms[0], "grad_norm_disc": norms[1] if disc_active else None})
+            if applied:
+                step += 1
+                nonfinite.good()
+                if ema is not None:
+                    ema.step(gen_raw.vae.parameters())
+                bar.update(1)
+                steps_since_log += 1
+            else:
+                bad = [n for n, v in zip(["total_loss", "disc_loss"], losses) if not torch.isfinite(v).all()]
+                bad += [n for n, v in zip(["grad_norm", "grad_norm_disc"], norms) if not torch.isfinite(v).all()]
+                log.event("nonfinite", step, f"non-finite {', '.join(bad) or 'gradient (fp16 scaler)'}: "
+                          f"update skipped ({nonfinite.consecutive + 1} in a row)", terms=bad)
+                if nonfinite.bad():
+                    save(step)
+                    log.event("stopped", step, f"{nonfinite.consecutive} non-finite steps in a row; "
+                              f"the last good state is checkpointed. Try a lower vae.train.lr, "
+                              f"vae.train.grad_clip, or bf16 instead of fp16, then --resume latest")
+                    exit_code = EXIT_STOPPED
+                    break
+
+            if applied and (step % tcfg.log_every == 0 or step == tcfg.max_steps):
+                now = time.perf_counter()
+                rec = log.record("train", step, train_record(
+                    accelerator, tracker, TRAIN_KEYS, {"lr": opt_g, "lr_disc": opt_d},
+                    steps_since_log / max(now - t_last, 1e-9), {"nonfinite_skipped": nonfinite.total}),
+                    echo=False)
+                t_last, steps_since_log = now, 0
+                bar.set_postfix_str(f"rec {fmt(rec['rec_loss'])} lr {rec['lr']:.3e}")
+                guard_schedules(tcfg, step, {"lr": opt_g, "lr_disc": opt_d})
+                # rec_loss, not total_loss: total jumps at disc_start by design.
+                div = watchdog.update(step, rec["rec_loss"])
+                if div is not None:
+                    before = [c for c in ckpt.list_checkpoints(ckpt_dir, log.warning) if c.step <= div.best_step]
+                    best = ckpt.best_of(before) or (before[-1] if before else None)
+                    where = f"best checkpoint before it: {best.path}" if best else "no checkpoint before it"
+                    log.event("divergence", step, f"smoothed rec_loss {div.value:.4g} > "
+                              f"{tcfg.divergence_factor:g} x best {div.best:.4g} (step {div.best_step}) "
+                              f"since step {div.began}; {where}", began=div.began,
+                              best_step=div.best_step, best_checkpoint=str(best.path) if best else None)
+                    if tcfg.on_divergence == "stop":
+                        hint = (f"resume from it with a lower LR: --resume {best.path} "
+                                f"--set vae.train.lr={tcfg.lr / 10:.3e}") if best else "lower vae.train.lr"
+                        log.event("stopped", step, f"stopping on divergence; {hint}")
+                        exit_code = EXIT_STOPPED
+                        break
+            if applied and step % tcfg.val_every == 0 and step % tcfg.checkpoint_every != 0:
+                validate(step)
+            if applied and (step % tcfg.checkpoint_every == 0 or step == stop_at):
+                save(step)
+            if any_process(accelerator, preemption.requested):
+                save(step)
+                log.event("preempted", step, f"{preemption.signal_name or 'signal'}: checkpoint written "
+                          f"at step {step}; continue with --resume latest")
+                exit_code = EXIT_PREEMPTED
+                break
+        if exit_code == 0 and step < tcfg.max_steps:
+            log.event("paused", step, f"stopped at --until-step {step} of {tcfg.max_steps}; continue "
+                      f"with --resume latest", level="INFO")
+        elif exit_code == 0:
+            log.event("end", step, f"finished {step} steps; checkpoints in {ckpt_dir}", level="INFO")
+    finally:  # also on an error: close the bar and files, restore signal handlers
+        bar.close()
+        preemption.uninstall()
+        log.close()
+    accelerator.end_training()
+    return exit_code
+
+
+if __name__ == "__main__":
+    run_cli(main)
