@@ -10,7 +10,6 @@ resume, loop, save. Shared pieces live in lib/. Outputs go to ``{output_dir}/vae
 from __future__ import annotations
 
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -26,16 +25,15 @@ from lib.cli import trainer_parser
 from lib.config import load_config, save_config
 from lib.data import build_datasets, eval_batches, train_batches
 from lib.errors import run_cli
-from lib.faults import EXIT_PREEMPTED, EXIT_STOPPED, DivergenceWatchdog, NonfiniteCounter, Preemption
 from lib.images import save_grid
 from lib.losses import discriminator_loss, generator_loss, load_perceptual, reconstruction_map
 from lib.metrics import MetricAccumulator, summarize
 from lib.models import VAEWithLogvar, build_discriminator, count_parameters, frozen
 from lib.runlog import MeanTracker, RunLog, check_new_run_dir, fmt, update_run_json
 from lib.schedule import build_scheduler, key_points
-from lib.training import (all_finite, any_process, apply_updates, check_compatible, clip_grad_norms,
-                          guard_schedules, load_ema, load_training_state, rebase_if_changed,
-                          save_checkpoint, save_ema, train_record)
+from lib.training import (Supervisor, all_finite, apply_updates, check_compatible, clip_grad_norms,
+                          load_ema, load_training_state, rebase_if_changed, save_checkpoint, save_ema,
+                          train_record)
 
 TRAIN_KEYS = ["total_loss", "rec_loss", "nll_loss", "kl_loss", "g_loss", "disc_loss", "d_weight",
               "disc_factor", "logvar", "logits_real", "logits_fake", "grad_norm", "grad_norm_disc"]
@@ -71,7 +69,8 @@ def main() -> int:
         ckpt.clean_temporaries(ckpt_dir)
 
     # ------------------------------------------------------------------ data
-    data = build_datasets(cfg.data, cfg.seed, ("train", "val"), log=log.info)
+    with accelerator.main_process_first():      # the synthetic default is generated once
+        data = build_datasets(cfg.data, cfg.seed, ("train", "val"), log=log.info)
     train_ds, val_ds = data["train"], data["val"]
     log.info(f"data: {len(train_ds)} training and {len(val_ds)} validation samples "
              f"({cfg.data.source}, {cfg.data.root}, {cfg.data.image_size} px)")
@@ -100,8 +99,7 @@ def main() -> int:
 
     # ------------------------------------------------------------------ resume
     step, batches, best_val = 0, 0, math.inf
-    nonfinite = NonfiniteCounter(tcfg.max_nonfinite)
-    watchdog = DivergenceWatchdog(tcfg.divergence_factor, tcfg.divergence_window)
+    sup = Supervisor(accelerator, tcfg, "vae", log, ckpt_dir)   # non-finite, divergence, preemption
     resume_note = None
     if resume is not None:
         saved = check_compatible(resume, cfg, ["vae.model", "data.image_size"])
@@ -109,8 +107,7 @@ def main() -> int:
         state = resume.state
         step, batches = state["step"], state["batches"]
         best_val = state.get("best_val_loss") or math.inf
-        nonfinite.total = state.get("nonfinite_total", 0)
-        watchdog.load_state_dict(state.get("watchdog", {}))
+        sup.load_state_dict(state)
         if ema is not None:
             load_ema(ema, gen_raw.vae, resume.path / "ema.safetensors", state.get("ema_step", step))
         changes = rebase_if_changed(saved["vae"]["train"], tcfg, step, {"g": sched_g, "d": sched_d})
@@ -179,12 +176,12 @@ def main() -> int:
 
         save_checkpoint(accelerator, ckpt_dir, step, cfg, {
             "stage": "vae", "batches": batches, "val_loss": val_loss, "best_val_loss": best_val,
-            "nonfinite_total": nonfinite.total, "watchdog": watchdog.state_dict(),
+            **sup.state_dict(),
             "ema_step": ema.optimization_step if ema is not None else None,
         }, write_files, tcfg.keep_last, log)
 
     # ------------------------------------------------------------------ loop
-    preemption = Preemption().install()
+    sup.preemption.install()
     tracker = MeanTracker()
     bar = tqdm(total=tcfg.max_steps, initial=step, disable=not accelerator.is_main_process,
                dynamic_ncols=True, desc="vae")
@@ -193,7 +190,6 @@ def main() -> int:
                               num_workers=cfg.data.num_workers)
     t_last, steps_since_log = time.perf_counter(), 0
     disc_started_logged = step > lcfg.disc_start
-    exit_code = 0
     stop_at = min(tcfg.max_steps, args.until_step or tcfg.max_steps)
     try:
         while step < stop_at:
@@ -238,70 +234,43 @@ def main() -> int:
             tracker.add({"grad_norm": norms[0], "grad_norm_disc": norms[1] if disc_active else None})
             if applied:
                 step += 1
-                nonfinite.good()
                 if ema is not None:
                     ema.step(gen_raw.vae.parameters())
                 bar.update(1)
                 steps_since_log += 1
-            else:
-                bad = [n for n, v in zip(["total_loss", "disc_loss"], losses) if not torch.isfinite(v).all()]
-                bad += [n for n, v in zip(["grad_norm", "grad_norm_disc"], norms) if not torch.isfinite(v).all()]
-                log.event("nonfinite", step, f"non-finite {', '.join(bad) or 'gradient (fp16 scaler)'}: "
-                          f"update skipped ({nonfinite.consecutive + 1} in a row)", terms=bad)
-                if nonfinite.bad():
-                    save(step)
-                    log.event("stopped", step, f"{nonfinite.consecutive} non-finite steps in a row; "
-                              f"the last good state is checkpointed. Try a lower vae.train.lr, "
-                              f"vae.train.grad_clip, or bf16 instead of fp16, then --resume latest")
-                    exit_code = EXIT_STOPPED
-                    break
-
-            if applied and (step % tcfg.log_every == 0 or step == tcfg.max_steps):
+            if sup.update_done(applied, step, dict(zip(["total_loss", "disc_loss"], losses)) |
+                               dict(zip(["grad_norm", "grad_norm_disc"], norms))):
+                save(step)
+                break
+            if applied and (step % tcfg.log_every == 0 or step == stop_at):
                 now = time.perf_counter()
                 rec = log.record("train", step, train_record(
                     accelerator, tracker, TRAIN_KEYS, {"lr": opt_g, "lr_disc": opt_d},
-                    steps_since_log / max(now - t_last, 1e-9), {"nonfinite_skipped": nonfinite.total}),
-                    echo=False)
+                    steps_since_log / max(now - t_last, 1e-9),
+                    {"nonfinite_skipped": sup.nonfinite.total}), echo=False)
                 t_last, steps_since_log = now, 0
                 bar.set_postfix_str(f"rec {fmt(rec['rec_loss'])} lr {rec['lr']:.3e}")
-                guard_schedules(tcfg, step, {"lr": opt_g, "lr_disc": opt_d})
-                # rec_loss, not total_loss: total jumps at disc_start by design.
-                div = watchdog.update(step, rec["rec_loss"])
-                if div is not None:
-                    before = [c for c in ckpt.list_checkpoints(ckpt_dir, log.warning) if c.step <= div.best_step]
-                    best = ckpt.best_of(before) or (before[-1] if before else None)
-                    where = f"best checkpoint before it: {best.path}" if best else "no checkpoint before it"
-                    log.event("divergence", step, f"smoothed rec_loss {div.value:.4g} > "
-                              f"{tcfg.divergence_factor:g} x best {div.best:.4g} (step {div.best_step}) "
-                              f"since step {div.began}; {where}", began=div.began,
-                              best_step=div.best_step, best_checkpoint=str(best.path) if best else None)
-                    if tcfg.on_divergence == "stop":
-                        hint = (f"resume from it with a lower LR: --resume {best.path} "
-                                f"--set vae.train.lr={tcfg.lr / 10:.3e}") if best else "lower vae.train.lr"
-                        log.event("stopped", step, f"stopping on divergence; {hint}")
-                        exit_code = EXIT_STOPPED
-                        break
+                # The watchdog follows rec_loss: total_loss jumps at disc_start by design.
+                if sup.record_done(step, rec["rec_loss"], "rec_loss", {"lr": opt_g, "lr_disc": opt_d}):
+                    break
             if applied and step % tcfg.val_every == 0 and step % tcfg.checkpoint_every != 0:
                 validate(step)
             if applied and (step % tcfg.checkpoint_every == 0 or step == stop_at):
                 save(step)
-            if any_process(accelerator, preemption.requested):
+            if sup.preempted(step):
                 save(step)
-                log.event("preempted", step, f"{preemption.signal_name or 'signal'}: checkpoint written "
-                          f"at step {step}; continue with --resume latest")
-                exit_code = EXIT_PREEMPTED
                 break
-        if exit_code == 0 and step < tcfg.max_steps:
+        if sup.exit_code == 0 and step < tcfg.max_steps:
             log.event("paused", step, f"stopped at --until-step {step} of {tcfg.max_steps}; continue "
                       f"with --resume latest", level="INFO")
-        elif exit_code == 0:
+        elif sup.exit_code == 0:
             log.event("end", step, f"finished {step} steps; checkpoints in {ckpt_dir}", level="INFO")
     finally:  # also on an error: close the bar and files, restore signal handlers
         bar.close()
-        preemption.uninstall()
+        sup.preemption.uninstall()
         log.close()
     accelerator.end_training()
-    return exit_code
+    return sup.exit_code
 
 
 if __name__ == "__main__":

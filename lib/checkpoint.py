@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional
 from lib.errors import CheckpointError
 
 STATE_FILE = "trainer_state.json"
+KEEP_FILE = "KEEP"          # a checkpoint holding this file is never rotated away
 NAME_RE = re.compile(r"^step-(\d{7,})$")
 TMP_PREFIX = ".tmp-"
 
@@ -187,13 +188,14 @@ def commit(tmp: Path, state: dict[str, Any]) -> Path:
 
 
 def rotate(ckpt_dir: Path, keep_last: int, warn: Callable[[str], None] = print) -> list[Path]:
-    """Delete all but the newest ``keep_last`` complete checkpoints and the best one.
+    """Delete all but the newest ``keep_last`` complete checkpoints, the best one, and any
+    marked with a ``KEEP`` file (e.g. the last good one before a divergence).
 
     Incomplete folders are never counted as kept and never deleted here (they are named
     by :func:`list_checkpoints` so a person can look at them).
     """
     infos = list_checkpoints(ckpt_dir, warn)
-    keep = {c.path for c in infos[-keep_last:]}
+    keep = {c.path for c in infos[-keep_last:]} | {c.path for c in infos if (c.path / KEEP_FILE).exists()}
     best = best_of(infos)
     if best is not None:
         keep.add(best.path)

@@ -421,13 +421,20 @@ def eval_batches(dataset: Dataset, batch_size: int, max_batches: int = 0, rank: 
                  world_size: int = 1, num_workers: int = 0) -> Iterator[dict]:
     """Batches in index order for ``rank`` (samples ``rank, rank + world_size, ...``).
 
-    The last partial batch is kept; at most ``max_batches`` batches (0: all). Ranks may get
+    The last partial batch is kept; at most ``max_batches`` batches (0: all), taken from a
+    fixed subset spread evenly over the split. Ranks may get
     one batch more or fewer than each other when the split does not divide evenly.
     """
     _check_rank(rank, world_size)
     if batch_size < 1 or max_batches < 0:
         raise ValueError(f"batch_size ({batch_size}) must be >= 1, max_batches ({max_batches}) >= 0")
-    mine = list(range(rank, len(dataset), world_size))
+    indices = list(range(len(dataset)))
+    if max_batches and max_batches * batch_size * world_size < len(indices):
+        # A fixed subset spread evenly over the split (samples are ordered by map), so a few
+        # validation batches still cover many maps rather than the first one or two.
+        want = max_batches * batch_size * world_size
+        indices = sorted({int(i) for i in np.linspace(0, len(indices) - 1, want).round()})
+    mine = indices[rank::world_size]
     batches = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
     if max_batches:
         batches = batches[:max_batches]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 import signal
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 EXIT_PREEMPTED = 3

@@ -911,7 +911,9 @@ def toolkit_schedule(run: ParsedRun) -> Optional[Schedule]:
         steps = np.asarray(steps, dtype=np.int64)
         out = np.empty(len(steps))
         starts = np.array([p[0] for p in pieces], dtype=np.int64)
-        which = np.searchsorted(starts, steps, side="right") - 1
+        # a resume at step R changes the LR of the updates after R; the record at R itself
+        # was logged before the resume
+        which = np.searchsorted(starts, steps, side="left") - 1
         for j, (_, cfg) in enumerate(pieces):
             idx = np.nonzero(which == j)[0]
             if len(idx):

@@ -78,14 +78,13 @@ import json
 import math
 import os
 import shutil
-import struct
 import tempfile
 import time
-import zlib
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from PIL import Image
 
 from lib.errors import DataError, run_cli
 
@@ -403,27 +402,9 @@ def _gains(tables: _Tables, buildings: np.ndarray, cars: np.ndarray | None,
 
 
 # ---------------------------------------------------------------------------- writing
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
 def _save(arr: np.ndarray, path: Path) -> None:
-    """Write a 2-D uint8 array as an 8-bit grayscale PNG (what PIL reads as mode 'L').
-
-    A minimal encoder (every row with the PNG "Up" filter, zlib level 1 run-length
-    strategy): about 3x faster than PIL's adaptive-filter encoder on these smooth maps, at
-    a similar file size. Output bytes depend only on the array.
-    """
-    h, w = arr.shape
-    rows = np.empty((h, w + 1), np.uint8)
-    rows[:, 0] = 2                                   # filter type 2: Up
-    rows[0, 1:] = arr[0]
-    np.subtract(arr[1:], arr[:-1], out=rows[1:, 1:], dtype=np.uint8, casting="unsafe")
-    z = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
-    data = z.compress(rows.tobytes()) + z.flush()
-    header = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)    # 8-bit, grayscale, no interlace
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
-                     + _png_chunk(b"IDAT", data) + _png_chunk(b"IEND", b""))
+    """Write a 2-D uint8 array as an 8-bit grayscale PNG (mode 'L'); zlib level 1 for speed."""
+    Image.fromarray(arr, mode="L").save(path, format="PNG", compress_level=1)
 
 
 def _write_map(root: Path, map_id: int, tx_per_map: int, seed: int, size: int, cars: bool,
@@ -522,7 +503,7 @@ def ensure_synthetic(data_cfg, seed: int, log: Callable[[str], None] = print) ->
     syn = data_cfg.synthetic
     t0 = time.perf_counter()
     try:
-        generate(root, syn.num_maps, syn.tx_per_map, seed, size=256, cars=syn.cars, log=log)
+        generate(root, syn.num_maps, syn.tx_per_map, seed, size=syn.size, cars=syn.cars, log=log)
     except DataError:
         if root.exists():   # lost a race with another process writing the same data
             return
@@ -530,7 +511,7 @@ def ensure_synthetic(data_cfg, seed: int, log: Callable[[str], None] = print) ->
     n_sims = len(simulations(syn.cars))
     log(f"data.root {root} not found: generated a synthetic dataset there "
         f"({syn.num_maps} maps x {syn.tx_per_map} transmitters x {n_sims} simulations, "
-        f"256 px, seed {seed}) in {time.perf_counter() - t0:.1f} s")
+        f"{syn.size} px, seed {seed}) in {time.perf_counter() - t0:.1f} s")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -211,3 +211,85 @@ def rebase_if_changed(saved_train: dict[str, Any], cfg: TrainConfig, step: int,
 
 def read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+# --------------------------------------------------------------------------- fault policy
+class Supervisor:
+    """One run's fault policy, the same for both stages: non-finite updates, the schedule
+    guard, the divergence watchdog and preemption signals (see lib/faults.py).
+
+    The trainer asks it after each update and each log record whether to stop; when it says
+    so, the trainer writes a checkpoint and exits with :attr:`exit_code`.
+    """
+
+    def __init__(self, accelerator: Accelerator, cfg: TrainConfig, stage: str, log: RunLog,
+                 ckpt_dir: Path) -> None:
+        from lib.faults import DivergenceWatchdog, NonfiniteCounter, Preemption
+        self.accelerator, self.cfg, self.stage, self.log, self.ckpt_dir = accelerator, cfg, stage, log, ckpt_dir
+        self.nonfinite = NonfiniteCounter(cfg.max_nonfinite)
+        self.watchdog = DivergenceWatchdog(cfg.divergence_factor, cfg.divergence_window)
+        self.preemption = Preemption()
+        self.exit_code = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"nonfinite_total": self.nonfinite.total, "watchdog": self.watchdog.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.nonfinite.total = state.get("nonfinite_total", 0)
+        self.watchdog.load_state_dict(state.get("watchdog", {}))
+
+    def update_done(self, applied: bool, step: int, values: dict[str, torch.Tensor]) -> bool:
+        """After an optimizer step: ``applied`` False means it was skipped. Returns True when
+        the run must stop (``max_nonfinite`` skips in a row)."""
+        from lib.faults import EXIT_STOPPED
+        if applied:
+            self.nonfinite.good()
+            return False
+        bad = [k for k, v in values.items() if v is not None and not torch.isfinite(v).all()]
+        self.log.event("nonfinite", step, f"non-finite {', '.join(bad) or 'gradient (fp16 scaler)'}: "
+                       f"update skipped, weights unchanged ({self.nonfinite.consecutive + 1} in a row)",
+                       terms=bad)
+        if not self.nonfinite.bad():
+            return False
+        self.log.event("stopped", step, f"{self.nonfinite.consecutive} non-finite updates in a row; "
+                       f"checkpointing the last good state (step {step}). Try a lower "
+                       f"{self.stage}.train.lr or grad_clip, or bf16 instead of fp16, then --resume latest")
+        self.exit_code = EXIT_STOPPED
+        return True
+
+    def record_done(self, step: int, watched: Optional[float], watched_name: str,
+                    optimizers: dict[str, torch.optim.Optimizer]) -> bool:
+        """After a training record: the schedule guard (raises on a mismatch) and the
+        divergence watchdog on ``watched``. Returns True when the run must stop."""
+        from lib.faults import EXIT_STOPPED
+        guard_schedules(self.cfg, step, optimizers)
+        div = self.watchdog.update(step, watched)
+        if div is None:
+            return False
+        before = [c for c in ckpt.list_checkpoints(self.ckpt_dir, self.log.warning) if c.step <= div.best_step]
+        best = ckpt.best_of(before) or (before[-1] if before else None)
+        if best is not None and self.accelerator.is_main_process:
+            (best.path / ckpt.KEEP_FILE).write_text(f"kept: last good checkpoint before the divergence "
+                                                    f"that began at step {div.began}\n")
+        where = f"best checkpoint before it: {best.path}" if best else "no checkpoint before it"
+        self.log.event("divergence", step, f"smoothed {watched_name} {div.value:.4g} > "
+                       f"{self.cfg.divergence_factor:g} x best {div.best:.4g} (step {div.best_step}) "
+                       f"since step {div.began}; {where}", began=div.began, best_step=div.best_step,
+                       best_checkpoint=str(best.path) if best else None)
+        if self.cfg.on_divergence != "stop":
+            return False
+        hint = (f"resume from it with a lower LR: --resume {best.path} --set "
+                f"{self.stage}.train.lr={self.cfg.lr / 10:.3e}") if best else f"lower {self.stage}.train.lr"
+        self.log.event("stopped", step, f"stopping on divergence; {hint}")
+        self.exit_code = EXIT_STOPPED
+        return True
+
+    def preempted(self, step: int) -> bool:
+        """True (on every process) once SIGTERM/SIGINT reached any process."""
+        from lib.faults import EXIT_PREEMPTED
+        if not any_process(self.accelerator, self.preemption.requested):
+            return False
+        self.log.event("preempted", step, f"{self.preemption.signal_name or 'signal'}: writing a "
+                       f"checkpoint at step {step}; continue with --resume latest")
+        self.exit_code = EXIT_PREEMPTED
+        return True
