@@ -58,6 +58,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="output folder (default: RUN/report)")
     p.add_argument("--config", default=None,
                    help="config YAML whose LR schedule the logged LR is compared with")
+    p.add_argument("--no-figures", action="store_true",
+                   help="write metrics.csv, summary.json and report.md only")
     return p.parse_args(argv)
 
 
@@ -127,7 +129,7 @@ def plot_series(ax, run: ParsedRun, analysis: Analysis, name: str, with_ma: bool
     steps, v = run.series(name)
     if len(v) == 0:
         s_all, v_all = run.series(name, finite=False)
-        msg = f"{name}: not logged" if len(v_all) == 0 else f"{name}: only non-finite values"
+        msg = f"{name}: no records" if len(v_all) == 0 else f"{name}: only non-finite values"
         ax.text(0.5, 0.5, msg, ha="center", va="center", transform=ax.transAxes, color="#888888")
         ax.set_title(name)
         return False
@@ -141,9 +143,9 @@ def plot_series(ax, run: ParsedRun, analysis: Analysis, name: str, with_ma: bool
                 label=label or name)
     if with_ma and len(v) >= 10:
         w = analysis.smoothing_window if len(v) >= 1000 else max(3, min(len(v) // 5, analysis.smoothing_window))
-        ma = moving_average(v, w)
+        ma = moving_average(v, w, centered=True)
         xs, ys = _stride(steps, ma)
-        ax.plot(xs, ys, color=COLORS["ma"], linewidth=1.2, label=f"moving average ({w} records)")
+        ax.plot(xs, ys, color=COLORS["ma"], linewidth=1.2, label=f"moving average ({w} records, centered)")
     if _use_log(v):
         ax.set_yscale("log")
     ax.set_title(name)
@@ -210,9 +212,9 @@ def fig_components(run: ParsedRun, a: Analysis, path: Path) -> None:
     rows = math.ceil(len(names) / 2)
     fig, axes = plt.subplots(rows, 2, figsize=(12, 3.6 * rows), sharex=True, squeeze=False)
     for ax, name in zip(axes.flat, names):
-        plot_series(ax, run, a, name)
+        if plot_series(ax, run, a, name):
+            ax.legend(fontsize=7, loc="upper right")
         mark_phases(ax, a, labels=False)
-        ax.legend(fontsize=7, loc="upper right")
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
     for ax in axes[-1]:
@@ -369,7 +371,7 @@ def fig_dashboard(run: ParsedRun, a: Analysis, path: Path) -> None:
     rows = []
     for name, f in a.stats.get("final", {}).items():
         b = a.stats.get("best", {}).get(name)
-        rows.append(f"{name:<16} final {num(f['value']):>11} @ {st(f['step']):>9}"
+        rows.append(f"{name:<16} final {final_text(f):>11} @ {st(f['step']):>9}"
                     + (f"   best ({b['rule']}) {num(b['value']):>11} @ {st(b['step']):>9}" if b else ""))
     half = math.ceil(len(rows) / 2) if len(rows) > 8 else len(rows)
     ax_v.text(0, 1, "\n".join(rows[:half]) or "no values", va="top", fontsize=7.5, family="monospace",
@@ -391,6 +393,13 @@ def fig_dashboard(run: ParsedRun, a: Analysis, path: Path) -> None:
               transform=ax_f.transAxes)
     fig.suptitle(f"Dashboard: {Path(run.sources[0]).name if run.sources else 'run'}", fontsize=12)
     _finish(fig, path)
+
+
+def final_text(f: dict[str, Any]) -> str:
+    text = num(f["value"])
+    if "schedule" in f:
+        text += f" (schedule {num(f['schedule'])})"
+    return text
 
 
 def span_text(steps: list[int]) -> str:
@@ -482,7 +491,7 @@ def write_markdown(run: ParsedRun, a: Analysis, figures: list[str], path: Path) 
     md.append("|---|---|---|---|---|")
     for col, f in s.get("final", {}).items():
         b = s.get("best", {}).get(col)
-        md.append(f"| {col} | {num(f['value'])} | {st(f['step'])} | "
+        md.append(f"| {col} | {final_text(f)} | {st(f['step'])} | "
                   + (f"{num(b['value'])} ({b['rule']}) | {st(b['step'])} |" if b else "- | - |"))
     md.append("")
     md.append("## Figures")
@@ -501,7 +510,9 @@ def write_markdown(run: ParsedRun, a: Analysis, figures: list[str], path: Path) 
         md.append("")
         md.append(captions.get(fig, ""))
         md.append("")
-    if FIGURES["validation"] not in figures:
+    if not figures:
+        md.append("Not drawn (--no-figures).")
+    elif FIGURES["validation"] not in figures:
         md.append("No validation records in the log (no figure 4).")
         md.append("")
     md.append("## Input")
@@ -558,7 +569,7 @@ def _main(argv: Optional[list[str]] = None) -> int:
     write_csv(run, out / "metrics.csv")
     timings["csv"] = time.perf_counter() - t2
     t3 = time.perf_counter()
-    figures = make_figures(run, a, out)
+    figures = [] if args.no_figures else make_figures(run, a, out)
     timings["figures"] = time.perf_counter() - t3
     write_markdown(run, a, figures, out / "report.md")
     timings["total"] = time.perf_counter() - t0

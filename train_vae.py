@@ -57,12 +57,13 @@ def main() -> int:
 
     run_dir = Path(cfg.output_dir) / "vae"
     ckpt_dir = run_dir / "checkpoints"
-    resume = ckpt.resolve(args.resume, ckpt_dir) if args.resume else None
+    warnings = list(cfg.warnings)      # logged once the run log exists
+    resume = ckpt.resolve(args.resume, ckpt_dir, warnings.append) if args.resume else None
     check_new_run_dir(run_dir, resuming=resume is not None)
     accelerator = make_accelerator(tcfg)
     set_seed(cfg.seed)
     log = RunLog(run_dir, accelerator.is_main_process)
-    for w in cfg.warnings:
+    for w in warnings:
         log.warning(w)
     if accelerator.is_main_process:
         save_config(cfg, run_dir / "config.yaml")

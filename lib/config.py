@@ -205,6 +205,7 @@ class PriorModelConfig:
     layers_per_block: int = 2
     attention_levels: list[bool] = field(default_factory=lambda: [False, True, True])
     norm_num_groups: int = 32
+    attention_head_dim: int = 64       # channels per attention head (attention levels, mid block)
     cond_channels: int = 64            # width of the condition encoder
 
     def validate(self, v: "_Validator") -> None:
@@ -218,6 +219,12 @@ class PriorModelConfig:
                     f"multiples of prior.model.norm_num_groups ({self.norm_num_groups})")
         v.check(self.layers_per_block >= 1, "prior.model.layers_per_block", self.layers_per_block,
                 "an integer >= 1")
+        v.check(self.attention_head_dim >= 1, "prior.model.attention_head_dim",
+                self.attention_head_dim, "an integer >= 1")
+        attended = [c for c, a in zip(self.block_out_channels, self.attention_levels) if a]
+        for c in attended + self.block_out_channels[-1:]:      # the mid block always attends
+            v.check(c % self.attention_head_dim == 0, "prior.model.attention_head_dim",
+                    self.attention_head_dim, f"a divisor of the attending blocks' channels ({c})")
         v.check(self.cond_channels >= 1, "prior.model.cond_channels", self.cond_channels,
                 "an integer >= 1")
 
@@ -248,6 +255,7 @@ def _prior_train_defaults() -> TrainConfig:
 @dataclass
 class PriorConfig:
     vae_checkpoint: str = "best"       # best | latest | path to a checkpoint folder
+    latent_scale_batches: int = 32     # training batches the latent scale factor is measured on
     model: PriorModelConfig = field(default_factory=PriorModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=_prior_train_defaults)
@@ -271,6 +279,10 @@ class Config:
         self.vae.model.validate(v)
         self.vae.loss.validate(v, self.vae.train.max_steps)
         self.vae.train.validate(v, "vae.train")
+        v.check(bool(self.prior.vae_checkpoint), "prior.vae_checkpoint", self.prior.vae_checkpoint,
+                "best, latest or a path to a stage-1 checkpoint folder")
+        v.check(self.prior.latent_scale_batches >= 1, "prior.latent_scale_batches",
+                self.prior.latent_scale_batches, "an integer >= 1")
         self.prior.model.validate(v)
         self.prior.diffusion.validate(v)
         self.prior.train.validate(v, "prior.train")

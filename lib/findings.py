@@ -121,15 +121,21 @@ def _list_steps(steps: np.ndarray, limit: int = 5) -> str:
 
 
 # --------------------------------------------------------------------------- helpers
-def moving_average(values: np.ndarray, window: int) -> np.ndarray:
-    """Trailing mean over ``window`` records (shorter at the start)."""
+def moving_average(values: np.ndarray, window: int, centered: bool = False) -> np.ndarray:
+    """Mean over ``window`` records: trailing (the detection rules: no look-ahead) or centered
+    (the figures: no lag); windows are shorter at the ends."""
     v = np.asarray(values, dtype=np.float64)
     if len(v) == 0:
         return v
     c = np.concatenate([[0.0], np.cumsum(v)])
-    idx = np.arange(1, len(v) + 1)
-    lo = np.maximum(idx - window, 0)
-    return (c[idx] - c[lo]) / (idx - lo)
+    idx = np.arange(len(v))
+    if centered:
+        lo = np.maximum(idx - window // 2, 0)
+        hi = np.minimum(idx + window - window // 2, len(v))
+    else:
+        lo = np.maximum(idx + 1 - window, 0)
+        hi = idx + 1
+    return (c[hi] - c[lo]) / (hi - lo)
 
 
 def smoothing_window(n: int) -> int:
@@ -586,6 +592,9 @@ def _stats(run: ParsedRun, a: Analysis) -> dict[str, Any]:
         higher = any(c.endswith(k) for k in HIGHER_IS_BETTER)
         i = int(np.argmax(fv) if higher else np.argmin(fv))
         best[c] = {"step": int(fs[i]), "value": float(fv[i]), "rule": "max" if higher else "min"}
+    if "lr" in final and a.lr_expected is not None and len(a.lr_steps) and \
+            int(a.lr_steps[-1]) == final["lr"]["step"]:
+        final["lr"]["schedule"] = float(a.lr_expected[-1])
     s["final"] = final
     s["best"] = best
     return s

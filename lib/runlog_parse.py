@@ -250,68 +250,124 @@ def _times_to_unix(prefixes: list[str]) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- table building
-def _build_table(rows: list[dict[str, float]], steps: list[int], seg_ids: list[int],
-                 times: np.ndarray, val_rows: list[dict[str, float]], val_steps: list[int]
-                 ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray, int]:
-    """One row per step: for a step logged more than once, the last record wins (rows are in
-    log order, so that is the latest start of the trainer)."""
-    st = np.asarray(steps, dtype=np.int64)
-    if len(st):
-        # last occurrence of every step
-        rev_unique, rev_idx = np.unique(st[::-1], return_index=True)
-        keep = len(st) - 1 - rev_idx
-    else:
-        rev_unique, keep = np.zeros(0, np.int64), np.zeros(0, np.int64)
-    vst = np.asarray(val_steps, dtype=np.int64)
-    if len(vst):
-        v_unique, v_rev_idx = np.unique(vst[::-1], return_index=True)
-        v_keep = len(vst) - 1 - v_rev_idx
-    else:
-        v_unique, v_keep = np.zeros(0, np.int64), np.zeros(0, np.int64)
-    all_steps = np.union1d(rev_unique, v_unique).astype(np.int64)
-    n = len(all_steps)
-    train_pos = np.searchsorted(all_steps, rev_unique)
-    val_pos = np.searchsorted(all_steps, v_unique)
+class Rows:
+    """Records grouped by their key signature (rows with the same keys in the same order):
+    their values are converted to arrays per group, not per record. A record may add keys to
+    an earlier row (the discriminator line of a step adds to the generator line's row)."""
 
+    def __init__(self) -> None:
+        self.groups: dict[tuple, tuple[list[int], list[list]]] = {}
+        self.n = 0
+
+    def add(self, keys: tuple, values: list) -> int:
+        g = self.groups.get(keys)
+        if g is None:
+            g = self.groups[keys] = ([], [])
+        g[0].append(self.n)
+        g[1].append(values)
+        self.n += 1
+        return self.n - 1
+
+    def add_to(self, row: int, keys: tuple, values: list) -> None:
+        g = self.groups.get(keys)
+        if g is None:
+            g = self.groups[keys] = ([], [])
+        g[0].append(row)
+        g[1].append(values)
+
+    def extend(self, other: "Rows") -> None:
+        """Append the rows of ``other`` after these (its row numbers shifted)."""
+        for keys, (idx, vals) in other.groups.items():
+            g = self.groups.get(keys)
+            if g is None:
+                g = self.groups[keys] = ([], [])
+            g[0].extend(i + self.n for i in idx)
+            g[1].extend(vals)
+        self.n += other.n
+
+    def fill(self, keep: np.ndarray, positions: np.ndarray, n: int, prefix: str,
+             columns: dict[str, np.ndarray], present: dict[str, np.ndarray]) -> int:
+        """Write the kept rows (row ``keep[i]`` -> table row ``positions[i]``) into columns;
+        returns the number of values that were not numbers (ignored)."""
+        pos_of_row = np.full(self.n, -1, dtype=np.int64)
+        pos_of_row[keep] = positions
+        dropped = 0
+        for keys, (idx, vals) in self.groups.items():
+            rows = pos_of_row[np.asarray(idx, dtype=np.int64)]
+            sel = np.nonzero(rows >= 0)[0]
+            if len(sel) == 0:
+                continue
+            rows = rows[sel]
+            if len(sel) < len(vals):
+                vals = [vals[i] for i in sel.tolist()]
+            for j, key, arr, pres, bad in _group_columns(keys, vals):
+                name = prefix + key
+                dropped += bad
+                if not pres.any() and name not in columns:
+                    continue                                    # no number at all (yet)
+                if name not in columns:
+                    columns[name] = np.full(n, np.nan)
+                    present[name] = np.zeros(n, dtype=bool)
+                columns[name][rows[pres]] = arr[pres]
+                present[name][rows[pres]] = True
+        return dropped
+
+
+def _group_columns(keys: tuple, vals: list[list]):
+    """(index, key, float values, logged mask, non-numbers) for each metric key of a group."""
+    types = set(map(type, (v for row in vals for v in row))) if vals else set()
+    wanted = [(j, k) for j, k in enumerate(keys) if k not in NOT_COLUMNS]
+    if types <= {float, int} and not any(k in NOT_COLUMNS for k in keys) or types <= {float}:
+        arr = np.array(vals, dtype=np.float64)
+        if arr.ndim == 2 and arr.shape[1] == len(keys):
+            ones = np.ones(len(vals), dtype=bool)
+            for j, k in wanted:
+                yield j, k, arr[:, j], ones, 0
+            return
+    for j, k in wanted:
+        col = [row[j] if j < len(row) else None for row in vals]
+        ctypes = set(map(type, col))
+        if ctypes <= _NUMBER_TYPES:
+            arr = np.array(col, dtype=np.float64)              # None -> NaN
+            pres = np.array([v is not None for v in col], dtype=bool) if type(None) in ctypes \
+                else np.ones(len(col), dtype=bool)
+            yield j, k, arr, pres, 0
+            continue
+        numeric = [_is_number(v) for v in col]
+        arr = np.array([_as_float(v) if ok else math.nan for v, ok in zip(col, numeric)])
+        yield j, k, arr, np.array(numeric, dtype=bool), sum(
+            1 for v, ok in zip(col, numeric) if v is not None and not ok)
+
+
+def _last_of_each(steps: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(unique steps, index of the last record of each)."""
+    st = np.asarray(steps, dtype=np.int64)
+    if len(st) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    uniq, rev_idx = np.unique(st[::-1], return_index=True)
+    return uniq, len(st) - 1 - rev_idx
+
+
+def _build_table(rows: Rows, steps: list[int], times: np.ndarray, val_rows: Optional[Rows] = None,
+                 val_steps: Optional[list[int]] = None
+                 ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray, int]:
+    """One row per step: for a step logged more than once, the last record wins (records are
+    in log order, so that is the latest start of the trainer). ``steps[i]`` is the step of
+    row ``i`` of ``rows``."""
+    t_steps, keep = _last_of_each(steps)
+    v_steps, v_keep = _last_of_each(val_steps or [])
+    all_steps = np.union1d(t_steps, v_steps).astype(np.int64)
+    n = len(all_steps)
     columns: dict[str, np.ndarray] = {}
     present: dict[str, np.ndarray] = {}
-    dropped = [0]
-
-    def fill(kept_rows: list[dict[str, Any]], pos: np.ndarray, prefix: str) -> None:
-        names: dict[str, None] = {}
-        for keys in {tuple(r) for r in kept_rows}:
-            names.update(dict.fromkeys(keys))
-        for name in names:
-            if name in NOT_COLUMNS:
-                continue
-            vals = [r.get(name) for r in kept_rows]
-            types = set(map(type, vals))
-            if types <= _NUMBER_TYPES:
-                arr = np.array(vals, dtype=np.float64)          # None -> NaN
-                if type(None) in types:
-                    pres = np.array([v is not None for v in vals], dtype=bool)
-                else:
-                    pres = np.ones(len(vals), dtype=bool)
-            else:
-                numeric = [_is_number(v) for v in vals]
-                if not any(numeric):
-                    continue                                    # a text field, not a metric
-                arr = np.array([_as_float(v) if ok else math.nan for v, ok in zip(vals, numeric)])
-                pres = np.array(numeric, dtype=bool)
-                dropped[0] += sum(1 for v, ok in zip(vals, numeric) if v is not None and not ok)
-            col = np.full(n, np.nan)
-            col[pos] = arr
-            p = np.zeros(n, dtype=bool)
-            p[pos] = pres
-            columns[prefix + name] = col
-            present[prefix + name] = p
-
-    fill([rows[i] for i in keep], train_pos, "")
-    fill([val_rows[i] for i in v_keep], val_pos, "val_")
+    train_pos = np.searchsorted(all_steps, t_steps)
+    dropped = rows.fill(keep, train_pos, n, "", columns, present)
+    if val_rows is not None:
+        dropped += val_rows.fill(v_keep, np.searchsorted(all_steps, v_steps), n, "val_", columns, present)
     t = np.full(n, np.nan)
     if len(keep):
         t[train_pos] = times[keep]
-    return all_steps, columns, present, t, dropped[0]
+    return all_steps, columns, present, t, dropped
 
 
 NOT_COLUMNS = frozenset(("step", "split", "time"))
@@ -377,11 +433,11 @@ def _parse_original_file(path: Path, skips: _Skips, rows: list, steps: list, sta
     name = path.name
     key_cache: dict = {}
     cur_step = None
-    cur_row: Optional[dict] = None
+    cur_row = -1
     last = len(lines) - 1
     tag_text, tag_len = _TRAIN_TAG, len(_TRAIN_TAG)
     key_ok = _KEY_RE.fullmatch
-    n_before = len(rows)
+    n_before = len(steps)
     for k, (lineno, text) in enumerate(lines):
         tag = text.find(tag_text)
         if tag < 0:
@@ -396,7 +452,7 @@ def _parse_original_file(path: Path, skips: _Skips, rows: list, steps: list, sta
         cur, _, total = head.partition("/")
         cur = cur.strip()
         body = body.rstrip()
-        row = None
+        names = None
         if sep and body.endswith(",") and cur.isdigit() and total.strip().isdigit():
             items = body[:-1].replace(": ", ", ").split(", ")
             keys = tuple(items[0::2])
@@ -408,24 +464,24 @@ def _parse_original_file(path: Path, skips: _Skips, rows: list, steps: list, sta
                 key_cache[keys] = names
             if names is not None:
                 try:
-                    row = dict(zip(names, map(float, items[1::2])))
+                    values = list(map(float, items[1::2]))
                 except ValueError:
-                    row = None
-        if not row:
+                    names = None
+        if names is None:
             skips.add("truncated record" if k == last else "malformed record", f"{name}:{lineno}", text)
             continue
         step = int(cur)
         if step == cur_step:
-            cur_row.update(row)           # generator + discriminator line of one step
+            rows.add_to(cur_row, names, values)     # generator + discriminator line of one step
             continue
         totals.append(total)
-        if "lr" in row and len(lr_texts) < 200:
+        if len(lr_texts) < 200 and "lr" in names:
             lr_texts.append(body.rsplit("lr: ", 1)[-1].split(",", 1)[0].strip())
-        rows.append(row)
+        cur_row = rows.add(names, values)
+        cur_step = step
         steps.append(step)
         stamps.append(text[:tag])
-        cur_step, cur_row = step, row
-    sources.extend([name] * (len(rows) - n_before))
+    sources.extend([name] * (len(steps) - n_before))
     first = next((s for s in stamps[n_before:] if s), None)
     return config, (_stamp_text(first) if first else None)
 
@@ -452,7 +508,7 @@ def parse_original(paths: list[Path]) -> ParsedRun:
     skips = _Skips()
     per_file = []
     for p in paths:
-        rows: list = []
+        rows = Rows()
         steps: list = []
         stamps: list = []
         sources: list = []
@@ -463,14 +519,15 @@ def parse_original(paths: list[Path]) -> ParsedRun:
                              lr_texts=lr_texts, totals=totals, config=config, first=first))
     # order the files by their first time stamp (a resumed run starts a new file), then name
     per_file.sort(key=lambda f: (f["first"] is None, f["first"] or "", f["path"].name))
-    rows, steps, stamps, sources, lr_texts, totals = [], [], [], [], [], []
+    rows = Rows()
+    steps, stamps, sources, lr_texts, totals = [], [], [], [], []
     seg_starts: dict[int, tuple[str, dict]] = {}
     config = None
     configs_seen = []
     for f in per_file:
-        if f["rows"] and steps:
+        if f["steps"] and steps:
             seg_starts[len(steps)] = ("new log file", {"file": f["path"].name})
-        rows += f["rows"]
+        rows.extend(f["rows"])
         steps += f["steps"]
         stamps += f["stamps"]
         sources += f["sources"]
@@ -481,7 +538,7 @@ def parse_original(paths: list[Path]) -> ParsedRun:
             configs_seen.append(f["path"].name)
     times = _times_to_unix(stamps)
     segs, median = _segments(steps, times, seg_starts, sources)
-    all_steps, columns, present, t, dropped = _build_table(rows, steps, list(range(len(steps))), times, [], [])
+    all_steps, columns, present, t, dropped = _build_table(rows, steps, times)
     stage = None
     if any(c in columns for c in ("rec_loss", "kl_loss", "nll_loss")):
         stage = "vae"
@@ -571,8 +628,9 @@ def _decode_json_lines(lines: list[tuple[int, str]], name: str, skips: _Skips) -
 def parse_jsonl(path: Path, skips: _Skips):
     """-> train rows, steps, times, val rows, val steps, events, segment starts, sources.
     Rows are the decoded records themselves (``step``/``split``/``time`` are not columns)."""
-    rows, steps, times, sources = [], [], [], []
-    val_rows, val_steps, events = [], [], []
+    rows, val_rows = Rows(), Rows()
+    steps, times, sources = [], [], []
+    val_steps, events = [], []
     seg_starts: dict[int, tuple[str, dict]] = {}
     name = path.name
     for lineno, rec in _decode_json_lines(_read_lines(path, skips), name, skips):
@@ -587,13 +645,13 @@ def parse_jsonl(path: Path, skips: _Skips):
             else:
                 split = None
         if split == "train":
-            rows.append(rec)
+            rows.add(tuple(rec), list(rec.values()))
             steps.append(step)
             t = rec.get("time")
             times.append(t if type(t) is float or type(t) is int else np.nan)
             sources.append(name)
         elif split == "val":
-            val_rows.append(rec)
+            val_rows.add(tuple(rec), list(rec.values()))
             val_steps.append(step)
         elif split == "event":
             ev = dict(rec)
@@ -636,8 +694,12 @@ def parse_tensorboard(folder: Path, skips: _Skips):
                 ttime[int(ev.step)] = float(ev.wall_time)
     steps = sorted(train)
     vsteps = sorted(val)
-    return ([train[s] for s in steps], steps, np.array([ttime[s] for s in steps], dtype=np.float64),
-            [val[s] for s in vsteps], vsteps)
+    rows, val_rows = Rows(), Rows()
+    for s in steps:
+        rows.add(tuple(train[s]), list(train[s].values()))
+    for s in vsteps:
+        val_rows.add(tuple(val[s]), list(val[s].values()))
+    return rows, steps, np.array([ttime[s] for s in steps], dtype=np.float64), val_rows, vsteps
 
 
 def _load_toolkit_config(path: Path, run: ParsedRun) -> None:
@@ -692,7 +754,7 @@ def parse_toolkit(folder: Path) -> ParsedRun:
         raise UserError(f"{folder}: no metrics.jsonl and no tb/ folder: not a run folder of this "
                         f"toolkit (expected {{output_dir}}/vae or {{output_dir}}/prior)")
     segs, median = _segments(steps, times, seg_starts, sources)
-    all_steps, columns, present, t, dropped = _build_table(rows, steps, [], times, val_rows, val_steps)
+    all_steps, columns, present, t, dropped = _build_table(rows, steps, times, val_rows, val_steps)
     if stage is None:
         stage = "vae" if "rec_loss" in columns or "kl_loss" in columns else (
             "prior" if "loss" in columns else None)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 import yaml
@@ -17,12 +18,46 @@ from safetensors.torch import load_file, save_file
 from lib import checkpoint as ckpt
 from lib.config import Config, TrainConfig, save_config
 from lib.errors import CheckpointError
-from lib.runlog import MeanTracker, RunLog
-from lib.schedule import check_schedule, rebase_scheduler
+from lib.runlog import MeanTracker, RunLog, check_new_run_dir
+from lib.schedule import check_schedule, key_points, rebase_scheduler
 
 # Schedulers are stepped on every update, also for the discriminator before it starts
 # training (its LR follows the same curve); torch warns about that order once.
 warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+
+
+# --------------------------------------------------------------------------- run start
+def print_dry_run(cfg: Config, stage: str, extra_points: Optional[dict[str, int]] = None) -> int:
+    """``--dry-run``: the resolved ``stage`` section and the LR at the schedule's key points
+    (start, end of warmup, ``extra_points``, 25/50/75/100 %). Returns the exit code 0."""
+    tcfg = getattr(cfg, stage).train
+    print(f"# resolved config ({cfg.source_path})")
+    print(yaml.safe_dump({stage: cfg.to_dict()[stage]}, sort_keys=False))
+    print(f"# {tcfg.lr_scheduler} schedule, {tcfg.max_steps} optimizer steps")
+    for label, step, lr in key_points(tcfg, extra_points):
+        print(f"step {step:>9d}  lr {lr:.3e}  ({label})")
+    for w in cfg.warnings:
+        print(f"warning: {w}")
+    return 0
+
+
+def open_run(cfg: Config, stage: str, run_dir: Path, ckpt_dir: Path, resuming: bool,
+             warnings: Sequence[str] = ()) -> tuple[Accelerator, RunLog]:
+    """Start (or continue) the run in ``run_dir``: refuse a fresh start over an existing run,
+    create the Accelerator, seed everything, open the run log (``warnings`` go there first),
+    and write ``config.yaml``."""
+    from accelerate.utils import set_seed
+    from lib.accel import make_accelerator
+    check_new_run_dir(run_dir, resuming=resuming)
+    accelerator = make_accelerator(getattr(cfg, stage).train)
+    set_seed(cfg.seed)
+    log = RunLog(run_dir, accelerator.is_main_process)
+    for w in warnings:
+        log.warning(w)
+    if accelerator.is_main_process:
+        save_config(cfg, run_dir / "config.yaml")
+        ckpt.clean_temporaries(ckpt_dir)
+    return accelerator, log
 
 
 # --------------------------------------------------------------------------- updates
@@ -134,6 +169,37 @@ def load_ema(ema: EMAModel, module: torch.nn.Module, path: Path, optimization_st
     ema.optimization_step = optimization_step
 
 
+@contextmanager
+def ema_weights(ema: Optional[EMAModel], parameters: Iterable[torch.nn.Parameter]) -> Iterator[None]:
+    """Inside the block the parameters hold the EMA weights (unchanged when ``ema`` is None)."""
+    if ema is None:
+        yield
+        return
+    params = list(parameters)
+    ema.store(params)
+    ema.copy_to(params)
+    try:
+        yield
+    finally:
+        ema.restore(params)
+
+
+def load_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str,
+                 hint: str) -> None:
+    """Load ``tensors`` into ``module``: every key of its state dict must be there with its
+    shape, and nothing else; otherwise a one-line :class:`CheckpointError` naming the first
+    difference, ``source`` and ``hint`` (what to do about it)."""
+    own = module.state_dict()
+    problems = [f"{k}: missing" for k in own if k not in tensors]
+    problems += [f"{k}: shape {tuple(tensors[k].shape)} there, {tuple(v.shape)} in this config"
+                 for k, v in own.items() if k in tensors and tensors[k].shape != v.shape]
+    problems += [f"{k}: not in this model" for k in tensors if k not in own]
+    if problems:
+        raise CheckpointError(f"{source}: the weights do not match the configured model "
+                              f"({problems[0]}; {len(problems)} difference(s)); {hint}")
+    module.load_state_dict(tensors)
+
+
 # --------------------------------------------------------------------------- checkpoints
 def save_checkpoint(accelerator: Accelerator, ckpt_dir: Path, step: int, cfg: Config,
                     state: dict[str, Any], write_files: Callable[[Path], None],
@@ -207,6 +273,29 @@ def rebase_if_changed(saved_train: dict[str, Any], cfg: TrainConfig, step: int,
         for sched in schedulers.values():
             rebase_scheduler(getattr(sched, "scheduler", sched), cfg, step)
     return changes
+
+
+def restore_run(accelerator: Accelerator, resume: ckpt.CheckpointInfo, cfg: Config, stage: str,
+                model_keys: list[str], sup: "Supervisor", log: RunLog, schedulers: dict[str, Any],
+                ema: Optional[EMAModel] = None, ema_module: Optional[torch.nn.Module] = None
+                ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Continue from ``resume``: check the model keys, restore the Accelerate state (models,
+    optimizers, schedulers, RNG), the fault policy's counters and the EMA weights, and rebase
+    the schedules if this config changed them. Returns the checkpoint's trainer state and the
+    note for ``run.json``."""
+    saved = check_compatible(resume, cfg, model_keys)
+    load_training_state(accelerator, resume)
+    state = resume.state
+    step = state["step"]
+    sup.load_state_dict(state)
+    if ema is not None:
+        load_ema(ema, ema_module, resume.path / "ema.safetensors", state.get("ema_step") or step)
+    changes = rebase_if_changed(saved[stage]["train"], getattr(cfg, stage).train, step, schedulers)
+    note = {"from_checkpoint": str(resume.path), "step": step, "changes": changes}
+    log.event("resume", step, f"resumed from {resume.path} at step {step}" +
+              (f"; schedule changed {changes}, continuing it from step {step}" if changes else ""),
+              level="INFO", from_checkpoint=str(resume.path), from_step=step, changes=changes)
+    return state, note
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -293,3 +382,14 @@ class Supervisor:
                        f"checkpoint at step {step}; continue with --resume latest")
         self.exit_code = EXIT_PREEMPTED
         return True
+
+    def finish(self, step: int) -> None:
+        """The closing event of a loop that was not stopped: paused (``--until-step``) or end."""
+        if self.exit_code != 0:
+            return
+        if step < self.cfg.max_steps:
+            self.log.event("paused", step, f"stopped at --until-step {step} of {self.cfg.max_steps}; "
+                           f"continue with --resume latest", level="INFO")
+        else:
+            self.log.event("end", step, f"finished {step} steps; checkpoints in {self.ckpt_dir}",
+                           level="INFO")

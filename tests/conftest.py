@@ -9,3 +9,12 @@ def tiny_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("data") / "city"
     generate(root, num_maps=8, tx_per_map=2, seed=0, size=32, cars=True, log=lambda m: None)
     return root
+
+
+@pytest.fixture
+def trainer(request, tiny_data):
+    """One of tests.helpers.TRAINERS (parametrize with indirect=True), bound to the tiny data."""
+    from dataclasses import replace
+
+    from tests.helpers import TRAINERS
+    return replace(TRAINERS[request.param], data_root=tiny_data)

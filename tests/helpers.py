@@ -1,9 +1,12 @@
 """Shared test utilities: tiny configs, in-process trainer runs, reading run outputs."""
 from __future__ import annotations
 
+import importlib
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable, Optional
 
 import pytest
 import torch
@@ -84,3 +87,37 @@ def checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
 def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+# ----------------------------------------------------------------------------- trainers
+@dataclass
+class TrainerSpec:
+    """How the shared trainer tests drive one trainer (see tests/test_faults.py)."""
+    module_name: str
+    subdir: str                      # run folder under output_dir
+    loss_fn: str                     # module-level loss function the tests wrap
+    poison: Callable[[Any], None]    # make that function's result NaN
+    spike_lr: float                  # an LR that makes the tiny model diverge
+    shape_override: str              # a --set that changes the model shape
+    data_root: Optional[Path] = None
+    extra_sections: dict = field(default_factory=dict)
+
+    @property
+    def module(self):
+        return importlib.import_module(self.module_name)
+
+
+def _poison_generator_loss(out) -> None:
+    out.total = out.total * float("nan")
+
+
+TRAINERS: dict[str, TrainerSpec] = {
+    "vae": TrainerSpec("train_vae", "vae", "generator_loss", _poison_generator_loss, spike_lr=5.0,
+                       shape_override="vae.model.latent_channels=3"),
+}
+
+
+def trainer_config(tmp_path: Path, trainer: TrainerSpec, name: str = "tiny.yaml", **sections) -> Path:
+    merged = dict(trainer.extra_sections)
+    merged.update(sections)
+    return tiny_config(tmp_path, trainer.data_root, name, **merged)

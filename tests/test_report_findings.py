@@ -94,8 +94,9 @@ def test_original_run_without_discriminator_lines_and_rounded_lr(tmp_path):
     assert ids["disc_start"].steps == [1000, 1100]
     assert ids["resume"].steps == [1200, 1500]
     lr = ids["lr_display_rounding"]
-    assert lr.severity == "warning" and lr.steps == [0, 3000]
-    assert "reads 0.00000 at 35 of 35 records" in lr.evidence and "below 5e-06" in lr.evidence
+    # step 0 prints 0.00001 (5e-6 exactly); every later step prints 0.00000
+    assert lr.severity == "warning" and lr.steps == [100, 3000]
+    assert "reads 0.00000 at 30 of 31 records" in lr.evidence and "below 5e-06" in lr.evidence
     assert "lr*max((1-step/3000)**0.95, min_lr)" in lr.evidence
     d = ids["disc_inactive"]
     assert d.severity == "error" and d.steps == [1100, 3000]
@@ -247,3 +248,4 @@ def test_trainer_divergence_event_is_reported(tmp_path):
 def test_moving_average():
     v = np.arange(10, dtype=float)
     assert moving_average(v, 3).tolist() == pytest.approx([0, 0.5, 1, 2, 3, 4, 5, 6, 7, 8])
+    assert moving_average(v, 3, centered=True).tolist() == pytest.approx([0.5, 1, 2, 3, 4, 5, 6, 7, 8, 8.5])

@@ -1,0 +1,79 @@
+import json
+
+import pytest
+
+from lib import checkpoint as ck
+from lib.errors import CheckpointError
+
+
+def make(ckpt_dir, step, val_loss=None, payload=b"weights"):
+    tmp = ck.begin(ckpt_dir, step)
+    (tmp / "model.safetensors").write_bytes(payload)
+    return ck.commit(tmp, {"step": step, "val_loss": val_loss})
+
+
+def test_commit_is_atomic_and_manifested(tmp_path):
+    final = make(tmp_path, 5, 0.3)
+    assert final.name == "step-0000005" and not list(tmp_path.glob(".tmp-*"))
+    state = json.loads((final / ck.STATE_FILE).read_text())
+    assert state["files"] == {"model.safetensors": 7} and state["step"] == 5
+    assert ck.check_complete(final) is None
+
+
+def test_incomplete_folders_are_skipped_with_a_warning(tmp_path):
+    make(tmp_path, 3, 0.5)
+    bad = make(tmp_path, 6, 0.4)
+    (bad / "model.safetensors").write_bytes(b"trunc")            # size differs from manifest
+    (tmp_path / "step-0000009").mkdir()                          # no state file at all
+    warnings = []
+    infos = ck.list_checkpoints(tmp_path, warnings.append)
+    assert [c.step for c in infos] == [3]
+    assert any("step-0000006" in w and "expected 7" in w for w in warnings)
+    assert any("step-0000009" in w and "did not finish" in w for w in warnings)
+    assert ck.resolve("latest", tmp_path, warnings.append).step == 3
+
+
+def test_rotation_keeps_last_best_and_marked(tmp_path):
+    for step, loss in [(1, 0.9), (2, 0.1), (3, 0.5), (4, 0.6), (5, 0.7), (6, 0.8)]:
+        make(tmp_path, step, loss)
+    (tmp_path / "step-0000003" / ck.KEEP_FILE).write_text("kept")
+    removed = ck.rotate(tmp_path, keep_last=2)
+    kept = sorted(p.name for p in tmp_path.iterdir())
+    assert kept == ["step-0000002", "step-0000003", "step-0000005", "step-0000006"]
+    assert sorted(p.name for p in removed) == ["step-0000001", "step-0000004"]
+    assert ck.resolve("best", tmp_path).step == 2
+
+
+def test_rotation_never_deletes_the_only_complete_checkpoint(tmp_path):
+    make(tmp_path, 1, 0.2)
+    broken = make(tmp_path, 2, 0.1)
+    (broken / ck.STATE_FILE).unlink()
+    ck.rotate(tmp_path, keep_last=1)
+    assert (tmp_path / "step-0000001").is_dir() and (tmp_path / "step-0000002").is_dir()
+
+
+def test_rewriting_a_step_moves_the_old_one_aside(tmp_path):
+    make(tmp_path, 4, payload=b"old")
+    make(tmp_path, 4, payload=b"new")
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names[0] == "step-0000004" and names[1].startswith("step-0000004.replaced-")
+    assert (tmp_path / names[1] / "model.safetensors").read_bytes() == b"old"
+
+
+def test_resolve_errors_are_one_line(tmp_path):
+    with pytest.raises(CheckpointError, match="--resume latest: no complete checkpoint under"):
+        ck.resolve("latest", tmp_path)
+    with pytest.raises(CheckpointError, match="--resume .*nope: no such checkpoint folder"):
+        ck.resolve(str(tmp_path / "nope"), tmp_path)
+    make(tmp_path, 2)
+    with pytest.raises(CheckpointError, match="no checkpoint under .* has a validation result"):
+        ck.resolve("best", tmp_path)
+    (tmp_path / "half").mkdir()
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        ck.resolve(str(tmp_path / "half"), tmp_path)
+
+
+def test_clean_temporaries(tmp_path):
+    ck.begin(tmp_path, 7)
+    assert [p.name for p in ck.clean_temporaries(tmp_path)] == [".tmp-step-0000007"]
+    assert not list(tmp_path.iterdir())
