@@ -23,7 +23,6 @@ import csv
 import io
 import json
 import math
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ from lib.findings import Analysis, analyze, hours, moving_average, num, st
 from lib.runlog_parse import ParsedRun, ScheduleWorker, finite_or_str, load_run, resolve_inputs
 
 MAX_PLOT_BINS = 1500        # points per curve after min/max-envelope downsampling
+CSV_FORMAT = "{:.12g}"
 DPI = 100
 COLORS = {"main": "#1f77b4", "ma": "#d62728", "disc": "#d62728", "resume": "#555555",
           "sched": "#ff7f0e"}
@@ -74,17 +74,19 @@ def default_out(runs: list[str]) -> Path:
 # --------------------------------------------------------------------------- CSV
 def write_csv(run: ParsedRun, path: Path) -> None:
     """One row per step: step, time, train columns (``train/`` prefix stripped), ``val_`` columns.
-    Empty cells: not logged at that step; ``nan`` / ``inf``: logged as such."""
+    Empty cells: not logged at that step; ``nan`` / ``inf``: logged as such. Values have 12
+    significant digits (exact for float32 losses and five-decimal logs; twice as fast as repr)."""
     names = run.train_columns + run.val_columns
     header = io.StringIO()
     csv.writer(header, lineterminator="\n").writerow(["step", "time"] + names)
     cols = [list(map(str, run.steps.tolist()))]
-    tstr = list(map(repr, run.time.tolist()))
+    tstr = list(map("{:.3f}".format, run.time.tolist()))
     for i in np.nonzero(~np.isfinite(run.time))[0].tolist():
         tstr[i] = ""
     cols.append(tstr)
+    fmt = CSV_FORMAT.format
     for name in names:
-        strs = list(map(repr, run.columns[name].tolist()))
+        strs = list(map(fmt, run.columns[name].tolist()))
         for i in np.nonzero(~run.present[name])[0].tolist():
             strs[i] = ""
         cols.append(strs)
@@ -146,6 +148,13 @@ def plot_series(ax, run: ParsedRun, analysis: Analysis, name: str, with_ma: bool
         ma = moving_average(v, w, centered=True)
         xs, ys = _stride(steps, ma)
         ax.plot(xs, ys, color=COLORS["ma"], linewidth=1.2, label=f"moving average ({w} records, centered)")
+    s_all, v_all = run.series(name, finite=False)
+    bad = ~np.isfinite(v_all)
+    if bad.any():
+        bx, _ = _stride(s_all[bad], v_all[bad], bins=100)
+        ax.plot(bx, np.full(len(bx), 0.97), linestyle="none", marker="x", color="#d62728",
+                markersize=5, transform=ax.get_xaxis_transform(), clip_on=False,
+                label=f"nan/inf ({int(bad.sum())} records)")
     if _use_log(v):
         ax.set_yscale("log")
     ax.set_title(name)
@@ -190,6 +199,10 @@ def fig_phases(run: ParsedRun, a: Analysis, path: Path) -> None:
             continue
         plot_series(ax, run, a, name)
         mark_phases(ax, a)
+        for f in a.findings:
+            if f.id == "divergence" and name == a.main_loss and f.title.startswith(name):
+                ax.axvline(f.steps[0], color="#2ca02c", linestyle=":", linewidth=1.4,
+                           label=f"last good step ({st(f.steps[0])}) before divergence")
         if name == "total_loss" and a.disc_phase_start is not None:
             ax.set_title("total_loss (includes d_weight x disc_factor x g_loss after the disc start: "
                          "not comparable across it)", fontsize=10)
@@ -300,12 +313,14 @@ def fig_validation(run: ParsedRun, a: Analysis, path: Path) -> bool:
             ax.plot(s, v, marker="o", markersize=3, linewidth=1)
             higher = name.endswith(("psnr", "ssim"))
             i = int(np.argmax(v) if higher else np.argmin(v))
-            ax.annotate(f"best {num(v[i])} @ {st(s[i])}", (s[i], v[i]), fontsize=7,
-                        xytext=(5, 5), textcoords="offset points")
+            ax.plot([s[i]], [v[i]], marker="*", markersize=10, color="#2ca02c", linestyle="none")
+            best = f"; best {num(v[i])} at step {st(s[i])}"
         else:
+            best = ""
             ax.text(0.5, 0.5, "only non-finite values", ha="center", transform=ax.transAxes)
         mark_phases(ax, a, labels=False)
-        ax.set_title(name[4:] + (" (higher is better)" if name.endswith(("psnr", "ssim")) else " (lower is better)"))
+        better = "higher" if name.endswith(("psnr", "ssim")) else "lower"
+        ax.set_title(f"{name[4:]} ({better} is better{best})", fontsize=10)
         ax.grid(True, alpha=0.3)
         ax.set_xlabel("step")
     for ax in list(axes.flat)[len(names):]:
@@ -343,7 +358,8 @@ def dashboard_lines(run: ParsedRun, a: Analysis) -> list[str]:
 def fig_dashboard(run: ParsedRun, a: Analysis, path: Path) -> None:
     import matplotlib.pyplot as plt
     fig = plt.figure(figsize=(11.7, 8.3))
-    gs = fig.add_gridspec(3, 2, height_ratios=[1.0, 1.0, 1.5], hspace=0.45, wspace=0.25)
+    gs = fig.add_gridspec(3, 2, height_ratios=[1.0, 1.1, 1.4], hspace=0.35, wspace=0.25,
+                          left=0.05, right=0.97, top=0.92, bottom=0.03)
     ax_t = fig.add_subplot(gs[0, 0])
     ax_t.axis("off")
     ax_t.set_title("Run", loc="left", fontsize=11)
@@ -368,17 +384,16 @@ def fig_dashboard(run: ParsedRun, a: Analysis, path: Path) -> None:
     ax_v = fig.add_subplot(gs[1, :])
     ax_v.axis("off")
     ax_v.set_title("Final and best values", loc="left", fontsize=11)
-    rows = []
+    rows = [f"{'column':<16} {'final':>34} {'at step':>9}   {'best':>16} {'at step':>9}"]
     for name, f in a.stats.get("final", {}).items():
         b = a.stats.get("best", {}).get(name)
-        rows.append(f"{name:<16} final {final_text(f):>11} @ {st(f['step']):>9}"
-                    + (f"   best ({b['rule']}) {num(b['value']):>11} @ {st(b['step']):>9}" if b else ""))
-    half = math.ceil(len(rows) / 2) if len(rows) > 8 else len(rows)
-    ax_v.text(0, 1, "\n".join(rows[:half]) or "no values", va="top", fontsize=7.5, family="monospace",
-              transform=ax_v.transAxes)
-    if rows[half:]:
-        ax_v.text(0.5, 1, "\n".join(rows[half:]), va="top", fontsize=7.5, family="monospace",
-                  transform=ax_v.transAxes)
+        best = f"{num(b['value'])} ({b['rule']})" if b else "-"
+        rows.append(f"{name:<16} {final_text(f):>34} {st(f['step']):>9}   {best:>16} "
+                    f"{st(b['step']) if b else '-':>9}")
+    if len(rows) > 16:
+        rows = rows[:15] + [f"... {len(rows) - 15} more columns in report.md"]
+    ax_v.text(0, 1, "\n".join(rows) if len(rows) > 1 else "no values", va="top", fontsize=7.5,
+              family="monospace", transform=ax_v.transAxes)
     ax_f = fig.add_subplot(gs[2, :])
     ax_f.axis("off")
     ax_f.set_title(f"Findings ({len(a.findings)})", loc="left", fontsize=11)
@@ -391,8 +406,16 @@ def fig_dashboard(run: ParsedRun, a: Analysis, path: Path) -> None:
         lines.append(f"... and {len(a.findings) - 10} more in report.md / summary.json")
     ax_f.text(0, 1, "\n".join(lines[:24]) or "none", va="top", fontsize=7, family="monospace",
               transform=ax_f.transAxes)
-    fig.suptitle(f"Dashboard: {Path(run.sources[0]).name if run.sources else 'run'}", fontsize=12)
+    fig.suptitle(f"Dashboard: {run_name(run) if run.sources else 'run'}", fontsize=12)
     _finish(fig, path)
+
+
+def run_name(run: ParsedRun) -> str:
+    """'demo/vae' for a run folder, the file names for original logs."""
+    if run.kind in ("toolkit", "tensorboard") and run.sources:
+        folder = Path(run.sources[0]).parent
+        return f"{folder.parent.name}/{folder.name}"
+    return ", ".join(Path(p).name for p in run.sources[:3]) + (" ..." if len(run.sources) > 3 else "")
 
 
 def final_text(f: dict[str, Any]) -> str:
@@ -407,24 +430,53 @@ def span_text(steps: list[int]) -> str:
     return f"step {st(a)}" if a == b else f"steps {st(a)}-{st(b)}"
 
 
+FIGURE_JOBS = (("phases", fig_phases), ("components", fig_components), ("lr", fig_lr),
+               ("validation", fig_validation), ("dashboard", fig_dashboard))
+HELPER_JOBS = ("phases", "components")      # drawn in a forked helper process when there is a core for it
+
+
+def _draw(names: tuple[str, ...], run: ParsedRun, a: Analysis, out: Path) -> None:
+    for name, fn in FIGURE_JOBS:
+        if name in names:
+            fn(run, a, out / FIGURES[name])
+
+
+def _draw_in_helper(names: tuple[str, ...], run: ParsedRun, a: Analysis, out: Path) -> None:
+    try:
+        _draw(names, run, a, out)
+    except Exception:           # the parent draws them again and reports any error itself
+        raise SystemExit(1)
+
+
 def make_figures(run: ParsedRun, a: Analysis, out: Path) -> list[str]:
+    """Draw the figures (Agg). On a machine with a second core the two figures with the most
+    points are drawn by a forked helper process meanwhile; if it fails they are drawn here."""
+    import multiprocessing
+    import os
+    import warnings
     import matplotlib
     matplotlib.use("Agg")
-    import warnings
-    written = []
+    import matplotlib.pyplot  # noqa: F401  (imported before a fork so the helper shares it)
+    for name in FIGURES:
+        (out / FIGURES[name]).unlink(missing_ok=True)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")       # all-NaN bins, tight_layout hints
-        fig_phases(run, a, out / FIGURES["phases"])
-        written.append(FIGURES["phases"])
-        fig_components(run, a, out / FIGURES["components"])
-        written.append(FIGURES["components"])
-        fig_lr(run, a, out / FIGURES["lr"])
-        written.append(FIGURES["lr"])
-        if fig_validation(run, a, out / FIGURES["validation"]):
-            written.append(FIGURES["validation"])
-        fig_dashboard(run, a, out / FIGURES["dashboard"])
-        written.append(FIGURES["dashboard"])
-    return written
+        warnings.simplefilter("ignore")       # all-NaN bins, empty legends
+        helper = None
+        if (os.cpu_count() or 1) >= 2 and "fork" in multiprocessing.get_all_start_methods():
+            try:
+                helper = multiprocessing.get_context("fork").Process(
+                    target=_draw_in_helper, args=(HELPER_JOBS, run, a, out), daemon=True)
+                helper.start()
+            except OSError:
+                helper = None
+        own = tuple(n for n, _ in FIGURE_JOBS if helper is None or n not in HELPER_JOBS)
+        _draw(own, run, a, out)
+        if helper is not None:
+            helper.join()
+            missing = tuple(n for n in HELPER_JOBS if not (out / FIGURES[n]).is_file())
+            if helper.exitcode != 0 or missing:
+                _draw(HELPER_JOBS, run, a, out)
+    return [FIGURES[n] for n, _ in FIGURE_JOBS if (out / FIGURES[n]).is_file()]
 
 
 # --------------------------------------------------------------------------- summary + markdown
@@ -461,7 +513,7 @@ def build_summary(run: ParsedRun, a: Analysis, figures: list[str], timings: dict
 
 def write_markdown(run: ParsedRun, a: Analysis, figures: list[str], path: Path) -> None:
     s = a.stats
-    name = ", ".join(Path(p).name for p in run.sources[:3]) + (" ..." if len(run.sources) > 3 else "")
+    name = run_name(run)
     md = [f"# Training report: {name}", ""]
     md.append(f"Source: {run.kind} log ({', '.join(run.sources[:5])}); stage: {run.stage or 'unknown'}.")
     md.append("Generated by `report.py`. The findings list measured values; see `lib/findings.py` for "
@@ -526,7 +578,7 @@ def write_markdown(run: ParsedRun, a: Analysis, figures: list[str], path: Path) 
         md.append(f"- non-numeric values inside records (ignored): {run.dropped_values}")
     for ex in run.skipped_examples:
         md.append(f"- skipped: `{ex.replace('`', chr(39))}`")
-    md.append(f"- starts of the trainer (segments): " + "; ".join(
+    md.append("- starts of the trainer (segments): " + "; ".join(
         f"{g.source} {g.reason} steps {st(g.first_step)}-{st(g.last_step)} ({g.records} records)"
         for g in run.segments[:20]))
     md.append("- `metrics.csv`: one row per step (the later record when a resumed run logged a step "
@@ -547,6 +599,11 @@ def write_markdown(run: ParsedRun, a: Analysis, figures: list[str], path: Path) 
 def main(argv: Optional[list[str]] = None) -> int:
     try:
         return _main(argv)
+    except BrokenPipeError:                    # e.g. `report.py RUN | head`: the outputs are written
+        import os
+        import sys
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     finally:
         ScheduleWorker.stop()
 
@@ -563,16 +620,24 @@ def _main(argv: Optional[list[str]] = None) -> int:
     except OSError as exc:
         raise UserError(f"cannot create the output folder {out}: {exc.strerror or exc}") from None
     t1 = time.perf_counter()
-    a = analyze(run)
-    timings["analyze"] = time.perf_counter() - t1
+    write_csv(run, out / "metrics.csv")        # first: overlaps with the schedule import
+    timings["csv"] = time.perf_counter() - t1
     t2 = time.perf_counter()
-    write_csv(run, out / "metrics.csv")
-    timings["csv"] = time.perf_counter() - t2
+    a = analyze(run)
+    timings["analyze"] = time.perf_counter() - t2
     t3 = time.perf_counter()
     figures = [] if args.no_figures else make_figures(run, a, out)
     timings["figures"] = time.perf_counter() - t3
     write_markdown(run, a, figures, out / "report.md")
     timings["total"] = time.perf_counter() - t0
+    ScheduleWorker.stop()                      # joined: its CPU time is counted below
+    timings["cpu_self"] = time.process_time()
+    try:
+        import resource
+        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+        timings["cpu_helpers"] = ru.ru_utime + ru.ru_stime
+    except ImportError:                        # not on this platform
+        pass
     summary = build_summary(run, a, figures, timings)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=False), encoding="utf-8")
     counts = {sev: sum(1 for f in a.findings if f.severity == sev) for sev in ("error", "warning", "info")}

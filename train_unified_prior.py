@@ -32,7 +32,8 @@ from lib.errors import CheckpointError, run_cli
 from lib.images import save_grid
 from lib.metrics import MetricAccumulator, summarize, summarize_groups
 from lib.models import count_parameters
-from lib.prior import LatentPrior, diffusion_loss, generate_maps, save_prior, train_scheduler
+from lib.prior import (MODEL_KEYS, LatentPrior, diffusion_loss, generate_maps, save_prior,
+                       train_scheduler)
 from lib.runlog import MeanTracker, fmt, update_run_json
 from lib.schedule import build_scheduler
 from lib.training import (Supervisor, all_finite, apply_updates, clip_grad_norms, ema_weights, open_run,
@@ -40,9 +41,6 @@ from lib.training import (Supervisor, all_finite, apply_updates, clip_grad_norms
 from lib.vae_io import encode_latents, load_vae, measure_latent_scale, resolve_vae_checkpoint
 
 TRAIN_KEYS = ["loss", "grad_norm"]
-# A different value of any of these makes a checkpoint another model (resume refuses it).
-MODEL_KEYS = ["prior.model", "prior.diffusion.num_train_timesteps", "prior.diffusion.beta_schedule",
-              "prior.diffusion.prediction_type", "vae.model", "data.image_size", "data.simulation"]
 
 
 def main() -> int:
@@ -55,8 +53,9 @@ def main() -> int:
 
     run_dir = Path(cfg.output_dir) / "prior"
     ckpt_dir = run_dir / "checkpoints"
-    resume = ckpt.resolve(args.resume, ckpt_dir) if args.resume else None
-    # The VAE is found before anything is written: a resumed run keeps the VAE it was trained on.
+    warnings = list(cfg.warnings)      # logged once the run log exists
+    resume = ckpt.resolve(args.resume, ckpt_dir, warnings.append) if args.resume else None
+    # The VAE is loaded before anything is written: a resumed run keeps the VAE it was trained on.
     if resume is not None:
         vae_path = Path(resume.state["vae_checkpoint"])
         if not vae_path.is_dir():
@@ -64,7 +63,8 @@ def main() -> int:
                                   f"which is gone; the prior cannot continue without it")
     else:
         vae_path = resolve_vae_checkpoint(cfg.prior.vae_checkpoint, cfg.output_dir, args.config).path
-    accelerator, log = open_run(cfg, "prior", run_dir, ckpt_dir, resume)
+    loaded = load_vae(vae_path, cfg)                     # frozen, eval mode; a mismatch is an error
+    accelerator, log = open_run(cfg, "prior", run_dir, ckpt_dir, resume is not None, warnings)
 
     # ------------------------------------------------------------------ data
     data = build_datasets(cfg.data, cfg.seed, ("train", "val"), log=log.info)
@@ -75,8 +75,7 @@ def main() -> int:
              f"{cfg.data.image_size} px)")
 
     # ------------------------------------------------------------------ models
-    loaded = load_vae(vae_path, cfg, accelerator.device)
-    vae = loaded.vae
+    vae = loaded.vae.to(accelerator.device)
     prior = LatentPrior(cfg.prior.model, cfg.vae.model.latent_channels, cfg.data.image_size,
                         loaded.downsample, len(sims))
     noise_sched = train_scheduler(dcfg)
@@ -98,8 +97,9 @@ def main() -> int:
     sup = Supervisor(accelerator, tcfg, "prior", log, ckpt_dir)   # non-finite, divergence, preemption
     resume_note = None
     if resume is not None:
-        state, resume_note = restore_run(accelerator, resume, cfg, "prior", MODEL_KEYS, sup, log,
-                                         {"prior": sched}, ema, prior_raw)
+        # data.simulation too: sim_id i must keep meaning the same simulator.
+        state, resume_note = restore_run(accelerator, resume, cfg, "prior", MODEL_KEYS + ["data.simulation"],
+                                         sup, log, {"prior": sched}, ema, prior_raw)
         step, batches = state["step"], state["batches"]
         best_val = state.get("best_val_loss") or math.inf
         latent_scale = float(state["latent_scale"])
@@ -119,7 +119,9 @@ def main() -> int:
               f"mixed precision {tcfg.mixed_precision}", level="INFO")
 
     def validate(step: int) -> float:
-        """Sample the fixed validation maps with the EMA weights; returns the mean NMSE.
+        """The fixed validation maps with the EMA weights: the denoising loss (returned; it
+        picks the "best" checkpoint, a smooth measure where early sample metrics are noise)
+        and NMSE, RMSE, SSIM, PSNR of sampled maps, overall and NMSE per simulator.
 
         Noise and timesteps come from a generator seeded the same at every validation, never
         from the global RNG: a resumed run must draw the same training noise as a straight one.
@@ -145,7 +147,8 @@ def main() -> int:
         groups = [g for _, s in per_rank for g in (s["groups"] or [])]
         metrics = summarize(values)
         by_sim = summarize_groups(values, groups)
-        log.record("val", step, {"loss": float(torch.cat([l for l, _ in per_rank]).mean()),
+        val_loss = float(torch.cat([l for l, _ in per_rank]).mean())
+        log.record("val", step, {"loss": val_loss,
                                  **{k: metrics[k] for k in ("nmse", "rmse", "ssim", "psnr")},
                                  **{f"nmse_{s}": m["nmse"] for s, m in by_sim.items()},
                                  "num_maps": metrics["num_maps"]})
@@ -154,7 +157,7 @@ def main() -> int:
             save_grid(run_dir / "samples" / f"step-{step:07d}.png",
                       [("buildings+tx", cond, "cond"), ("ground truth", x, "map"),
                        ("prediction", pred, "map"), ("|error|", (pred - x).abs() / 2, "error")])
-        return metrics["nmse"]
+        return val_loss
 
     last_saved = -1
 
@@ -163,8 +166,8 @@ def main() -> int:
         if step == last_saved:
             return
         last_saved = step
-        val_nmse = validate(step)
-        best_val = min(best_val, val_nmse)
+        val_loss = validate(step)
+        best_val = min(best_val, val_loss)
         scale_info = {"latent_scale": latent_scale, "vae_checkpoint": str(vae_path), "simulations": sims}
 
         def write_files(folder: Path) -> None:
@@ -173,9 +176,8 @@ def main() -> int:
                 save_ema(ema, prior_raw, folder / "ema.safetensors")
             (folder / "latent_scale.json").write_text(json.dumps(scale_info, indent=1) + "\n")
 
-        # "best" is by validation NMSE of sampled maps: what the prior is for.
         save_checkpoint(accelerator, ckpt_dir, step, cfg, {
-            "stage": "prior", "batches": batches, "val_loss": val_nmse, "val_loss_is": "nmse",
+            "stage": "prior", "batches": batches, "val_loss": val_loss,
             "best_val_loss": best_val, **scale_info, "vae_ema": loaded.ema, **sup.state_dict(),
             "ema_step": ema.optimization_step if ema is not None else None,
         }, write_files, tcfg.keep_last, log)

@@ -80,7 +80,6 @@ def main() -> int:
     gen = VAEWithLogvar(cfg.vae.model, cfg.data.image_size, lcfg.logvar_init)
     disc = build_discriminator(cfg.vae.model, lcfg)
     perceptual = load_perceptual(lcfg)
-    ema = EMAModel(gen.vae.parameters(), decay=tcfg.ema_decay) if tcfg.ema else None
     log.info(f"VAE {count_parameters(gen.vae) / 1e6:.2f}M parameters, "
              f"discriminator {count_parameters(disc) / 1e6:.2f}M")
 
@@ -93,8 +92,12 @@ def main() -> int:
 
     gen, disc, opt_g, opt_d, sched_g, sched_d = accelerator.prepare(gen, disc, opt_g, opt_d, sched_g, sched_d)
     gen_raw, disc_raw = accelerator.unwrap_model(gen), accelerator.unwrap_model(disc)
+    # EMA of the prepared (on N processes: rank-0-synchronised) weights.
+    ema = EMAModel(gen_raw.vae.parameters(), decay=tcfg.ema_decay) if tcfg.ema else None
     if ema is not None:
         ema.to(accelerator.device)
+    # Same init everywhere (above), different posterior noise per process (from here on).
+    set_seed(cfg.seed + accelerator.process_index)
     if perceptual is not None:
         perceptual.to(accelerator.device)
 

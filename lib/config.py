@@ -334,7 +334,7 @@ def _describe(tp: Any) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
 
 
-def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
+def _convert(tp: Any, value: Any, key: str, source: str, default: Any = None) -> Any:
     def bad() -> ConfigError:
         return ConfigError(f"{source}: {key} = {value!r} has the wrong type; expected {_describe(tp)}")
 
@@ -344,7 +344,7 @@ def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
             value = {}
         if not isinstance(value, dict):
             raise bad()
-        return _build(tp, value, key, source)
+        return _build(tp, value, key, source, default)
     if origin is Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
@@ -389,9 +389,14 @@ def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
     raise TypeError(f"unsupported config type {tp!r} for {key}")
 
 
-def _build(cls: type, raw: dict, prefix: str, source: str) -> Any:
+def _build(cls: type, raw: dict, prefix: str, source: str, base: Any = None) -> Any:
+    """``cls`` from the keys in ``raw``; the others keep their values in ``base`` (the field's
+    own default when None). A section given in part keeps its owner's defaults for the rest:
+    ``prior: {train: {lr: 2e-4}}`` keeps the prior's max_steps and warmup, not TrainConfig's."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if not _is_internal(f)}
+    if base is None:
+        base = cls()
     kwargs = {}
     for name, value in raw.items():
         key = f"{prefix}.{name}" if prefix else str(name)
@@ -400,8 +405,8 @@ def _build(cls: type, raw: dict, prefix: str, source: str) -> Any:
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise ConfigError(f"{source}: unknown key '{key}'{hint} "
                               f"(valid keys here: {', '.join(fields)})")
-        kwargs[name] = _convert(hints[name], value, key, source)
-    return cls(**kwargs)
+        kwargs[name] = _convert(hints[name], value, key, source, getattr(base, name))
+    return dataclasses.replace(base, **kwargs)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

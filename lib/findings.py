@@ -8,7 +8,7 @@ grade a run.
 Finding ids and their rules (thresholds are the constants below):
 
 - ``disc_start`` (info): ``disc_factor`` goes from 0 to > 0; range = last record with 0 ..
-  first record with > 0. A warning when that disagrees with the configured ``disc_start``.
+  first record with > 0. A warning when the configured ``disc_start`` is outside that range.
 - ``resume`` (info; warning when records are missing): a new log file, a ``resume`` event or
   ``run.json`` entry, the step going back, or the step jumping by more than ``JUMP_FACTOR``
   typical log intervals; also a log that starts late (earlier logs not given).
@@ -184,22 +184,29 @@ def _disc_phase(run: ParsedRun, a: Analysis, out: list[Finding]) -> None:
                 return
             prev = int(steps[i - 1])
             sev, extra = "info", ""
-            if cfg_start is not None and not (prev < cfg_start <= int(steps[i])):
+            # the record at step s is the mean over the updates before it (this toolkit: on
+            # once s > disc_start) or the state at s (the reference: on once s >= disc_start)
+            if cfg_start is not None and not (prev <= cfg_start <= int(steps[i])):
                 sev = "warning"
                 extra = f"; this does not match the configured disc_start = {st(cfg_start)}"
+            events = [e for e in run.events if e.get("event") == "disc_start"]
+            ev = f"; trainer event disc_start at step {st(events[0]['step'])}" if events else ""
             out.append(Finding("disc_start", "Discriminator start",
                                [prev, int(steps[i])],
                                f"disc_factor is 0 at step {st(prev)} and {num(df[i])} from step "
-                               f"{st(steps[i])} on{cfg_note if not extra else ''}{extra}", sev))
+                               f"{st(steps[i])} on{cfg_note if not extra else ''}{extra}{ev}", sev))
             return
-        if cfg_start is not None and steps[-1] >= cfg_start and run.stage != "prior":
+        gan_off = run.config is not None and run.config.vae.loss.disc_weight == 0
+        if cfg_start is not None and steps[-1] >= cfg_start and run.stage != "prior" and not gan_off:
             out.append(Finding("disc_inactive", "disc_factor stays 0 past the configured disc_start",
                                [int(cfg_start), int(steps[-1])],
                                f"disc_factor is 0 at all {len(df)} records up to step {st(steps[-1])} "
                                f"although disc_start = {st(cfg_start)}: the adversarial term never "
                                f"entered the loss", "error"))
         return
-    if cfg_start is not None and run.stage == "vae" and len(run.steps) and run.steps[-1] >= cfg_start:
+    gan_off = run.config is not None and run.config.vae.loss.disc_weight == 0
+    if cfg_start is not None and run.stage == "vae" and len(run.steps) and run.steps[-1] >= cfg_start \
+            and not gan_off:
         a.disc_phase_start, a.disc_phase_source = int(cfg_start), "config"
 
 

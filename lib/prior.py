@@ -34,6 +34,9 @@ UNET_DIR = "unet"
 COND_ENCODER_FILE = "cond_encoder.safetensors"
 EMA_FILE = "ema.safetensors"
 Sampler = DDIMScheduler | DPMSolverMultistepScheduler
+# Config keys that make a checkpoint another model: resume and evaluate refuse a difference.
+MODEL_KEYS = ["prior.model", "prior.diffusion.num_train_timesteps", "prior.diffusion.beta_schedule",
+              "prior.diffusion.prediction_type", "vae.model", "data.image_size"]
 
 
 # --------------------------------------------------------------------------- networks
@@ -52,7 +55,8 @@ class ConditionEncoder(nn.Module):
         groups = math.gcd(32, channels)
         layers: list[nn.Module] = [nn.Conv2d(in_channels, channels, 3, padding=1), nn.SiLU()]
         for _ in range(halvings):
-            layers += [nn.Conv2d(channels, channels, 3, stride=2, padding=1),
+            # no bias: GroupNorm removes it (its gradient would be rounding noise)
+            layers += [nn.Conv2d(channels, channels, 3, stride=2, padding=1, bias=False),
                        nn.GroupNorm(groups, channels), nn.SiLU()]
         layers.append(nn.Conv2d(channels, channels, 3, padding=1))
         self.net = nn.Sequential(*layers)
@@ -88,6 +92,12 @@ class LatentPrior(nn.Module):
         super().__init__()
         self.cond_encoder = ConditionEncoder(cfg.cond_channels, downsample)
         self.unet = build_unet(cfg, latent_channels, image_size // downsample, num_simulations)
+        # Softmax attention ignores a bias added to every key, so the key biases' true gradient
+        # is zero; AdamW would turn its rounding noise into steps of size lr (and runs with
+        # other thread counts, e.g. a resume elsewhere, would drift apart). Keep them fixed.
+        for name, p in self.unet.named_parameters():
+            if name.endswith("to_k.bias"):
+                p.requires_grad_(False)
         self.latent_channels = latent_channels
         self.latent_size = image_size // downsample
 

@@ -47,6 +47,7 @@ MAX_EXAMPLES = 8                 # skipped lines quoted in the summary
 JUMP_FACTOR = 10                 # a step gap > this x the typical interval is a jump (resume / lost logs)
 
 _TRAIN_TAG = "[Train Step]"
+_HEAD_RE = re.compile(r"\[Train Step\] ?(\d+) ?/ ?(\d+) ?: ")
 _TIME_RE = re.compile(r"\s*(\d{4}-\d\d-\d\d)[ T](\d\d:\d\d:\d\d)(?:[,.](\d{1,6}))?")
 _KEY_RE = re.compile(r"[A-Za-z_][\w./-]*")
 _BARE_NONFINITE = re.compile(r"(?<=[:\[,])(\s*)(-?)(nan|inf|infinity)(?=\s*[,}\]])", re.IGNORECASE)
@@ -199,12 +200,14 @@ def parse_config_line(text: str) -> Optional[dict[str, Any]]:
 
 
 def _find_key(tree: Any, key: str, depth: int = 0) -> Any:
-    """First value of ``key`` in a nested dict (breadth first), or None."""
+    """Value of ``key`` in a nested dict: this level first, then each sub-dict in order
+    (the ``trainer`` section first), or None."""
     if not isinstance(tree, dict) or depth > 8:
         return None
     if key in tree:
         return tree[key]
-    for value in tree.values():
+    subs = sorted(tree.items(), key=lambda kv: kv[0] != "trainer")
+    for _, value in subs:
         found = _find_key(value, key, depth + 1)
         if found is not None:
             return found
@@ -255,9 +258,10 @@ class Rows:
     their values are converted to arrays per group, not per record. A record may add keys to
     an earlier row (the discriminator line of a step adds to the generator line's row)."""
 
-    def __init__(self) -> None:
+    def __init__(self, floats_only: bool = False) -> None:
         self.groups: dict[tuple, tuple[list[int], list[list]]] = {}
         self.n = 0
+        self.floats_only = floats_only          # every value is a float (parsed text logs)
 
     def add(self, keys: tuple, values: list) -> int:
         g = self.groups.get(keys)
@@ -300,7 +304,7 @@ class Rows:
             rows = rows[sel]
             if len(sel) < len(vals):
                 vals = [vals[i] for i in sel.tolist()]
-            for j, key, arr, pres, bad in _group_columns(keys, vals):
+            for j, key, arr, pres, bad in _group_columns(keys, vals, self.floats_only):
                 name = prefix + key
                 dropped += bad
                 if not pres.any() and name not in columns:
@@ -313,26 +317,37 @@ class Rows:
         return dropped
 
 
-def _group_columns(keys: tuple, vals: list[list]):
+def _group_columns(keys: tuple, vals: list[list], floats_only: bool):
     """(index, key, float values, logged mask, non-numbers) for each metric key of a group."""
-    types = set(map(type, (v for row in vals for v in row))) if vals else set()
     wanted = [(j, k) for j, k in enumerate(keys) if k not in NOT_COLUMNS]
-    if types <= {float, int} and not any(k in NOT_COLUMNS for k in keys) or types <= {float}:
+    if not wanted or not vals:
+        return
+    n = len(vals)
+    if floats_only:                                   # parsed text: floats by construction
         arr = np.array(vals, dtype=np.float64)
-        if arr.ndim == 2 and arr.shape[1] == len(keys):
-            ones = np.ones(len(vals), dtype=bool)
-            for j, k in wanted:
-                yield j, k, arr[:, j], ones, 0
+        ones = np.ones(n, dtype=bool)
+        for j, k in wanted:
+            yield j, k, arr[:, j], ones, 0
+        return
+    try:
+        obj = np.array(vals, dtype=object)
+    except ValueError:
+        obj = None
+    if obj is not None and obj.ndim == 2 and obj.shape[1] == len(keys):
+        sub = obj[:, [j for j, _ in wanted]]
+        none = np.equal(sub, None)
+        try:                                          # numbers and None (-> NaN, not logged)
+            arr = np.where(none, np.nan, sub).astype(np.float64)
+        except (TypeError, ValueError, OverflowError):
+            arr = None                                # text somewhere: value by value below
+        if arr is not None:
+            pres = ~none
+            for c, (j, k) in enumerate(wanted):
+                col_ok = pres[:, c]
+                yield j, k, arr[:, c], col_ok, 0
             return
-    for j, k in wanted:
+    for j, k in wanted:                               # mixed types: value by value
         col = [row[j] if j < len(row) else None for row in vals]
-        ctypes = set(map(type, col))
-        if ctypes <= _NUMBER_TYPES:
-            arr = np.array(col, dtype=np.float64)              # None -> NaN
-            pres = np.array([v is not None for v in col], dtype=bool) if type(None) in ctypes \
-                else np.ones(len(col), dtype=bool)
-            yield j, k, arr, pres, 0
-            continue
         numeric = [_is_number(v) for v in col]
         arr = np.array([_as_float(v) if ok else math.nan for v, ok in zip(col, numeric)])
         yield j, k, arr, np.array(numeric, dtype=bool), sum(
@@ -435,29 +450,31 @@ def _parse_original_file(path: Path, skips: _Skips, rows: list, steps: list, sta
     cur_step = None
     cur_row = -1
     last = len(lines) - 1
-    tag_text, tag_len = _TRAIN_TAG, len(_TRAIN_TAG)
+    tag_text = _TRAIN_TAG
     key_ok = _KEY_RE.fullmatch
     n_before = len(steps)
+    search = _HEAD_RE.search
+    missing = object()
+    last_match = None
     for k, (lineno, text) in enumerate(lines):
-        tag = text.find(tag_text)
-        if tag < 0:
-            if k == 0 and "{" in text:
+        m = search(text)
+        if m is None:
+            if tag_text in text:
+                skips.add("truncated record" if k == last else "malformed record", f"{name}:{lineno}", text)
+            elif k == 0 and "{" in text:
                 config = parse_config_line(text)
                 if config is None:
                     skips.add("config line not readable as a literal", f"{name}:{lineno}", text)
-                continue
-            skips.add("unrelated text", f"{name}:{lineno}", text)
+            else:
+                skips.add("unrelated text", f"{name}:{lineno}", text)
             continue
-        head, sep, body = text[tag + tag_len:].partition(": ")
-        cur, _, total = head.partition("/")
-        cur = cur.strip()
-        body = body.rstrip()
+        body = text[m.end():].rstrip()
         names = None
-        if sep and body.endswith(",") and cur.isdigit() and total.strip().isdigit():
+        if body.endswith(","):
             items = body[:-1].replace(": ", ", ").split(", ")
             keys = tuple(items[0::2])
-            names = key_cache.get(keys, False)
-            if names is False:
+            names = key_cache.get(keys, missing)
+            if names is missing:
                 names = None
                 if len(items) % 2 == 0 and all(key_ok(x.strip()) for x in keys):
                     names = tuple(x.strip()[6:] if x.strip().startswith("train/") else x.strip() for x in keys)
@@ -470,17 +487,20 @@ def _parse_original_file(path: Path, skips: _Skips, rows: list, steps: list, sta
         if names is None:
             skips.add("truncated record" if k == last else "malformed record", f"{name}:{lineno}", text)
             continue
-        step = int(cur)
+        step = int(m.group(1))
         if step == cur_step:
             rows.add_to(cur_row, names, values)     # generator + discriminator line of one step
             continue
-        totals.append(total)
         if len(lr_texts) < 200 and "lr" in names:
             lr_texts.append(body.rsplit("lr: ", 1)[-1].split(",", 1)[0].strip())
+            totals.append(m.group(2))
         cur_row = rows.add(names, values)
         cur_step = step
         steps.append(step)
-        stamps.append(text[:tag])
+        stamps.append(text[:m.start()])
+        last_match = m
+    if last_match is not None:
+        totals.append(last_match.group(2))
     sources.extend([name] * (len(steps) - n_before))
     first = next((s for s in stamps[n_before:] if s), None)
     return config, (_stamp_text(first) if first else None)
@@ -488,7 +508,7 @@ def _parse_original_file(path: Path, skips: _Skips, rows: list, steps: list, sta
 
 def _stamp_text(prefix: str) -> Optional[str]:
     """'2025-01-02 10:00:00,123 INFO ' -> '2025-01-02T10:00:00.123' (None without a time)."""
-    m = _TIME_RE.match(prefix)
+    m = _TIME_RE.search(prefix)
     return f"{m.group(1)}T{m.group(2)}.{m.group(3) or '0'}" if m else None
 
 
@@ -508,7 +528,7 @@ def parse_original(paths: list[Path]) -> ParsedRun:
     skips = _Skips()
     per_file = []
     for p in paths:
-        rows = Rows()
+        rows = Rows(floats_only=True)
         steps: list = []
         stamps: list = []
         sources: list = []
@@ -519,7 +539,7 @@ def parse_original(paths: list[Path]) -> ParsedRun:
                              lr_texts=lr_texts, totals=totals, config=config, first=first))
     # order the files by their first time stamp (a resumed run starts a new file), then name
     per_file.sort(key=lambda f: (f["first"] is None, f["first"] or "", f["path"].name))
-    rows = Rows()
+    rows = Rows(floats_only=True)
     steps, stamps, sources, lr_texts, totals = [], [], [], [], []
     seg_starts: dict[int, tuple[str, dict]] = {}
     config = None
@@ -694,7 +714,7 @@ def parse_tensorboard(folder: Path, skips: _Skips):
                 ttime[int(ev.step)] = float(ev.wall_time)
     steps = sorted(train)
     vsteps = sorted(val)
-    rows, val_rows = Rows(), Rows()
+    rows, val_rows = Rows(floats_only=True), Rows(floats_only=True)
     for s in steps:
         rows.add(tuple(train[s]), list(train[s].values()))
     for s in vsteps:
@@ -869,8 +889,10 @@ class ScheduleWorker:
     _proc = None
 
     @classmethod
-    def start(cls) -> None:
-        if cls._proc is not None or "lib.schedule" in sys.modules or (os.cpu_count() or 1) < 2:
+    def start(cls, force: bool = False) -> None:
+        if cls._proc is not None:
+            return
+        if not force and ("lib.schedule" in sys.modules or (os.cpu_count() or 1) < 2):
             return
         if "fork" not in multiprocessing.get_all_start_methods():
             return

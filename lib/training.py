@@ -289,7 +289,7 @@ def restore_run(accelerator: Accelerator, resume: ckpt.CheckpointInfo, cfg: Conf
     step = state["step"]
     sup.load_state_dict(state)
     if ema is not None:
-        load_ema(ema, ema_module, resume.path / "ema.safetensors", state.get("ema_step") or step)
+        load_ema(ema, ema_module, resume.path / "ema.safetensors", state.get("ema_step", step))
     changes = rebase_if_changed(saved[stage]["train"], getattr(cfg, stage).train, step, schedulers)
     note = {"from_checkpoint": str(resume.path), "step": step, "changes": changes}
     log.event("resume", step, f"resumed from {resume.path} at step {step}" +

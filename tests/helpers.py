@@ -99,8 +99,10 @@ class TrainerSpec:
     poison: Callable[[Any], None]    # make that function's result NaN
     spike_lr: float                  # an LR that makes the tiny model diverge
     shape_override: str              # a --set that changes the model shape
+    watched: str = "rec_loss"        # the training loss to compare between runs
     data_root: Optional[Path] = None
     extra_sections: dict = field(default_factory=dict)
+    setup: Optional[Callable[[Path], dict]] = None   # data root -> more sections (e.g. a VAE to use)
 
     @property
     def module(self):
@@ -111,13 +113,91 @@ def _poison_generator_loss(out) -> None:
     out.total = out.total * float("nan")
 
 
+# Stage 2 on top of a tiny stage-1 VAE: a UNet of two levels on 16x16x2 latents, 2 sampling steps.
+TINY_PRIOR = {
+    "latent_scale_batches": 2,
+    "model": {"block_out_channels": [16, 32], "layers_per_block": 1, "attention_levels": [False, True],
+              "norm_num_groups": 8, "attention_head_dim": 8, "cond_channels": 8},
+    "diffusion": {"num_inference_steps": 2},
+    "train": {"max_steps": 6, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 2, "log_every": 1,
+              "val_every": 3, "val_batches": 1, "checkpoint_every": 3, "keep_last": 10,
+              "ema_decay": 0.99},
+}
+
+
+def tiny_vae_checkpoint(data_root: Path) -> Path:
+    """A tiny stage-1 VAE trained for 3 steps on ``data_root``; trained once and kept next to
+    the data (the session's ``tiny_data``), so every prior test shares it."""
+    out = data_root.parent / "tiny-vae"
+    folder = out / "vae" / "checkpoints" / "step-0000003"
+    if not folder.is_dir():
+        import train_vae
+        cfg = tiny_config(data_root.parent, data_root, "tiny-vae.yaml", output_dir=str(out),
+                          **{"vae.train": {"max_steps": 3}})
+        with pytest.MonkeyPatch.context() as mp:
+            assert run_main(train_vae, ["--config", cfg], mp) == 0
+    return folder
+
+
+def tiny_prior_sections(data_root: Path) -> dict:
+    import copy
+    return {"prior": dict(copy.deepcopy(TINY_PRIOR), vae_checkpoint=str(tiny_vae_checkpoint(data_root)))}
+
+
+def _poison_tensor(loss: torch.Tensor) -> None:
+    loss.data.fill_(float("nan"))
+
+
 TRAINERS: dict[str, TrainerSpec] = {
     "vae": TrainerSpec("train_vae", "vae", "generator_loss", _poison_generator_loss, spike_lr=5.0,
                        shape_override="vae.model.latent_channels=3"),
+    "prior": TrainerSpec("train_unified_prior", "prior", "diffusion_loss", _poison_tensor, spike_lr=5.0,
+                         shape_override="prior.model.cond_channels=16", watched="loss",
+                         setup=tiny_prior_sections),
 }
 
 
 def trainer_config(tmp_path: Path, trainer: TrainerSpec, name: str = "tiny.yaml", **sections) -> Path:
     merged = dict(trainer.extra_sections)
+    if trainer.setup is not None:
+        merged.update(trainer.setup(trainer.data_root))
     merged.update(sections)
     return tiny_config(tmp_path, trainer.data_root, name, **merged)
+
+
+def run_injected(tmp_path: Path, trainer: TrainerSpec, cfg: Path, patch: str, *args: Any,
+                 processes: int = 1, timeout: int = 600, name: str = "inject.py"):
+    """Run a trainer in fresh process(es) after executing ``patch`` (Python source) in each.
+
+    ``processes > 1`` launches them with ``accelerate launch --multi_gpu`` on the CPU (gloo).
+    """
+    import os
+    import subprocess
+    import textwrap
+    script = tmp_path / name
+    script.write_text(textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        import importlib
+        trainer = importlib.import_module({trainer.module_name!r})
+        from lib.errors import run_cli
+    """) + textwrap.dedent(patch) + textwrap.dedent(f"""
+        sys.argv = ["{trainer.module_name}.py", "--config", {str(cfg)!r}] + {[str(a) for a in args]!r}
+        run_cli(trainer.main)
+    """))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    if processes > 1:
+        env["ACCELERATE_USE_CPU"] = "1"
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+               str(processes), "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", "--main_process_port", str(_free_port()), str(script)]
+    else:
+        cmd = [sys.executable, str(script)]
+    return subprocess.run(cmd, cwd=ROOT, env=env, timeout=timeout, capture_output=True, text=True)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,38 +1,15 @@
 """Fault injection: kill -9 mid-checkpoint, SIGTERM, NaN losses, divergence, an unstepped
 schedule, a checkpoint of another model. Each test runs for every trainer in TRAINERS."""
-import json
-import os
 import signal
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 
 from lib.faults import EXIT_PREEMPTED, EXIT_STOPPED
-from tests.helpers import (ROOT, TRAINERS, checkpoint_tensors, max_abs_diff, read_records, run_main,
+from tests.helpers import (TRAINERS, checkpoint_tensors, max_abs_diff, read_records, run_injected, run_main,
                            trainer_config)
 
 pytestmark = pytest.mark.parametrize("trainer", list(TRAINERS), indirect=True)
-
-
-def run_script(tmp_path, trainer, cfg, patch: str, *args, timeout=300):
-    """Run a trainer in a fresh process after ``patch`` (Python source) has been executed."""
-    script = tmp_path / "inject.py"
-    script.write_text(textwrap.dedent(f"""
-        import os, signal, sys
-        sys.path.insert(0, {str(ROOT)!r})
-        import importlib
-        trainer = importlib.import_module({trainer.module.__name__!r})
-        from lib.errors import run_cli
-    """) + textwrap.dedent(patch) + textwrap.dedent(f"""
-        sys.argv = ["{trainer.module.__name__}.py", "--config", {str(cfg)!r}] + {[str(a) for a in args]!r}
-        run_cli(trainer.main)
-    """))
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, timeout=timeout,
-                          capture_output=True, text=True)
 
 
 def final_weights(run_dir, step=6):
@@ -44,7 +21,7 @@ def test_kill_during_checkpoint_write_then_resume(tmp_path, trainer, monkeypatch
     assert run_main(trainer.module, ["--config", ref], monkeypatch) == 0
     cfg = trainer_config(tmp_path, trainer, "k.yaml", output_dir=str(tmp_path / "k"))
     # kill -9 in the middle of writing step 6 (after the files, before the rename)
-    r = run_script(tmp_path, trainer, cfg, """
+    r = run_injected(tmp_path, trainer, cfg, """
         import lib.checkpoint as ck
         orig = ck.commit
         def commit(tmp, state):
@@ -69,7 +46,7 @@ def test_sigterm_then_resume_equals_uninterrupted(tmp_path, trainer, monkeypatch
     assert run_main(trainer.module, ["--config", ref], monkeypatch) == 0
     cfg = trainer_config(tmp_path, trainer, "s.yaml", output_dir=str(tmp_path / "s"))
     # a real SIGTERM arrives while step 4's record is being written
-    r = run_script(tmp_path, trainer, cfg, """
+    r = run_injected(tmp_path, trainer, cfg, """
         import lib.runlog as rl
         orig = rl.RunLog.record
         def record(self, split, step, values, echo=True):

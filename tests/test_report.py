@@ -65,9 +65,9 @@ def test_original_resume_in_second_file_keeps_later_records(tmp_path):
     res = [f for f in summary["findings"] if f["id"] == "resume"]
     assert len(res) == 1 and res[0]["steps"] == [1200, 1500] and res[0]["severity"] == "info"
     assert "2025-01-03-09-00_.log starts at step 1,200" in res[0]["evidence"]
-    # the row at a redone step comes from the later file (its time is the second file's)
-    t_1300 = float(rows[1300]["time"])
-    assert t_1300 > float(rows[1500]["time"]) - 1e9 and t_1300 > float(rows[1100]["time"])
+    # a redone step's row comes from the later file: step 1,300 is its 2nd line (t0 80,000 s
+    # + 20 s), step 1,100 the 12th line of the first file (120 s)
+    assert float(rows[1300]["time"]) - float(rows[1100]["time"]) == pytest.approx(79900)
 
 
 def test_folder_of_logs_and_default_out(tmp_path):
@@ -160,7 +160,7 @@ def test_toolkit_run_outputs(tmp_path):
     assert not [w for w in PRAISE if w in text]
     rows = read_csv(out / "metrics.csv")
     assert len(rows) == 50
-    assert rows[1000]["val_psnr"] == repr(21.0) and rows[100]["val_psnr"] == ""
+    assert float(rows[1000]["val_psnr"]) == 21.0 and rows[100]["val_psnr"] == ""
     assert rows[100]["g_loss"] == "" and float(rows[2100]["g_loss"]) < 0   # null before disc start
     st = summary["stats"]
     assert st["first_step"] == 100 and st["last_step"] == 5000 and st["max_steps"] == 5000
@@ -232,3 +232,19 @@ def test_bad_config_option_is_a_user_error(tmp_path):
     log = original_log(tmp_path / "a.log", [0, 100])
     with pytest.raises(UserError, match="config file not found"):
         report.main([str(log), "--config", str(tmp_path / "missing.yaml")])
+
+
+def test_schedule_worker_matches_lr_at(tmp_path):
+    import numpy as np
+    from lib.config import load_config
+    from lib.runlog_parse import ScheduleWorker
+    from lib.schedule import lr_at
+    cfg = load_config(None, ["vae.train.warmup_steps=100", "vae.train.max_steps=1000"]).vae.train
+    steps = np.arange(0, 1001, 50)
+    ScheduleWorker.start(force=True)
+    try:
+        got = ScheduleWorker.evaluate(cfg, steps)
+    finally:
+        ScheduleWorker.stop()
+    assert got is not None and got.tolist() == [lr_at(cfg, int(s)) for s in steps]
+    assert ScheduleWorker.evaluate(cfg, steps) is None          # stopped: callers evaluate here

@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import math
+import re
 
+import numpy as np
 import pytest
 
 from lib.findings import analyze, moving_average
 from lib.runlog_parse import load_run
-from test_report_logs import ORIG_CONFIG, original_log, toolkit_run
-
-import numpy as np
+from test_report_logs import original_log, toolkit_run
 
 
 def findings(paths, config=None):
@@ -108,7 +108,6 @@ def test_original_flat_zero_disc_loss(tmp_path):
     log = tmp_path / "a.log"
     original_log(log, list(range(0, 2001, 100)))
     text = log.read_text()
-    import re
     text = re.sub(r"train/disc_loss: [-0-9.]+,", "train/disc_loss: 0.00000,", text)
     log.write_text(text)
     a, _ = findings([log])
@@ -215,6 +214,14 @@ def test_disc_factor_never_switches(tmp_path):
     (d,) = by_id(a, "disc_inactive")
     assert d.steps == [2001, 5000] and "disc_factor is 0 at all 50 records" in d.evidence
     assert by_id(a, "disc_start") == []
+
+
+def test_gan_switched_off_is_not_an_inactive_discriminator(tmp_path):
+    def edit(step, rec):
+        rec["disc_factor"], rec["disc_loss"], rec["g_loss"], rec["grad_norm_disc"] = 0.0, None, None, None
+        return rec
+    a, _ = findings([toolkit_run(tmp_path, edit=edit, overrides=("vae.loss.disc_weight=0",))])
+    assert a.findings == []
 
 
 def test_step_jump_without_resume_record(tmp_path):

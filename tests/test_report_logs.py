@@ -51,7 +51,7 @@ def toolkit_run(root: Path, stage: str = "vae", segments: Optional[list[list[int
     ``resume_from`` build a resumed run (a ``resume`` event and a run.json entry between
     segments); ``edit(step, record)`` changes a train record (e.g. inject a fault)."""
     cfg = load_config(None, [f"{stage}.train.max_steps=5000", f"{stage}.train.log_every=100",
-                             "vae.loss.disc_start=2001", *overrides])
+                             f"{stage}.train.warmup_steps=0", "vae.loss.disc_start=2001", *overrides])
     run = root / "out" / stage
     run.mkdir(parents=True)
     save_config(cfg, run / "config.yaml")
