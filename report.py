@@ -441,18 +441,9 @@ def _draw(names: tuple[str, ...], run: ParsedRun, a: Analysis, out: Path) -> Non
             fn(run, a, out / FIGURES[name])
 
 
-def _draw_in_helper(names: tuple[str, ...], run: ParsedRun, a: Analysis, out: Path) -> None:
-    try:
-        _draw(names, run, a, out)
-    except Exception:           # the parent draws them again and reports any error itself
-        raise SystemExit(1)
-
-
 def make_figures(run: ParsedRun, a: Analysis, out: Path) -> list[str]:
-    """Draw the figures (Agg). On a machine with a second core the two figures with the most
-    points are drawn by a forked helper process meanwhile; if it fails they are drawn here."""
-    import multiprocessing
-    import os
+    """Draw the figures (Agg). With a second core, the two figures with the most points are
+    drawn by a forked helper process meanwhile; if it fails they are drawn here."""
     import warnings
     import matplotlib
     matplotlib.use("Agg")
@@ -461,22 +452,43 @@ def make_figures(run: ParsedRun, a: Analysis, out: Path) -> list[str]:
         (out / FIGURES[name]).unlink(missing_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")       # all-NaN bins, empty legends
-        helper = None
-        if (os.cpu_count() or 1) >= 2 and "fork" in multiprocessing.get_all_start_methods():
-            try:
-                helper = multiprocessing.get_context("fork").Process(
-                    target=_draw_in_helper, args=(HELPER_JOBS, run, a, out), daemon=True)
-                helper.start()
-            except OSError:
-                helper = None
-        own = tuple(n for n, _ in FIGURE_JOBS if helper is None or n not in HELPER_JOBS)
-        _draw(own, run, a, out)
-        if helper is not None:
-            helper.join()
-            missing = tuple(n for n in HELPER_JOBS if not (out / FIGURES[n]).is_file())
-            if helper.exitcode != 0 or missing:
-                _draw(HELPER_JOBS, run, a, out)
+        helper = start_helper(_draw, HELPER_JOBS, run, a, out)
+        _draw(tuple(n for n, _ in FIGURE_JOBS if helper is None or n not in HELPER_JOBS), run, a, out)
+        finish_helper(helper, lambda: _draw(HELPER_JOBS, run, a, out))
     return [FIGURES[n] for n, _ in FIGURE_JOBS if (out / FIGURES[n]).is_file()]
+
+
+# --------------------------------------------------------------------------- helper processes
+def start_helper(target, *args: Any):
+    """Run ``target(*args)`` in a forked process when there is a second core (the outputs it
+    writes are files); None when it cannot (one core, no fork): the caller does it itself."""
+    import multiprocessing
+    import os
+    if (os.cpu_count() or 1) < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        return None
+    try:
+        proc = multiprocessing.get_context("fork").Process(target=_helper_main, args=(target, *args),
+                                                           daemon=True)
+        proc.start()
+    except OSError:
+        return None
+    return proc
+
+
+def _helper_main(target, *args: Any) -> None:
+    try:
+        target(*args)
+    except Exception:           # the parent does the work again and reports any error itself
+        raise SystemExit(1)
+
+
+def finish_helper(proc, fallback) -> None:
+    """Wait for a helper; run ``fallback`` here when there was none or it failed."""
+    if proc is not None:
+        proc.join()
+        if proc.exitcode == 0:
+            return
+    fallback()
 
 
 # --------------------------------------------------------------------------- summary + markdown
@@ -620,14 +632,15 @@ def _main(argv: Optional[list[str]] = None) -> int:
     except OSError as exc:
         raise UserError(f"cannot create the output folder {out}: {exc.strerror or exc}") from None
     t1 = time.perf_counter()
-    write_csv(run, out / "metrics.csv")        # first: overlaps with the schedule import
-    timings["csv"] = time.perf_counter() - t1
-    t2 = time.perf_counter()
+    csv_helper = start_helper(write_csv, run, out / "metrics.csv")
     a = analyze(run)
-    timings["analyze"] = time.perf_counter() - t2
-    t3 = time.perf_counter()
+    timings["analyze"] = time.perf_counter() - t1
+    t2 = time.perf_counter()
     figures = [] if args.no_figures else make_figures(run, a, out)
-    timings["figures"] = time.perf_counter() - t3
+    timings["figures"] = time.perf_counter() - t2
+    t3 = time.perf_counter()
+    finish_helper(csv_helper, lambda: write_csv(run, out / "metrics.csv"))
+    timings["csv_wait"] = time.perf_counter() - t3
     write_markdown(run, a, figures, out / "report.md")
     timings["total"] = time.perf_counter() - t0
     ScheduleWorker.stop()                      # joined: its CPU time is counted below

@@ -20,24 +20,24 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate.utils import gather_object
+from accelerate.utils import gather_object, set_seed
 from diffusers.training_utils import EMAModel
-from tqdm import tqdm
 
 from lib import checkpoint as ckpt
 from lib.cli import trainer_parser
 from lib.config import load_config
-from lib.data import build_datasets, eval_batches, train_batches
+from lib.data import build_datasets, eval_batches
 from lib.errors import CheckpointError, run_cli
 from lib.images import save_grid
 from lib.metrics import MetricAccumulator, summarize, summarize_groups
 from lib.models import count_parameters
 from lib.prior import (MODEL_KEYS, LatentPrior, diffusion_loss, generate_maps, save_prior,
                        train_scheduler)
-from lib.runlog import MeanTracker, fmt, update_run_json
+from lib.runlog import MeanTracker, update_run_json
 from lib.schedule import build_scheduler
-from lib.training import (Supervisor, all_finite, apply_updates, clip_grad_norms, ema_weights, open_run,
-                          print_dry_run, restore_run, save_checkpoint, save_ema, train_record)
+from lib.training import (BestValidation, Supervisor, all_finite, apply_updates, clip_grad_norms,
+                          ema_weights, open_run, print_dry_run, restore_run, save_checkpoint, save_ema,
+                          training_batches)
 from lib.vae_io import encode_latents, load_vae, measure_latent_scale, resolve_vae_checkpoint
 
 TRAIN_KEYS = ["loss", "grad_norm"]
@@ -67,7 +67,8 @@ def main() -> int:
     accelerator, log = open_run(cfg, "prior", run_dir, ckpt_dir, resume is not None, warnings)
 
     # ------------------------------------------------------------------ data
-    data = build_datasets(cfg.data, cfg.seed, ("train", "val"), log=log.info)
+    with accelerator.main_process_first():      # the synthetic default is generated once
+        data = build_datasets(cfg.data, cfg.seed, ("train", "val"), log=log.info)
     train_ds, val_ds = data["train"], data["val"]
     sims = list(cfg.data.simulation)                      # sim_id i is sims[i]
     log.info(f"data: {len(train_ds)} training and {len(val_ds)} validation samples of "
@@ -79,7 +80,6 @@ def main() -> int:
     prior = LatentPrior(cfg.prior.model, cfg.vae.model.latent_channels, cfg.data.image_size,
                         loaded.downsample, len(sims))
     noise_sched = train_scheduler(dcfg)
-    ema = EMAModel(prior.parameters(), decay=tcfg.ema_decay) if tcfg.ema else None
     log.info(f"VAE {vae_path}{' (EMA weights)' if loaded.ema else ''}; prior {count_parameters(prior) / 1e6:.2f}M "
              f"parameters on {prior.latent_channels}x{prior.latent_size}x{prior.latent_size} latents")
 
@@ -89,8 +89,12 @@ def main() -> int:
     sched = build_scheduler(opt, tcfg)
     prior, opt, sched = accelerator.prepare(prior, opt, sched)
     prior_raw = accelerator.unwrap_model(prior)
+    # EMA of the prepared (on N processes: rank-0-synchronised) weights.
+    ema = EMAModel(prior_raw.parameters(), decay=tcfg.ema_decay) if tcfg.ema else None
     if ema is not None:
         ema.to(accelerator.device)
+    # Same init everywhere (above), different diffusion noise and timesteps per process from here on.
+    set_seed(cfg.seed + accelerator.process_index)
 
     # ------------------------------------------------------------------ resume
     step, batches, best_val = 0, 0, math.inf
@@ -159,15 +163,12 @@ def main() -> int:
                        ("prediction", pred, "map"), ("|error|", (pred - x).abs() / 2, "error")])
         return val_loss
 
-    last_saved = -1
+    validated = BestValidation(validate, best_val)
 
     def save(step: int) -> None:
-        nonlocal best_val, last_saved
-        if step == last_saved:
+        val_loss = validated(step)
+        if val_loss is None:
             return
-        last_saved = step
-        val_loss = validate(step)
-        best_val = min(best_val, val_loss)
         scale_info = {"latent_scale": latent_scale, "vae_checkpoint": str(vae_path), "simulations": sims}
 
         def write_files(folder: Path) -> None:
@@ -178,22 +179,15 @@ def main() -> int:
 
         save_checkpoint(accelerator, ckpt_dir, step, cfg, {
             "stage": "prior", "batches": batches, "val_loss": val_loss,
-            "best_val_loss": best_val, **scale_info, "vae_ema": loaded.ema, **sup.state_dict(),
+            "best_val_loss": validated.best, **scale_info, "vae_ema": loaded.ema, **sup.state_dict(),
             "ema_step": ema.optimization_step if ema is not None else None,
         }, write_files, tcfg.keep_last, log)
 
     # ------------------------------------------------------------------ loop
-    sup.preemption.install()
     tracker = MeanTracker()
-    bar = tqdm(total=tcfg.max_steps, initial=step, disable=not accelerator.is_main_process,
-               dynamic_ncols=True, desc="prior")
-    data_iter = train_batches(train_ds, cfg.data.batch_size, cfg.seed, start_batch=batches,
-                              rank=accelerator.process_index, world_size=accelerator.num_processes,
-                              num_workers=cfg.data.num_workers)
-    t_last, steps_since_log = time.perf_counter(), 0
-    stop_at = min(tcfg.max_steps, args.until_step or tcfg.max_steps)
-    try:
-        while step < stop_at:
+    data_iter = training_batches(accelerator, cfg, train_ds, batches)
+    with sup.running(step, args.until_step) as cadence:
+        while step < cadence.stop_at:
             # One optimizer step = gradient_accumulation_steps micro-batches.
             for _ in range(tcfg.gradient_accumulation_steps):
                 batch = next(data_iter)
@@ -214,33 +208,16 @@ def main() -> int:
                 step += 1
                 if ema is not None:
                     ema.step(prior_raw.parameters())
-                bar.update(1)
-                steps_since_log += 1
+                cadence.stepped()
             if sup.update_done(applied, step, {"loss": loss, "grad_norm": norms[0]}):
                 save(step)
                 break
-            if applied and (step % tcfg.log_every == 0 or step == stop_at):
-                now = time.perf_counter()
-                rec = log.record("train", step, train_record(
-                    accelerator, tracker, TRAIN_KEYS, {"lr": opt}, steps_since_log / max(now - t_last, 1e-9),
-                    {"nonfinite_skipped": sup.nonfinite.total}), echo=False)
-                t_last, steps_since_log = now, 0
-                bar.set_postfix_str(f"loss {fmt(rec['loss'])} lr {rec['lr']:.3e}")
-                if sup.record_done(step, rec["loss"], "loss", {"lr": opt}):
-                    break
-            if applied and step % tcfg.val_every == 0 and step % tcfg.checkpoint_every != 0:
-                validate(step)
-            if applied and (step % tcfg.checkpoint_every == 0 or step == stop_at):
-                save(step)
-            if sup.preempted(step):
-                save(step)
+            if applied and cadence.log_due(step) and sup.log_train(step, tracker, TRAIN_KEYS, {"lr": opt},
+                                                                   cadence, watched="loss"):
+                break
+            if sup.periodic(step, applied, cadence, validate, save):
                 break
         sup.finish(step)
-    finally:  # also on an error: close the bar and files, restore signal handlers
-        bar.close()
-        sup.preemption.uninstall()
-        log.close()
-    accelerator.end_training()
     return sup.exit_code
 
 

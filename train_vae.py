@@ -10,30 +10,28 @@ resume, loop, save. Shared pieces live in lib/. Outputs go to ``{output_dir}/vae
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import torch
 from accelerate.utils import gather_object, set_seed
 from diffusers.training_utils import EMAModel
 from safetensors.torch import save_file
-from tqdm import tqdm
 
 from lib import checkpoint as ckpt
-from lib.accel import make_accelerator
+from lib.accel import prepare_model
 from lib.cli import trainer_parser
-from lib.config import load_config, save_config
-from lib.data import build_datasets, eval_batches, train_batches
+from lib.config import load_config
+from lib.data import build_datasets, eval_batches
 from lib.errors import run_cli
 from lib.images import save_grid
 from lib.losses import discriminator_loss, generator_loss, load_perceptual, reconstruction_map
 from lib.metrics import MetricAccumulator, summarize
 from lib.models import VAEWithLogvar, build_discriminator, count_parameters, frozen
-from lib.runlog import MeanTracker, RunLog, check_new_run_dir, fmt, update_run_json
-from lib.schedule import build_scheduler, key_points
-from lib.training import (Supervisor, all_finite, apply_updates, check_compatible, clip_grad_norms,
-                          load_ema, load_training_state, rebase_if_changed, save_checkpoint, save_ema,
-                          train_record)
+from lib.runlog import MeanTracker, update_run_json
+from lib.schedule import build_scheduler
+from lib.training import (BestValidation, Supervisor, all_finite, apply_updates, clip_grad_norms,
+                          ema_weights, open_run, print_dry_run, restore_run, save_checkpoint, save_ema,
+                          training_batches)
 
 TRAIN_KEYS = ["total_loss", "rec_loss", "nll_loss", "kl_loss", "g_loss", "disc_loss", "d_weight",
               "disc_factor", "logvar", "logits_real", "logits_fake", "grad_norm", "grad_norm_disc"]
@@ -45,29 +43,13 @@ def main() -> int:
     cfg = load_config(args.config, args.set)
     tcfg, lcfg = cfg.vae.train, cfg.vae.loss
     if args.dry_run:
-        print(f"# resolved config ({cfg.source_path})")
-        import yaml
-        print(yaml.safe_dump({"vae": cfg.to_dict()["vae"]}, sort_keys=False))
-        print(f"# {tcfg.lr_scheduler} schedule, {tcfg.max_steps} optimizer steps")
-        for label, step, lr in key_points(tcfg, {"disc_start": lcfg.disc_start}):
-            print(f"step {step:>9d}  lr {lr:.3e}  ({label})")
-        for w in cfg.warnings:
-            print(f"warning: {w}")
-        return 0
+        return print_dry_run(cfg, "vae", {"disc_start": lcfg.disc_start})
 
     run_dir = Path(cfg.output_dir) / "vae"
     ckpt_dir = run_dir / "checkpoints"
     warnings = list(cfg.warnings)      # logged once the run log exists
     resume = ckpt.resolve(args.resume, ckpt_dir, warnings.append) if args.resume else None
-    check_new_run_dir(run_dir, resuming=resume is not None)
-    accelerator = make_accelerator(tcfg)
-    set_seed(cfg.seed)
-    log = RunLog(run_dir, accelerator.is_main_process)
-    for w in warnings:
-        log.warning(w)
-    if accelerator.is_main_process:
-        save_config(cfg, run_dir / "config.yaml")
-        ckpt.clean_temporaries(ckpt_dir)
+    accelerator, log = open_run(cfg, "vae", run_dir, ckpt_dir, resume is not None, warnings)
 
     # ------------------------------------------------------------------ data
     with accelerator.main_process_first():      # the synthetic default is generated once
@@ -80,6 +62,7 @@ def main() -> int:
     gen = VAEWithLogvar(cfg.vae.model, cfg.data.image_size, lcfg.logvar_init)
     disc = build_discriminator(cfg.vae.model, lcfg)
     perceptual = load_perceptual(lcfg)
+    gen, disc = prepare_model(gen, tcfg), prepare_model(disc, tcfg)   # channels_last, compile
     log.info(f"VAE {count_parameters(gen.vae) / 1e6:.2f}M parameters, "
              f"discriminator {count_parameters(disc) / 1e6:.2f}M")
 
@@ -106,19 +89,10 @@ def main() -> int:
     sup = Supervisor(accelerator, tcfg, "vae", log, ckpt_dir)   # non-finite, divergence, preemption
     resume_note = None
     if resume is not None:
-        saved = check_compatible(resume, cfg, ["vae.model", "data.image_size"])
-        load_training_state(accelerator, resume)
-        state = resume.state
+        state, resume_note = restore_run(accelerator, resume, cfg, "vae", ["vae.model", "data.image_size"],
+                                         sup, log, {"g": sched_g, "d": sched_d}, ema, gen_raw.vae)
         step, batches = state["step"], state["batches"]
         best_val = state.get("best_val_loss") or math.inf
-        sup.load_state_dict(state)
-        if ema is not None:
-            load_ema(ema, gen_raw.vae, resume.path / "ema.safetensors", state.get("ema_step", step))
-        changes = rebase_if_changed(saved["vae"]["train"], tcfg, step, {"g": sched_g, "d": sched_d})
-        resume_note = {"from_checkpoint": str(resume.path), "step": step, "changes": changes}
-        log.event("resume", step, f"resumed from {resume.path} at step {step}" +
-                  (f"; schedule changed {changes}, continuing it from step {step}" if changes else ""),
-                  level="INFO", from_checkpoint=str(resume.path), from_step=step, changes=changes)
     if accelerator.is_main_process:
         update_run_json(run_dir, "vae", resume_note)
     log.event("start", step, f"training to step {tcfg.max_steps}, disc_start {lcfg.disc_start}, "
@@ -127,12 +101,9 @@ def main() -> int:
 
     def validate(step: int) -> float:
         """Validation loss and metrics on the held-back maps (EMA weights when enabled)."""
-        if ema is not None:
-            ema.store(gen_raw.vae.parameters())
-            ema.copy_to(gen_raw.vae.parameters())
-        gen_raw.eval()
         acc, rec_losses, grid = MetricAccumulator(), [], None
-        with torch.no_grad():
+        with ema_weights(ema, gen_raw.vae.parameters()), torch.no_grad():
+            gen_raw.eval()
             for batch in eval_batches(val_ds, cfg.data.batch_size, tcfg.val_batches,
                                       accelerator.process_index, accelerator.num_processes):
                 x = batch["image"].to(accelerator.device)
@@ -143,9 +114,7 @@ def main() -> int:
                 acc.update(rec, x)
                 if grid is None:
                     grid = (x.cpu(), rec.cpu())
-        gen_raw.train()
-        if ema is not None:
-            ema.restore(gen_raw.vae.parameters())
+            gen_raw.train()
         # Per-map values from every process, then one summary (gather_object: ranks may hold
         # different numbers of maps).
         per_rank = gather_object([(torch.cat(rec_losses) if rec_losses else torch.zeros(0), acc.values())])
@@ -161,15 +130,12 @@ def main() -> int:
                        ("|error|", (rec - x).abs() / 2, "error")])
         return val_loss
 
-    last_saved = -1
+    validated = BestValidation(validate, best_val)
 
     def save(step: int) -> None:
-        nonlocal best_val, last_saved
-        if step == last_saved:
+        val_loss = validated(step)
+        if val_loss is None:
             return
-        last_saved = step
-        val_loss = validate(step)
-        best_val = min(best_val, val_loss)
 
         def write_files(folder: Path) -> None:
             gen_raw.vae.save_pretrained(folder / "vae", safe_serialization=True)
@@ -179,24 +145,17 @@ def main() -> int:
                 save_ema(ema, gen_raw.vae, folder / "ema.safetensors")
 
         save_checkpoint(accelerator, ckpt_dir, step, cfg, {
-            "stage": "vae", "batches": batches, "val_loss": val_loss, "best_val_loss": best_val,
+            "stage": "vae", "batches": batches, "val_loss": val_loss, "best_val_loss": validated.best,
             **sup.state_dict(),
             "ema_step": ema.optimization_step if ema is not None else None,
         }, write_files, tcfg.keep_last, log)
 
     # ------------------------------------------------------------------ loop
-    sup.preemption.install()
     tracker = MeanTracker()
-    bar = tqdm(total=tcfg.max_steps, initial=step, disable=not accelerator.is_main_process,
-               dynamic_ncols=True, desc="vae")
-    data_iter = train_batches(train_ds, cfg.data.batch_size, cfg.seed, start_batch=batches,
-                              rank=accelerator.process_index, world_size=accelerator.num_processes,
-                              num_workers=cfg.data.num_workers)
-    t_last, steps_since_log = time.perf_counter(), 0
+    data_iter = training_batches(accelerator, cfg, train_ds, batches)
     disc_started_logged = step > lcfg.disc_start
-    stop_at = min(tcfg.max_steps, args.until_step or tcfg.max_steps)
-    try:
-        while step < stop_at:
+    with sup.running(step, args.until_step) as cadence:
+        while step < cadence.stop_at:
             disc_active = step >= lcfg.disc_start and lcfg.disc_weight > 0
             if disc_active and not disc_started_logged:
                 log.event("disc_start", step, "discriminator starts training (disc_factor 0 -> 1)", level="INFO")
@@ -240,40 +199,18 @@ def main() -> int:
                 step += 1
                 if ema is not None:
                     ema.step(gen_raw.vae.parameters())
-                bar.update(1)
-                steps_since_log += 1
+                cadence.stepped()
             if sup.update_done(applied, step, dict(zip(["total_loss", "disc_loss"], losses)) |
                                dict(zip(["grad_norm", "grad_norm_disc"], norms))):
                 save(step)
                 break
-            if applied and (step % tcfg.log_every == 0 or step == stop_at):
-                now = time.perf_counter()
-                rec = log.record("train", step, train_record(
-                    accelerator, tracker, TRAIN_KEYS, {"lr": opt_g, "lr_disc": opt_d},
-                    steps_since_log / max(now - t_last, 1e-9),
-                    {"nonfinite_skipped": sup.nonfinite.total}), echo=False)
-                t_last, steps_since_log = now, 0
-                bar.set_postfix_str(f"rec {fmt(rec['rec_loss'])} lr {rec['lr']:.3e}")
-                # The watchdog follows rec_loss: total_loss jumps at disc_start by design.
-                if sup.record_done(step, rec["rec_loss"], "rec_loss", {"lr": opt_g, "lr_disc": opt_d}):
-                    break
-            if applied and step % tcfg.val_every == 0 and step % tcfg.checkpoint_every != 0:
-                validate(step)
-            if applied and (step % tcfg.checkpoint_every == 0 or step == stop_at):
-                save(step)
-            if sup.preempted(step):
-                save(step)
+            # The watchdog follows rec_loss: total_loss jumps at disc_start by design.
+            if applied and cadence.log_due(step) and sup.log_train(
+                    step, tracker, TRAIN_KEYS, {"lr": opt_g, "lr_disc": opt_d}, cadence, watched="rec_loss"):
                 break
-        if sup.exit_code == 0 and step < tcfg.max_steps:
-            log.event("paused", step, f"stopped at --until-step {step} of {tcfg.max_steps}; continue "
-                      f"with --resume latest", level="INFO")
-        elif sup.exit_code == 0:
-            log.event("end", step, f"finished {step} steps; checkpoints in {ckpt_dir}", level="INFO")
-    finally:  # also on an error: close the bar and files, restore signal handlers
-        bar.close()
-        sup.preemption.uninstall()
-        log.close()
-    accelerator.end_training()
+            if sup.periodic(step, applied, cadence, validate, save):
+                break
+        sup.finish(step)
     return sup.exit_code
 
 

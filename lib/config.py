@@ -41,6 +41,8 @@ class DataConfig:
     image_size: int = 256        # maps are resized to this on load when it differs
     batch_size: int = 2          # per process, per micro-batch
     num_workers: int = 0
+    pin_memory: bool = False     # page-locked batches for faster host-to-GPU copies (CUDA only)
+    cache: str = "off"           # off | auto | path of a cache built by `python -m lib.cache build`
     train_maps: int = 500        # maps for training, of which `val_maps` are held back
     val_maps: int = 20
     test_maps: int = 200
@@ -53,6 +55,8 @@ class DataConfig:
                 self.image_size, "a multiple of 8, at least 8")
         v.check(self.batch_size >= 1, "data.batch_size", self.batch_size, "an integer >= 1")
         v.check(self.num_workers >= 0, "data.num_workers", self.num_workers, "an integer >= 0")
+        v.check(bool(self.cache.strip()), "data.cache", self.cache,
+                "off, auto, or the folder of a cache built with `python -m lib.cache build`")
         v.check(len(self.simulation) >= 1, "data.simulation", self.simulation,
                 f"one or more of {list(SIMULATIONS)}")
         for sim in self.simulation:
@@ -105,6 +109,10 @@ class TrainConfig:
     divergence_factor: float = 3.0     # smoothed loss above best x this factor ...
     divergence_window: int = 5         # ... for this many consecutive log records
     on_divergence: Literal["warn", "stop"] = "warn"
+    # Speed switches; off by default because each can change the numbers a run produces.
+    tf32: bool = False                 # TF32 matmuls and cuDNN convolutions (Ampere+ GPUs)
+    channels_last: bool = False        # NHWC memory format for the convolutional models
+    compile: bool = False              # torch.compile the models (first steps compile)
 
     def validate(self, v: "_Validator", prefix: str) -> None:
         k = prefix + "."
@@ -171,7 +179,8 @@ class VAELossConfig:
     disc_channels: int = 64
     disc_layers: int = 3               # strided conv layers of the PatchGAN
     perceptual_weight: float = 0.0     # off: no pretrained network can be downloaded
-    perceptual_weights: Optional[str] = None   # local LPIPS weights file, required when on
+    perceptual_network: Optional[str] = None   # "package.module:factory" building the network
+    perceptual_weights: Optional[str] = None   # its weights (.safetensors), required when on
 
     def validate(self, v: "_Validator", max_steps: int) -> None:
         for name in ("l1_weight", "l2_weight", "kl_weight", "disc_weight", "perceptual_weight"):
@@ -183,8 +192,11 @@ class VAELossConfig:
         v.check(self.disc_channels >= 1, "vae.loss.disc_channels", self.disc_channels, "an integer >= 1")
         v.check(self.disc_layers >= 1, "vae.loss.disc_layers", self.disc_layers, "an integer >= 1")
         if self.perceptual_weight > 0:
+            v.check(self.perceptual_network is not None, "vae.loss.perceptual_network", None,
+                    "'package.module:factory' (a network such as LPIPS) when "
+                    "vae.loss.perceptual_weight > 0; or set vae.loss.perceptual_weight: 0")
             v.check(self.perceptual_weights is not None, "vae.loss.perceptual_weights", None,
-                    "a path to local LPIPS weights when vae.loss.perceptual_weight > 0 "
+                    "a path to its local .safetensors weights when vae.loss.perceptual_weight > 0 "
                     "(nothing is downloaded); or set vae.loss.perceptual_weight: 0")
         if self.disc_weight > 0 and self.disc_start > max_steps:
             v.warn(f"vae.loss.disc_start = {self.disc_start} is beyond vae.train.max_steps = "
@@ -383,7 +395,10 @@ def _convert(tp: Any, value: Any, key: str, source: str, default: Any = None) ->
                 raise bad() from None
         raise bad()
     if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        if isinstance(value, bool):     # YAML reads off/on/no/yes unquoted as booleans
+            raise ConfigError(f"{source}: {key} = {value!r} has the wrong type; expected a string "
+                              f"(quote it: \"off\", not off)")
+        if not isinstance(value, (str, int, float)):
             raise bad()
         return str(value)
     raise TypeError(f"unsupported config type {tp!r} for {key}")

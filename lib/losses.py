@@ -17,12 +17,14 @@ Discriminator objective (hinge): ``0.5 * (mean(relu(1 - D(x))) + mean(relu(1 + D
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
 from lib.config import VAELossConfig
@@ -38,24 +40,34 @@ class GeneratorLoss:
 
 
 def load_perceptual(cfg: VAELossConfig) -> Optional[nn.Module]:
-    """A local perceptual network, or None when the term is off.
+    """The perceptual network, or None when the term is off.
 
-    Nothing can be downloaded, so the network is a TorchScript file the user provides
-    (``vae.loss.perceptual_weights``): a module taking two (B, 3, H, W) images in [-1, 1]
-    and returning a per-sample distance of shape (B,) or (B, 1, 1, 1) — e.g. LPIPS exported
-    with ``torch.jit.script``.
+    Nothing can be downloaded, so the user names the network and its local weights:
+    ``vae.loss.perceptual_network`` is ``"package.module:factory"``, a callable returning an
+    ``nn.Module`` that takes two (B, 3, H, W) images in [-1, 1] and returns a per-sample
+    distance (B,) or (B, 1, 1, 1), e.g. an LPIPS implementation; ``perceptual_weights`` is
+    its state dict as safetensors. The network is frozen.
     """
     if cfg.perceptual_weight <= 0:
         return None
+    target = str(cfg.perceptual_network)
+    module_name, _, attr = target.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError):
+        raise ConfigError(f"vae.loss.perceptual_network = {target!r}: cannot import it "
+                          f"(expected 'package.module:factory' on the Python path)") from None
     path = Path(str(cfg.perceptual_weights))
     if not path.is_file():
         raise ConfigError(f"vae.loss.perceptual_weights = {str(path)!r}: file not found "
-                          f"(a TorchScript perceptual network; or set vae.loss.perceptual_weight: 0)")
+                          f"(the network's .safetensors weights; or set vae.loss.perceptual_weight: 0)")
+    net = factory()
     try:
-        net = torch.jit.load(str(path), map_location="cpu")
-    except Exception:
-        raise ConfigError(f"vae.loss.perceptual_weights = {str(path)!r}: not a TorchScript module "
-                          f"(export one with torch.jit.script(model).save(path))") from None
+        net.load_state_dict(load_file(str(path)), strict=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"vae.loss.perceptual_weights = {str(path)!r}: does not fit "
+                          f"{target} ({first[:160]})") from None
     net.eval()
     for p in net.parameters():
         p.requires_grad_(False)

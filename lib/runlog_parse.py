@@ -279,15 +279,21 @@ class Rows:
         g[0].append(row)
         g[1].append(values)
 
-    def extend(self, other: "Rows") -> None:
-        """Append the rows of ``other`` after these (its row numbers shifted)."""
+    def extend(self, other: "Rows", merge_first_into: Optional[int] = None) -> None:
+        """Append the rows of ``other`` after these (its row numbers shifted); with
+        ``merge_first_into``, its row 0 adds to that existing row instead (a step whose
+        generator and discriminator lines fell into two chunks)."""
+        offset = self.n - (1 if merge_first_into is not None else 0)
         for keys, (idx, vals) in other.groups.items():
             g = self.groups.get(keys)
             if g is None:
                 g = self.groups[keys] = ([], [])
-            g[0].extend(i + self.n for i in idx)
+            if merge_first_into is None:
+                g[0].extend(i + offset for i in idx)
+            else:
+                g[0].extend(merge_first_into if i == 0 else i + offset for i in idx)
             g[1].extend(vals)
-        self.n += other.n
+        self.n = offset + other.n
 
     def fill(self, keep: np.ndarray, positions: np.ndarray, n: int, prefix: str,
              columns: dict[str, np.ndarray], present: dict[str, np.ndarray]) -> int:
@@ -438,21 +444,37 @@ def _segments(steps: list[int], times: np.ndarray, seg_starts: dict[int, tuple[s
 
 
 # --------------------------------------------------------------------------- original logs
-def _parse_original_file(path: Path, skips: _Skips, rows: list, steps: list, stamps: list,
-                         sources: list, lr_texts: list, totals: list) -> tuple[Optional[dict], Optional[str]]:
-    """Append this file's rows (generator and discriminator lines of one step merged); returns
-    (config dict or None, first time stamp or None). Time stamps are kept as text here and
-    converted in bulk by :func:`_times_to_unix`."""
-    lines = _read_lines(path, skips)
+@dataclass
+class _Chunk:
+    """What one stretch of lines of one log file gave."""
+    file_index: int
+    name: str
+    rows: Rows
+    steps: list[int]
+    stamps: list[str]               # the text before [Train Step] (holds the time)
+    lr_texts: list[str]             # the first printed LR values (to see their decimals)
+    total: Optional[str]            # N of the last "step/N"
+    config: Optional[dict]
+    skips: _Skips
+
+
+def _parse_original_lines(file_index: int, name: str, lines: list[tuple[int, str]],
+                          first_chunk: bool, last_chunk: bool) -> _Chunk:
+    """Parse ``[Train Step]`` lines; a generator and a discriminator line of one step become
+    one row. The first line of a file may be its config dict; a bad last line of a file is
+    'truncated'. Time stamps stay text here (converted in bulk by :func:`_times_to_unix`)."""
+    skips = _Skips()
+    rows = Rows(floats_only=True)
+    steps: list[int] = []
+    stamps: list[str] = []
+    lr_texts: list[str] = []
     config: Optional[dict] = None
-    name = path.name
     key_cache: dict = {}
     cur_step = None
     cur_row = -1
-    last = len(lines) - 1
+    last = len(lines) - 1 if last_chunk else -1
     tag_text = _TRAIN_TAG
     key_ok = _KEY_RE.fullmatch
-    n_before = len(steps)
     search = _HEAD_RE.search
     missing = object()
     last_match = None
@@ -461,7 +483,7 @@ def _parse_original_file(path: Path, skips: _Skips, rows: list, steps: list, sta
         if m is None:
             if tag_text in text:
                 skips.add("truncated record" if k == last else "malformed record", f"{name}:{lineno}", text)
-            elif k == 0 and "{" in text:
+            elif k == 0 and first_chunk and "{" in text:
                 config = parse_config_line(text)
                 if config is None:
                     skips.add("config line not readable as a literal", f"{name}:{lineno}", text)
@@ -493,17 +515,61 @@ def _parse_original_file(path: Path, skips: _Skips, rows: list, steps: list, sta
             continue
         if len(lr_texts) < 200 and "lr" in names:
             lr_texts.append(body.rsplit("lr: ", 1)[-1].split(",", 1)[0].strip())
-            totals.append(m.group(2))
         cur_row = rows.add(names, values)
         cur_step = step
         steps.append(step)
         stamps.append(text[:m.start()])
         last_match = m
-    if last_match is not None:
-        totals.append(last_match.group(2))
-    sources.extend([name] * (len(steps) - n_before))
-    first = next((s for s in stamps[n_before:] if s), None)
-    return config, (_stamp_text(first) if first else None)
+    return _Chunk(file_index, name, rows, steps, stamps, lr_texts,
+                  last_match.group(2) if last_match else None, config, skips)
+
+
+PARALLEL_MIN_LINES = 50_000     # below this, parsing in one process is faster than forking
+
+
+def _parse_chunks(jobs: list[tuple[int, str, list, bool, bool]]) -> list[_Chunk]:
+    return [_parse_original_lines(*job) for job in jobs]
+
+
+def _chunks_in_helper(jobs: list, conn: Any) -> None:
+    try:
+        conn.send(_parse_chunks(jobs))
+    except Exception:
+        conn.send(None)
+    conn.close()
+
+
+def _parse_original_parallel(jobs: list[tuple[int, str, list, bool, bool]]) -> list[_Chunk]:
+    """Parse the second half of the jobs in a forked helper process while this one parses the
+    first half (when there is a second core and enough lines); the same result as in order."""
+    n_lines = sum(len(j[2]) for j in jobs)
+    if len(jobs) < 2 or n_lines < PARALLEL_MIN_LINES or (os.cpu_count() or 1) < 2 \
+            or "fork" not in multiprocessing.get_all_start_methods():
+        return _parse_chunks(jobs)
+    half, acc = len(jobs), 0
+    for i, j in enumerate(jobs):
+        acc += len(j[2])
+        if acc >= n_lines / 2:
+            half = i + 1
+            break
+    mine, theirs = jobs[:half], jobs[half:]
+    if not theirs:
+        return _parse_chunks(jobs)
+    try:
+        ctx = multiprocessing.get_context("fork")
+        parent, child = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_chunks_in_helper, args=(theirs, child), daemon=True)
+        proc.start()
+        child.close()
+    except OSError:
+        return _parse_chunks(jobs)
+    out = _parse_chunks(mine)
+    try:
+        rest = parent.recv()
+    except (EOFError, OSError):
+        rest = None
+    proc.join()
+    return out + (rest if rest is not None else _parse_chunks(theirs))
 
 
 def _stamp_text(prefix: str) -> Optional[str]:
@@ -526,17 +592,20 @@ def _decimals(texts: list[str]) -> Optional[int]:
 
 def parse_original(paths: list[Path]) -> ParsedRun:
     skips = _Skips()
-    per_file = []
-    for p in paths:
-        rows = Rows(floats_only=True)
-        steps: list = []
-        stamps: list = []
-        sources: list = []
-        lr_texts: list = []
-        totals: list = []
-        config, first = _parse_original_file(p, skips, rows, steps, stamps, sources, lr_texts, totals)
-        per_file.append(dict(path=p, rows=rows, steps=steps, stamps=stamps, sources=sources,
-                             lr_texts=lr_texts, totals=totals, config=config, first=first))
+    jobs = []                 # (file index, name, lines, first chunk of its file, last chunk)
+    for i, p in enumerate(paths):
+        lines = _read_lines(p, skips)
+        if len(lines) >= PARALLEL_MIN_LINES:
+            h = len(lines) // 2
+            jobs += [(i, p.name, lines[:h], True, False), (i, p.name, lines[h:], False, True)]
+        else:
+            jobs.append((i, p.name, lines, True, True))
+    chunks = _parse_original_parallel(jobs)
+    per_file: list[dict] = []      # chunks of one file, in order
+    for i, path in enumerate(paths):
+        mine = [c for c in chunks if c.file_index == i]
+        first = next((_stamp_text(c.stamps[0]) for c in mine if c.stamps), None)
+        per_file.append({"path": path, "chunks": mine, "first": first})
     # order the files by their first time stamp (a resumed run starts a new file), then name
     per_file.sort(key=lambda f: (f["first"] is None, f["first"] or "", f["path"].name))
     rows = Rows(floats_only=True)
@@ -544,18 +613,31 @@ def parse_original(paths: list[Path]) -> ParsedRun:
     seg_starts: dict[int, tuple[str, dict]] = {}
     config = None
     configs_seen = []
+    file_configs = []
     for f in per_file:
-        if f["steps"] and steps:
-            seg_starts[len(steps)] = ("new log file", {"file": f["path"].name})
-        rows.extend(f["rows"])
-        steps += f["steps"]
-        stamps += f["stamps"]
-        sources += f["sources"]
-        lr_texts += f["lr_texts"]
-        totals += f["totals"]
-        if f["config"] is not None:
-            config = f["config"]          # the latest start's config
-            configs_seen.append(f["path"].name)
+        file_started = False
+        for k, c in enumerate(f["chunks"]):
+            for reason, n in c.skips.counts.items():
+                skips.counts[reason] = skips.counts.get(reason, 0) + n
+            skips.examples += c.skips.examples[:max(0, MAX_EXAMPLES - len(skips.examples))]
+            if c.config is not None:
+                config = c.config          # the latest start's config
+                configs_seen.append(f["path"].name)
+                file_configs.append(c.config)
+            if not c.steps:
+                continue
+            if not file_started and steps:
+                seg_starts[len(steps)] = ("new log file", {"file": f["path"].name})
+            merge = file_started and c.steps[0] == steps[-1]
+            rows.extend(c.rows, merge_first_into=rows.n - 1 if merge else None)
+            skip = 1 if merge else 0
+            steps += c.steps[skip:]
+            stamps += c.stamps[skip:]
+            sources += [c.name] * (len(c.steps) - skip)
+            lr_texts += c.lr_texts
+            if c.total is not None:
+                totals.append(c.total)
+            file_started = True
     times = _times_to_unix(stamps)
     segs, median = _segments(steps, times, seg_starts, sources)
     all_steps, columns, present, t, dropped = _build_table(rows, steps, times)
@@ -569,7 +651,7 @@ def parse_original(paths: list[Path]) -> ParsedRun:
                     original_config=config, lr_decimals=_decimals(lr_texts),
                     median_interval=median, skipped=skips.counts, skipped_examples=skips.examples,
                     non_utf8_lines=skips.non_utf8, lines_read=skips.lines)
-    distinct = {repr(f["config"]) for f in per_file if f["config"] is not None}
+    distinct = {repr(c) for c in file_configs}
     if len(distinct) > 1:
         run.notes.append(f"the config lines of {', '.join(configs_seen)} differ; the schedule is "
                          f"taken from the last one ({configs_seen[-1]})")

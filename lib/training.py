@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from lib import checkpoint as ckpt
 from lib.config import Config, TrainConfig, save_config
 from lib.errors import CheckpointError
-from lib.runlog import MeanTracker, RunLog, check_new_run_dir
+from lib.runlog import MeanTracker, RunLog, check_new_run_dir, fmt
 from lib.schedule import check_schedule, key_points, rebase_scheduler
 
 # Schedulers are stepped on every update, also for the discriminator before it starts
@@ -151,6 +152,65 @@ def guard_schedules(cfg: TrainConfig, step: int, optimizers: dict[str, torch.opt
     """The schedule guard: every optimizer's LR must equal the configured schedule's value."""
     for name, opt in optimizers.items():
         check_schedule(opt, cfg, step, name)
+
+
+class Cadence:
+    """When a training loop writes a training record (``log_every``), validates
+    (``val_every``) and checkpoints (``checkpoint_every``; the last step of the run does both);
+    its progress bar and the throughput between training records."""
+
+    def __init__(self, cfg: TrainConfig, until_step: Optional[int] = None, bar: Any = None) -> None:
+        self.cfg, self.bar = cfg, bar
+        self.stop_at = min(cfg.max_steps, until_step or cfg.max_steps)    # --until-step
+        self._since, self._steps = time.perf_counter(), 0
+
+    def stepped(self) -> None:
+        """One optimizer update was applied."""
+        self._steps += 1
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def log_due(self, step: int) -> bool:
+        return step % self.cfg.log_every == 0 or step == self.stop_at
+
+    def steps_per_sec(self) -> float:
+        """Updates per second since the previous call (or the start)."""
+        now = time.perf_counter()
+        rate = self._steps / max(now - self._since, 1e-9)
+        self._since, self._steps = now, 0
+        return rate
+
+    def checkpoint_due(self, step: int) -> bool:
+        return step % self.cfg.checkpoint_every == 0 or step == self.stop_at
+
+    def validate_due(self, step: int) -> bool:
+        """A validation without a checkpoint (a checkpoint validates anyway)."""
+        return step % self.cfg.val_every == 0 and not self.checkpoint_due(step)
+
+
+def training_batches(accelerator: Accelerator, cfg: Config, dataset: Any, start_batch: int) -> Iterator[dict]:
+    """This process's shard of the run's training stream, from batch ``start_batch`` on."""
+    from lib.data import train_batches
+    return train_batches(dataset, cfg.data.batch_size, cfg.seed, start_batch=start_batch,
+                         rank=accelerator.process_index, world_size=accelerator.num_processes,
+                         num_workers=cfg.data.num_workers, pin_memory=cfg.data.pin_memory)
+
+
+class BestValidation:
+    """The validation a checkpoint records: run at most once per step (a stop right after a
+    scheduled checkpoint does not write it again), with the best (lowest) loss so far."""
+
+    def __init__(self, validate: Callable[[int], float], best: float = math.inf) -> None:
+        self.validate, self.best, self._last = validate, best, -1
+
+    def __call__(self, step: int) -> Optional[float]:
+        """The validation loss at ``step``; None when ``step`` is checkpointed already."""
+        if step == self._last:
+            return None
+        self._last = step
+        loss = self.validate(step)
+        self.best = min(self.best, loss)
+        return loss
 
 
 # --------------------------------------------------------------------------- EMA
@@ -373,6 +433,16 @@ class Supervisor:
         self.exit_code = EXIT_STOPPED
         return True
 
+    def log_train(self, step: int, tracker: MeanTracker, keys: list[str],
+                  optimizers: dict[str, torch.optim.Optimizer], cadence: Cadence, watched: str) -> bool:
+        """A training record (:func:`train_record`, with the skipped updates) to the run log and
+        the progress bar, then :meth:`record_done` on ``watched``. True when the run must stop."""
+        rec = self.log.record("train", step, train_record(
+            self.accelerator, tracker, keys, optimizers, cadence.steps_per_sec(),
+            {"nonfinite_skipped": self.nonfinite.total}), echo=False)
+        cadence.bar.set_postfix_str(f"{watched} {fmt(rec[watched])} lr {rec['lr']:.3e}")
+        return self.record_done(step, rec[watched], watched, optimizers)
+
     def preempted(self, step: int) -> bool:
         """True (on every process) once SIGTERM/SIGINT reached any process."""
         from lib.faults import EXIT_PREEMPTED
@@ -383,13 +453,40 @@ class Supervisor:
         self.exit_code = EXIT_PREEMPTED
         return True
 
+    @contextmanager
+    def running(self, step: int, until_step: Optional[int] = None) -> Iterator[Cadence]:
+        """Around the training loop from ``step``, yielding its :class:`Cadence` (with a progress
+        bar): preemption signals are caught inside; on the way out, also on an error, the bar
+        and the run log close and the signal handlers are restored."""
+        from tqdm import tqdm
+        bar = tqdm(total=self.cfg.max_steps, initial=step, desc=self.stage, dynamic_ncols=True,
+                   disable=not self.accelerator.is_main_process)
+        self.preemption.install()
+        try:
+            yield Cadence(self.cfg, until_step, bar)
+        finally:
+            bar.close()
+            self.preemption.uninstall()
+            self.log.close()
+
+    def periodic(self, step: int, applied: bool, cadence: Cadence, validate: Callable[[int], Any],
+                 save: Callable[[int], None]) -> bool:
+        """The end of a loop iteration: validation or a checkpoint when ``cadence`` says so, a
+        checkpoint on a preemption signal. Returns True when the loop must stop (preempted)."""
+        preempted = self.preempted(step)          # every iteration: a collective on N processes
+        if preempted or (applied and cadence.checkpoint_due(step)):
+            save(step)
+        elif applied and cadence.validate_due(step):
+            validate(step)
+        return preempted
+
     def finish(self, step: int) -> None:
-        """The closing event of a loop that was not stopped: paused (``--until-step``) or end."""
-        if self.exit_code != 0:
-            return
-        if step < self.cfg.max_steps:
+        """After the loop (inside :meth:`running`): the closing event of a run that was not
+        stopped (paused at ``--until-step``, or the end), and the end of Accelerate's trackers."""
+        if self.exit_code == 0 and step < self.cfg.max_steps:
             self.log.event("paused", step, f"stopped at --until-step {step} of {self.cfg.max_steps}; "
                            f"continue with --resume latest", level="INFO")
-        else:
+        elif self.exit_code == 0:
             self.log.event("end", step, f"finished {step} steps; checkpoints in {self.ckpt_dir}",
                            level="INFO")
+        self.accelerator.end_training()

@@ -248,3 +248,39 @@ def test_schedule_worker_matches_lr_at(tmp_path):
         ScheduleWorker.stop()
     assert got is not None and got.tolist() == [lr_at(cfg, int(s)) for s in steps]
     assert ScheduleWorker.evaluate(cfg, steps) is None          # stopped: callers evaluate here
+
+
+def test_parallel_parse_of_original_logs_equals_sequential(tmp_path, monkeypatch):
+    import numpy as np
+    import lib.runlog_parse as rp
+    # 41 lines: the halves split the generator and discriminator lines of step 2,000
+    f1 = original_log(tmp_path / "a.log", list(range(1100, 3001, 100)))
+    f2 = original_log(tmp_path / "b.log", list(range(2500, 3001, 100)), t0=90000)
+    seq = load_run([str(f1), str(f2)])
+    monkeypatch.setattr(rp, "PARALLEL_MIN_LINES", 10)
+    par = load_run([str(f1), str(f2)])
+    assert par.steps.tolist() == seq.steps.tolist() == list(range(1100, 3001, 100))
+    assert sorted(par.columns) == sorted(seq.columns)
+    for name in seq.columns:
+        assert np.array_equal(par.columns[name], seq.columns[name], equal_nan=True), name
+        assert np.array_equal(par.present[name], seq.present[name]), name
+    assert np.array_equal(par.time, seq.time)
+    assert [(s.reason, s.first_step, s.last_step) for s in par.segments] == \
+        [(s.reason, s.first_step, s.last_step) for s in seq.segments]
+    assert par.skipped == seq.skipped and par.lr_decimals == seq.lr_decimals == 5
+
+
+def test_ambiguous_inputs_are_one_line_errors(tmp_path):
+    from lib.errors import UserError
+    toolkit_run(tmp_path, stage="vae")
+    toolkit_run(tmp_path / "x", stage="prior")
+    (tmp_path / "out" / "prior").symlink_to(tmp_path / "x" / "out" / "prior")
+    with pytest.raises(UserError, match="holds several stages; pass one of"):
+        load_run([str(tmp_path / "out")])
+    log = original_log(tmp_path / "a.log", [0, 100])
+    with pytest.raises(UserError, match="is a run folder of this toolkit: report on it alone"):
+        load_run([str(log), str(tmp_path / "out" / "vae")])
+    empty = tmp_path / "empty_dir"
+    empty.mkdir()
+    with pytest.raises(UserError, match="no metrics.jsonl, run.json or tb/"):
+        load_run([str(empty)])
