@@ -45,6 +45,7 @@ from typing import Any, Iterator, Optional
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from tqdm import tqdm
 
 from lib.accel import make_accelerator, prepare_model
 from lib.config import Config, TrainConfig, load_config
@@ -54,7 +55,8 @@ from lib.losses import adaptive_weight, discriminator_loss, generator_loss, load
 from lib.models import VAEWithLogvar, build_discriminator, frozen
 from lib.runlog import MeanTracker, RunLog
 from lib.schedule import build_scheduler
-from lib.training import Supervisor, all_finite, apply_updates, clip_grad_norms, train_record
+from lib.training import Cadence, Supervisor, all_finite, apply_updates, clip_grad_norms, training_batches
+from train_vae import TRAIN_KEYS
 
 PHASES = ("data", "forward", "backward", "optimizer", "logging")
 
@@ -108,38 +110,54 @@ def peak_memory_mb(device: torch.device) -> dict[str, Optional[float]]:
     return {"peak_rss_mb": round(rss, 1), "cuda_peak_mb": None if cuda is None else round(cuda, 1)}
 
 
-def time_steps(step, steps: int, warmup: int, device: torch.device) -> dict[str, Any]:
-    """Run ``warmup`` untimed then ``steps`` timed calls of ``step(timer)``; seconds per step,
-    in total and per phase (``other``: time outside the phases)."""
+def time_steps(steps_by_name: dict[str, Any], steps: int, warmup: int,
+               device: torch.device) -> dict[str, dict[str, Any]]:
+    """Run each ``step(timer)`` of ``steps_by_name`` ``warmup`` times untimed, then ``steps``
+    timed times, taking turns step by step (so that a machine whose load changes slows all of
+    them alike). Returns, per name, seconds per step in total and per phase (``other``: time
+    outside the phases)."""
     for _ in range(warmup):
-        step(PhaseTimer(device))
-    timer = PhaseTimer(device)
-    timer.sync()
-    t0 = time.perf_counter()
+        for step in steps_by_name.values():
+            step(PhaseTimer(device))
+    timers = {name: PhaseTimer(device) for name in steps_by_name}
+    wall = dict.fromkeys(steps_by_name, 0.0)
     for _ in range(steps):
-        step(timer)
-    timer.sync()
-    total = (time.perf_counter() - t0) / steps
-    split = {k: v / steps for k, v in timer.seconds.items()}
-    split["other"] = max(0.0, total - sum(split.values()))
-    return {"seconds_per_step": total, "steps_per_sec": 1.0 / total,
-            "time_split": {k: round(v, 6) for k, v in split.items()},
-            "time_share": {k: round(v / total, 4) for k, v in split.items()}}
+        for name, step in steps_by_name.items():
+            timers[name].sync()
+            t0 = time.perf_counter()
+            step(timers[name])
+            timers[name].sync()
+            wall[name] += time.perf_counter() - t0
+    out = {}
+    for name, timer in timers.items():
+        total = wall[name] / steps
+        split = {k: v / steps for k, v in timer.seconds.items()}
+        split["other"] = max(0.0, total - sum(split.values()))
+        out[name] = {"seconds_per_step": total, "steps_per_sec": 1.0 / total,
+                     "time_split": {k: round(v, 6) for k, v in split.items()},
+                     "time_share": {k: round(v / total, 4) for k, v in split.items()}}
+    return out
 
 
-def loader_rate(dataset: RadioMapDataset, batch_size: int, seed: int, num_workers: int,
-                min_seconds: float = 1.0, min_batches: int = 5) -> float:
-    """Samples per second of the training stream alone (after its first batch)."""
-    stream = train_batches(dataset, batch_size, seed, num_workers=num_workers)
-    next(stream)
-    n, t0 = 0, time.perf_counter()
-    while n < min_batches or time.perf_counter() - t0 < min_seconds:
-        next(stream)
-        n += 1
-    return n * batch_size / (time.perf_counter() - t0)
+def loader_rates(datasets: dict[str, RadioMapDataset], batch_size: int, seed: int, num_workers: int,
+                 rounds: int = 3, seconds: float = 0.5) -> dict[str, float]:
+    """Samples per second of the training stream alone, per dataset: the median of ``rounds``
+    rounds of at least ``seconds`` each, the datasets taking turns."""
+    streams = {k: train_batches(ds, batch_size, seed, num_workers=num_workers) for k, ds in datasets.items()}
+    for stream in streams.values():
+        next(stream)                          # start-up (workers, first batch) not counted
+    rates: dict[str, list[float]] = {k: [] for k in streams}
+    for _ in range(rounds):
+        for k, stream in streams.items():
+            n, t0 = 0, time.perf_counter()
+            while n < 3 or time.perf_counter() - t0 < seconds:
+                next(stream)
+                n += 1
+            rates[k].append(n * batch_size / (time.perf_counter() - t0))
+    return {k: sorted(v)[len(v) // 2] for k, v in rates.items()}
 
 
-def measure_data(cfg: Config, log) -> tuple[dict[str, Any], dict[str, RadioMapDataset]]:
+def measure_data(cfg: Config, log, seconds: float = 0.5) -> tuple[dict[str, Any], dict[str, RadioMapDataset]]:
     """Loader samples/s on the PNG path and on the cached path (the configured cache, or one
     built in a temporary folder when ``data.cache`` is off). Returns the numbers and the
     training split as configured and on the PNG path (the reference reads PNGs)."""
@@ -150,8 +168,9 @@ def measure_data(cfg: Config, log) -> tuple[dict[str, Any], dict[str, RadioMapDa
             from lib.cache import build
             build(cfg.data.root, cfg.data.simulation, cached_cfg.cache, log=log)
         cached = build_datasets(cached_cfg, cfg.seed, ("train",), log=log)["train"]
-        args = (cfg.data.batch_size, cfg.seed, cfg.data.num_workers)
-        rate_png, rate_cached = loader_rate(png, *args), loader_rate(cached, *args)
+        rates = loader_rates({"png": png, "cached": cached}, cfg.data.batch_size, cfg.seed,
+                             cfg.data.num_workers, seconds=seconds)
+        rate_png, rate_cached = rates["png"], rates["cached"]
     uses_cache = cfg.data.cache != "off"
     out = {"data_samples_per_sec": round(rate_cached if uses_cache else rate_png, 2),
            "data_samples_per_sec_png": round(rate_png, 2),
@@ -190,15 +209,14 @@ class ToolkitVAE:
         set_seed(cfg.seed + accelerator.process_index)
         if self.perceptual is not None:
             self.perceptual.to(accelerator.device)
-        self.data = train_batches(dataset, cfg.data.batch_size, cfg.seed, num_workers=cfg.data.num_workers,
-                                  pin_memory=cfg.data.pin_memory)
+        self.data = training_batches(accelerator, cfg, dataset, 0)
         self.log = RunLog(run_dir, accelerator.is_main_process)
         self.sup = Supervisor(accelerator, tcfg, "vae", self.log, run_dir / "checkpoints")
+        self.cadence = Cadence(tcfg, bar=tqdm(disable=True))
         self.tracker = MeanTracker()
         self.steps = 0
 
     def step(self, t: PhaseTimer, disc_active: bool) -> None:
-        from train_vae import TRAIN_KEYS
         acc, tcfg, lcfg = self.acc, self.cfg.vae.train, self.cfg.vae.loss
         for _ in range(tcfg.gradient_accumulation_steps):
             with t("data"):
@@ -234,16 +252,16 @@ class ToolkitVAE:
                     self.sched_d.step()
             if applied and self.ema is not None:
                 self.ema.step(self.gen_raw.vae.parameters())
-        self.steps += int(applied)
         with t("logging"):
             self.tracker.add({"grad_norm": norms[0], "grad_norm_disc": norms[1] if disc_active else None})
+            if applied:
+                self.steps += 1
+                self.cadence.stepped()
             self.sup.update_done(applied, self.steps, dict(zip(["total_loss", "disc_loss"], losses)) |
                                  dict(zip(["grad_norm", "grad_norm_disc"], norms)))
-            if applied and self.steps % tcfg.log_every == 0:
-                lrs = {"lr": self.opt_g, "lr_disc": self.opt_d}
-                rec = self.log.record("train", self.steps, train_record(acc, self.tracker, TRAIN_KEYS, lrs, 0.0),
-                                      echo=False)
-                self.sup.record_done(self.steps, rec["rec_loss"], "rec_loss", lrs)
+            if applied and self.cadence.log_due(self.steps):
+                self.sup.log_train(self.steps, self.tracker, TRAIN_KEYS, {"lr": self.opt_g, "lr_disc": self.opt_d},
+                                   self.cadence, watched="rec_loss")
 
     def close(self) -> None:
         self.log.close()
@@ -308,7 +326,7 @@ class ReferenceVAE:
         with t("logging"):
             for v in list(base.logs.values()) + list(d_logs.values()) + [d_weight, g_loss]:
                 if v is not None:
-                    float(v)
+                    float(v.detach())
 
 
 def phase_weights(cfg: Config, phases: list[str]) -> dict[str, float]:
@@ -328,35 +346,48 @@ def weighted(results: dict[str, dict], weights: dict[str, float]) -> tuple[float
     return sec, split
 
 
+def current_memory_mb(device: torch.device) -> dict[str, Optional[float]]:
+    """Resident set size now, and CUDA memory allocated now (GPU only)."""
+    import psutil
+    cuda = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return {"peak_rss_mb": psutil.Process().memory_info().rss / 2**20, "cuda_peak_mb": cuda}
+
+
 def bench_vae(cfg: Config, steps: int, warmup: int, phases: list[str], reference: bool,
-              work: Path, log) -> dict[str, Any]:
+              work: Path, log, data_seconds: float = 0.5) -> dict[str, Any]:
     accelerator = make_accelerator(cfg.vae.train)
     device = accelerator.device
-    data, datasets = measure_data(cfg, log)
+    data, datasets = measure_data(cfg, log, data_seconds)
     flags = {"pre_disc_start": False, "post_disc_start": True}
     out: dict[str, Any] = {"phases": {p: {} for p in phases}}
 
+    # Peak memory of each variant over its first steps (the peak comes with the first
+    # optimizer step); the reference's is its increment over the process before it was built.
+    base = current_memory_mb(device)
     reset_peak_memory(device)
-    tk = ToolkitVAE(cfg, accelerator, datasets["configured"], work / "toolkit")
+    variants: dict[str, Any] = {"toolkit": ToolkitVAE(cfg, accelerator, datasets["configured"], work / "toolkit")}
     for p in phases:
-        out["phases"][p]["toolkit"] = time_steps(lambda t: tk.step(t, flags[p]), steps, warmup, device)
-    tk.close()
+        variants["toolkit"].step(PhaseTimer(device), flags[p])
     mem = peak_memory_mb(device)
-    del tk
-    gc.collect()
-
     if reference:
+        before = current_memory_mb(device)
         reset_peak_memory(device)
-        ref = ReferenceVAE(cfg, device, datasets["png"])
+        variants["reference"] = ReferenceVAE(cfg, device, datasets["png"])
         for p in phases:
-            out["phases"][p]["reference"] = time_steps(lambda t: ref.step(t, float(flags[p])), steps,
-                                                       warmup, device)
-            out["phases"][p]["ratio_vs_reference"] = round(
-                out["phases"][p]["reference"]["seconds_per_step"]
-                / out["phases"][p]["toolkit"]["seconds_per_step"], 3)
-        ref_mem = peak_memory_mb(device)
-        del ref
-        gc.collect()
+            variants["reference"].step(PhaseTimer(device), float(flags[p]))
+        ref_mem = {k: None if v is None else round(base[k] + v - before[k], 1)
+                   for k, v in peak_memory_mb(device).items()}
+
+    for p in phases:
+        steppers = {"toolkit": lambda t, p=p: variants["toolkit"].step(t, flags[p])}
+        if reference:
+            steppers["reference"] = lambda t, p=p: variants["reference"].step(t, float(flags[p]))
+        res = time_steps(steppers, steps, warmup, device)
+        out["phases"][p] = res
+        if reference:
+            res["ratio_vs_reference"] = round(res["reference"]["seconds_per_step"]
+                                              / res["toolkit"]["seconds_per_step"], 3)
+    variants["toolkit"].close()
 
     weights = phase_weights(cfg, phases)
     sec, split = weighted({p: out["phases"][p]["toolkit"] for p in phases}, weights)
@@ -379,6 +410,51 @@ def bench_vae(cfg: Config, steps: int, warmup: int, phases: list[str], reference
     return out
 
 
+def trainer_overhead(config: str, overrides: list[str], until_step: int, work: Path) -> dict[str, Any]:
+    """Run ``train_vae.py`` in this process for ``until_step`` steps (into a temporary
+    output_dir) and time what its loop spends outside the training steps, by wrapping the lib
+    calls it makes for them: training records (``Supervisor.log_train``), validation and
+    checkpoints (``Supervisor.periodic``; checkpoint writing is ``save_checkpoint``)."""
+    import train_vae
+    spent = {"periodic": 0.0, "checkpoint_s": 0.0, "logging_s": 0.0}
+
+    def timed(fn, key):
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[key] += time.perf_counter() - t0
+        return wrapper
+
+    originals = {(Supervisor, "periodic"): Supervisor.periodic, (Supervisor, "log_train"): Supervisor.log_train,
+                 (train_vae, "save_checkpoint"): train_vae.save_checkpoint}
+    keys = {"periodic": "periodic", "log_train": "logging_s", "save_checkpoint": "checkpoint_s"}
+    out_dir = work / "trainer-run"
+    argv = sys.argv
+    sys.argv = ["train_vae.py", "--config", config, "--until-step", str(until_step),
+                "--set", f"output_dir={out_dir}"] + [x for o in overrides for x in ("--set", o)]
+    try:
+        for (owner, name), fn in originals.items():
+            setattr(owner, name, timed(fn, keys[name]))
+        code = train_vae.main()
+    finally:
+        sys.argv = argv
+        for (owner, name), fn in originals.items():
+            setattr(owner, name, fn)
+    if code:
+        raise UserError(f"--trainer-run: train_vae.py stopped with exit code {code}")
+    records = [json.loads(line) for line in (out_dir / "vae" / "metrics.jsonl").read_text().splitlines()]
+    times = {r["event"]: r["time"] for r in records if r["split"] == "event"}
+    total = times.get("paused", times.get("end")) - times["start"]
+    out = {"steps": until_step, "total_s": round(total, 3),
+           "validation_s": round(spent["periodic"] - spent["checkpoint_s"], 3),
+           "checkpoint_s": round(spent["checkpoint_s"], 3), "logging_s": round(spent["logging_s"], 3)}
+    out["overhead_share"] = round((spent["periodic"] + spent["logging_s"]) / total, 4)
+    out["steps_per_sec_with_overhead"] = round(until_step / total, 4)
+    return out
+
+
 # --------------------------------------------------------------------------- stage 2
 class ToolkitPrior:
     """``train_unified_prior.py``'s models and optimizer step through lib/prior.py."""
@@ -389,7 +465,8 @@ class ToolkitPrior:
         from lib.models import build_vae
         from lib.prior import LatentPrior, train_scheduler
         from lib.vae_io import LoadedVAE
-        self.cfg, self.acc = cfg, accelerator
+        from train_unified_prior import TRAIN_KEYS as keys
+        self.cfg, self.acc, self.keys = cfg, accelerator, keys
         tcfg = cfg.prior.train
         set_seed(cfg.seed)
         loaded = LoadedVAE(build_vae(cfg.vae.model, cfg.data.image_size), Path("."), False)
@@ -406,10 +483,10 @@ class ToolkitPrior:
         set_seed(cfg.seed + accelerator.process_index)
         self.noise = train_scheduler(cfg.prior.diffusion)
         self.latent_scale = 1.0              # measured on real latents in the trainer; timing-neutral
-        self.data = train_batches(dataset, cfg.data.batch_size, cfg.seed, num_workers=cfg.data.num_workers,
-                                  pin_memory=cfg.data.pin_memory)
+        self.data = training_batches(accelerator, cfg, dataset, 0)
         self.log = RunLog(run_dir, accelerator.is_main_process)
         self.sup = Supervisor(accelerator, tcfg, "prior", self.log, run_dir / "checkpoints")
+        self.cadence = Cadence(tcfg, bar=tqdm(disable=True))
         self.tracker = MeanTracker()
         self.steps = 0
 
@@ -435,30 +512,34 @@ class ToolkitPrior:
             applied = apply_updates(acc, [self.opt], [self.sched], all_finite(acc, [loss] + norms))
             if applied and self.ema is not None:
                 self.ema.step(self.prior_raw.parameters())
-        self.steps += int(applied)
         with t("logging"):
             self.tracker.add({"grad_norm": norms[0]})
+            if applied:
+                self.steps += 1
+                self.cadence.stepped()
             self.sup.update_done(applied, self.steps, {"loss": loss, "grad_norm": norms[0]})
-            if applied and self.steps % tcfg.log_every == 0:
-                rec = self.log.record("train", self.steps, train_record(
-                    acc, self.tracker, ["loss", "grad_norm"], {"lr": self.opt}, 0.0), echo=False)
-                self.sup.record_done(self.steps, rec["loss"], "loss", {"lr": self.opt})
+            if applied and self.cadence.log_due(self.steps):
+                self.sup.log_train(self.steps, self.tracker, self.keys, {"lr": self.opt}, self.cadence,
+                                   watched="loss")
 
     def close(self) -> None:
         self.log.close()
 
 
-def bench_prior(cfg: Config, steps: int, warmup: int, work: Path, log) -> dict[str, Any]:
+def bench_prior(cfg: Config, steps: int, warmup: int, work: Path, log,
+                data_seconds: float = 0.5) -> dict[str, Any]:
     try:
         import lib.prior  # noqa: F401
+        import train_unified_prior  # noqa: F401
     except ImportError as exc:
-        raise UserError(f"--stage prior: lib/prior.py is not importable yet ({exc})") from None
+        raise UserError(f"--stage prior: the stage-2 code is not importable ({exc}); "
+                        f"benchmark --stage vae meanwhile") from None
     accelerator = make_accelerator(cfg.prior.train)
     device = accelerator.device
-    data, datasets = measure_data(cfg, log)
+    data, datasets = measure_data(cfg, log, data_seconds)
     reset_peak_memory(device)
     tk = ToolkitPrior(cfg, accelerator, datasets["configured"], work / "prior")
-    res = time_steps(tk.step, steps, warmup, device)
+    res = time_steps({"toolkit": tk.step}, steps, warmup, device)["toolkit"]
     tk.close()
     bs = cfg.data.batch_size * cfg.prior.train.gradient_accumulation_steps
     return {"steps_per_sec": round(res["steps_per_sec"], 4),
@@ -497,10 +578,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--phase", choices=["pre", "post", "both"], default="both",
                    help="vae: before disc_start, after it, or both (default)")
     p.add_argument("--no-reference", action="store_true", help="vae: skip the reference step")
+    p.add_argument("--trainer-run", type=int, default=0, metavar="N",
+                   help="vae: also run train_vae.py for N steps and report the share of its time "
+                        "spent in validation, checkpoints and training records")
+    p.add_argument("--data-seconds", type=float, default=0.5,
+                   help="seconds per round (3 rounds) of the data-loader-alone measurement")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the results here")
     a = p.parse_args(argv)
     if a.steps < 1 or a.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
+    if a.threads:
+        torch.set_num_threads(a.threads)
     overrides = list(a.set) + ([f"data.batch_size={a.batch_size}"] if a.batch_size else [])
     cfg = load_config(a.config, overrides)
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
@@ -513,11 +602,14 @@ def main(argv: Optional[list[str]] = None) -> int:
                       "both": ["pre_disc_start", "post_disc_start"]}[a.phase]
             tcfg = cfg.vae.train
             info.update({k: getattr(tcfg, k) for k in ("mixed_precision", "tf32", "channels_last", "compile")})
-            res = bench_vae(cfg, a.steps, a.warmup, phases, not a.no_reference, Path(work), log)
+            res = bench_vae(cfg, a.steps, a.warmup, phases, not a.no_reference, Path(work), log,
+                            a.data_seconds)
+            if a.trainer_run:
+                res["trainer_run"] = trainer_overhead(a.config, overrides, a.trainer_run, Path(work))
         else:
             tcfg = cfg.prior.train
             info.update({k: getattr(tcfg, k) for k in ("mixed_precision", "tf32", "channels_last", "compile")})
-            res = bench_prior(cfg, a.steps, a.warmup, Path(work), log)
+            res = bench_prior(cfg, a.steps, a.warmup, Path(work), log, a.data_seconds)
     result = {**info, **res}
     print(summary(result))
     if a.json:
@@ -546,6 +638,11 @@ def summary(r: dict[str, Any]) -> str:
     lines.append(f"  data loader alone: PNG {r['data_samples_per_sec_png']:.4g} samples/s, cached "
                  f"{r['data_samples_per_sec_cached']:.4g} samples/s ({r['cache_speedup']:.2f}x); "
                  f"this config reads {r['data_path']}")
+    if r.get("trainer_run"):
+        t = r["trainer_run"]
+        lines.append(f"  train_vae.py, {t['steps']} steps in {t['total_s']:.1f} s: validation "
+                     f"{t['validation_s']:.2f} s, checkpoints {t['checkpoint_s']:.2f} s, training records "
+                     f"{t['logging_s']:.2f} s = {100 * t['overhead_share']:.1f}% of the time")
     return "\n".join(lines)
 
 

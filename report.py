@@ -179,7 +179,7 @@ def mark_phases(ax, analysis: Analysis, labels: bool = True) -> None:
 
 
 def _finish(fig, path: Path) -> None:
-    fig.savefig(path, dpi=DPI)
+    fig.savefig(path, dpi=DPI, pil_kwargs={"compress_level": 3})   # fast zlib, small files anyway
     import matplotlib.pyplot as plt
     plt.close(fig)
 

@@ -2,6 +2,7 @@
 switches of ``*.train`` (``tf32``, ``channels_last``, ``compile``)."""
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -26,6 +27,8 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     acc = Accelerator(mixed_precision=cfg.mixed_precision,
                       gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                       step_scheduler_with_optimizer=False)
+    atexit.unregister(_destroy_process_group)     # once, however many runs in one process
+    atexit.register(_destroy_process_group)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and acc.num_processes == 1:
         raise UserError(
@@ -60,3 +63,9 @@ def prepare_model(module: nn.Module, cfg: TrainConfig) -> nn.Module:
     if cfg.compile:
         module.compile()
     return module
+
+
+def _destroy_process_group() -> None:
+    """At interpreter exit, once the trainer's models (and their DDP wrappers) are freed."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -15,6 +15,9 @@ so the values are exactly those of the PNG path)::
     buildings.npy       (maps, H, W) uint8           cars.npy   (maps, H, W) uint8, if cars* used
     pairs.npy           (pairs, 2) int64 map, tx     tx.npy     (pairs, 2) int32 pixel; -1: none
     gain-<sim>.npy      (pairs, H, W) uint8 per simulation
+    size-<S>/           the same maps as float32 in [-1, 1] resized to S x S, written when a
+                        config with data.image_size S != H uses the cache: its samples are
+                        slices too (exactly the values the loader's resize gives)
 
 Stale caches: ``index.json`` keeps a fingerprint (names, sizes, modification times) of each
 source folder; a cache whose folders changed since is refused with a one-line
@@ -35,9 +38,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import numpy as np
+import torch
 
-from lib.data import (ANTENNAS_DIR, BUILDINGS_DIR, CARS_DIR, GAIN_DIR, RadioMapDataset, SamplePaths,
-                      _BadFile, _read_png, discover_maps, sample_paths, tx_pixel)
+from lib.data import (ANTENNAS_DIR, BUILDINGS_DIR, CARS_DIR, GAIN_DIR, RadioMapDataset, Sample, SamplePaths,
+                      _BadFile, _read_png, _to_unit, discover_maps, resize_maps, sample_paths, tx_pixel)
 from lib.errors import DataError, run_cli
 
 if TYPE_CHECKING:
@@ -46,8 +50,8 @@ if TYPE_CHECKING:
 VERSION = 1
 INDEX = "index.json"
 AUTO_DIR = ".cache/packed"
+VIEW_DONE = "view.json"
 Log = Callable[[str], None]
-Sample = tuple[np.ndarray, np.ndarray, np.ndarray, Optional[tuple[int, int]]]
 
 
 def _quiet(message: str) -> None:
@@ -95,9 +99,10 @@ class PackedMaps:
         self.simulations: list[str] = list(index["simulations"])
         self.size = tuple(index["size"])
         self.bad: dict[str, str] = dict(index["bad"])        # root-relative path -> reason
+        self.views: set[int] = set()                          # resized copies in use (sizes)
         self._map_row = {int(m): i for i, m in enumerate(index["maps"])}
         self._pair_row: Optional[dict[tuple[int, int], int]] = None
-        self._arrays: Optional[dict[str, np.ndarray]] = None
+        self._arrays: dict[Optional[int], dict[str, np.ndarray]] = {}   # None: native uint8
         self._checked: set[tuple[str, str]] = set()           # (root, folder) found fresh
 
     @classmethod
@@ -113,28 +118,74 @@ class PackedMaps:
             packed = cls(path, index)
             packed.arrays()                      # every file there, of the recorded shape
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            detail = " ".join(str(exc).split()) or type(exc).__name__
-            raise CacheError(path, f"damaged or not a cache of this toolkit ({detail[:200]})") from None
+            raise CacheError(path, f"damaged or not a cache of this toolkit ({_detail(exc)})") from None
         return packed
 
     def __getstate__(self) -> dict:
-        return dict(self.__dict__, _arrays=None, _pair_row=None)
+        return dict(self.__dict__, _arrays={}, _pair_row=None)
 
-    def arrays(self) -> dict[str, np.ndarray]:
-        if self._arrays is None:
+    def _map_names(self) -> list[str]:
+        return ["buildings"] + (["cars"] if self.index["cars"] else []) + [f"gain-{s}" for s in self.simulations]
+
+    def arrays(self, size: Optional[int] = None) -> dict[str, np.ndarray]:
+        """The memory-mapped arrays: native uint8 maps, or the float32 copy at ``size``."""
+        if size not in self._arrays:
             n_maps, n_pairs = len(self.index["maps"]), int(self.index["num_pairs"])
-            shapes = {"buildings": (n_maps, *self.size), "pairs": (n_pairs, 2), "tx": (n_pairs, 2)}
-            if self.index["cars"]:
-                shapes["cars"] = (n_maps, *self.size)
-            shapes.update({f"gain-{s}": (n_pairs, *self.size) for s in self.simulations})
+            hw = tuple(self.size) if size is None else (size, size)
+            shapes = {name: ((n_maps if name in ("buildings", "cars") else n_pairs), *hw)
+                      for name in self._map_names()}
+            if size is None:
+                shapes.update({"pairs": (n_pairs, 2), "tx": (n_pairs, 2)})
+            folder = self.path if size is None else self.path / f"size-{size}"
             arrays = {}
             for name, shape in shapes.items():
-                arr = np.load(self.path / f"{name}.npy", mmap_mode="r")
+                arr = np.load(folder / f"{name}.npy", mmap_mode="r")
                 if arr.shape != shape:
                     raise ValueError(f"{name}.npy has shape {arr.shape}, expected {shape}")
                 arrays[name] = arr
-            self._arrays = arrays
-        return self._arrays
+            self._arrays[size] = arrays
+        return self._arrays[size]
+
+    def add_view(self, size: int, log: Log = print) -> None:
+        """Use (building it first if needed) a float32 copy of the maps resized to ``size``,
+        so that samples at that size are slices too. It holds exactly the values the loader's
+        resize gives. Where it cannot be written (a read-only cache), samples are resized as
+        they are read."""
+        if (size, size) == tuple(self.size) or size in self.views:
+            return
+        folder = self.path / f"size-{size}"
+        if not (folder / VIEW_DONE).is_file():
+            try:
+                self._build_view(size, folder, log)
+            except OSError as exc:
+                log(f"data.cache {self.path}: cannot write the {size} px copy ({_detail(exc)}); "
+                    f"resizing each sample as it is read instead")
+                return
+        try:
+            self.arrays(size)
+        except (OSError, ValueError) as exc:
+            raise CacheError(self.path, f"damaged {size} px copy ({_detail(exc)})") from None
+        self.views.add(size)
+
+    def _build_view(self, size: int, folder: Path, log: Log) -> None:
+        t0 = time.perf_counter()
+        tmp = folder.parent / f"{folder.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            for name in self._map_names():
+                src = self.arrays()[name]
+                dst = np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=np.float32,
+                                                shape=(len(src), size, size))
+                for i in range(0, len(src), 64):       # the loader's conversion and resize
+                    dst[i:i + 64] = resize_maps(_to_unit(*src[i:i + 64]), size).numpy()
+                dst.flush()
+                del dst
+            (tmp / VIEW_DONE).write_text(json.dumps({"size": size}), encoding="utf-8")
+            _publish(tmp, folder, VIEW_DONE)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log(f"data.cache: wrote the {size} px copy of {self.path} in {time.perf_counter() - t0:.1f} s")
 
     def pair_row(self, map_id: int, tx: int) -> Optional[int]:
         if self._pair_row is None:
@@ -170,22 +221,30 @@ class PackedMaps:
                 raise CacheError(self.path, f"has no sample for map {m}, transmitter {t} of "
                                             f"{dataset.root}")
 
-    def read(self, p: SamplePaths) -> Sample:
-        """(gain, buildings, cars-or-buildings, transmitter pixel): what
-        :func:`lib.data.read_sample` returns for ``p``, sliced from the arrays. Files that were
-        unreadable when the cache was built raise the loader's error, in the loader's order."""
+    def read(self, p: SamplePaths, size: Optional[int] = None) -> Sample:
+        """What :func:`lib.data.read_sample` returns for ``p``, from the arrays (the maps already
+        at ``size`` when that copy is in use). Files that were unreadable when the cache was
+        built raise the loader's error, in the loader's order."""
         if self.bad:
             for path in (p.buildings, p.antenna, p.gain, p.cars):
                 reason = self.bad.get(_relative(path)) if path is not None else None
                 if reason is not None:
                     raise _BadFile(path, reason)
-        a = self.arrays()
         row, pair = self._map_row[p.map_id], self.pair_row(p.map_id, p.tx)
+        a = self.arrays(size if size in self.views else None)
         buildings = a["buildings"][row]
         third = a["cars"][row] if p.cars is not None else buildings
         gain = a[f"gain-{p.gain.parent.name}"][pair]
-        ty, tx = a["tx"][pair].tolist()
-        return gain, buildings, third, (ty, tx) if ty >= 0 else None
+        if gain.dtype == np.float32:                       # the resized copy
+            maps = torch.from_numpy(np.stack([gain, buildings, third]))
+        else:
+            maps = _to_unit(gain, buildings, third)
+        ty, tx = self.arrays()["tx"][pair].tolist()
+        return maps, tuple(self.size), (ty, tx) if ty >= 0 else None
+
+
+def _detail(exc: BaseException) -> str:
+    return (" ".join(str(exc).split()) or type(exc).__name__)[:200]
 
 
 def _relative(path: Path) -> str:
@@ -291,9 +350,9 @@ def build(root: str | os.PathLike, simulations: Sequence[str], out: str | os.Pat
     return PackedMaps.open(out)
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` to ``out``, replacing an older cache there. Processes that
-    build at once each publish a complete cache; the last one stays."""
+def _publish(tmp: Path, out: Path, marker: str = INDEX) -> None:
+    """Move the finished ``tmp`` to ``out``, replacing an older one there. Processes that build
+    at once each publish a complete folder; the last one stays."""
     if out.exists():
         old = out.parent / f"{out.name}.old-{os.getpid()}"
         try:
@@ -305,7 +364,7 @@ def _publish(tmp: Path, out: Path) -> None:
     try:
         os.rename(tmp, out)
     except OSError:
-        if not (out / INDEX).is_file():      # not a race lost to another complete cache
+        if not (out / marker).is_file():     # not a race lost to another complete copy
             raise
 
 
@@ -332,13 +391,14 @@ def open_configured_cache(data_cfg: "DataConfig", log: Log = print) -> Optional[
     try:
         packed = PackedMaps.open(path)
         packed.check(Path(data_cfg.root), sims)
-        return packed
     except CacheError as exc:
         if data_cfg.cache != "auto":
             raise
         if (path / INDEX).is_file():
             log(f"data.cache {path}: {exc.reason}; rebuilding it (data.cache: auto)")
-    return build(data_cfg.root, sims, path, log=log)
+        packed = build(data_cfg.root, sims, path, log=log)
+    packed.add_view(data_cfg.image_size, log=log)
+    return packed
 
 
 # --------------------------------------------------------------------------- command line
@@ -371,7 +431,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     else:
         p.error("give --config CONFIG, or --root ROOT --out OUT [--simulation SIM ...]")
     if a.command == "build":
-        build(root, sims, out)
+        packed = build(root, sims, out)
+        if a.config is not None:
+            packed.add_view(cfg.image_size)
         return 0
     packed = PackedMaps.open(out)
     packed.check(root, sims)

@@ -219,6 +219,7 @@ class PriorModelConfig:
     norm_num_groups: int = 32
     attention_head_dim: int = 64       # channels per attention head (attention levels, mid block)
     cond_channels: int = 64            # width of the condition encoder
+    distance_channel: bool = True      # also give the encoder log-distance to the transmitter
 
     def validate(self, v: "_Validator") -> None:
         v.check(len(self.block_out_channels) >= 1, "prior.model.block_out_channels",

@@ -182,17 +182,27 @@ def tx_pixel(antenna: np.ndarray) -> Optional[tuple[int, int]]:
     return divmod(flat, antenna.shape[1])
 
 
-def read_sample(p: SamplePaths) -> tuple[np.ndarray, np.ndarray, np.ndarray, Optional[tuple[int, int]]]:
-    """Decode a sample's PNGs: (gain, buildings, cars-or-buildings, transmitter pixel).
+# (gain, buildings, cars-or-buildings) as float32 (3, h, w) in [-1, 1], the maps' native
+# (H, W), and the transmitter's pixel at the native size (None: the antenna map has none)
+Sample = tuple[torch.Tensor, tuple[int, int], Optional[tuple[int, int]]]
 
-    Every file must have its building map's size; the first bad file raises :class:`DataError`.
-    """
+
+def read_sample(p: SamplePaths) -> Sample:
+    """Decode a sample's PNGs. Every file must have its building map's size; the first bad
+    file raises :class:`DataError`."""
     buildings = _read_png(p.buildings, None)
     shape = buildings.shape
     antenna = _read_png(p.antenna, shape, p.buildings)
     gain = _read_png(p.gain, shape, p.buildings)
     third = _read_png(p.cars, shape, p.buildings) if p.cars is not None else buildings
-    return gain, buildings, third, tx_pixel(antenna)
+    return _to_unit(gain, buildings, third), shape, tx_pixel(antenna)
+
+
+def resize_maps(maps: torch.Tensor, size: int) -> torch.Tensor:
+    """(C, H, W) maps in [-1, 1] -> (C, size, size): antialiased bilinear (area-like when
+    shrinking), clamped to [-1, 1]. Channels are resized independently."""
+    return F.interpolate(maps[None], size=(size, size), mode="bilinear", antialias=True,
+                         align_corners=False)[0].clamp_(-1.0, 1.0)
 
 
 class RadioMapDataset(Dataset):
@@ -368,20 +378,17 @@ class RadioMapDataset(Dataset):
 
     def _load(self, index: int) -> dict:
         paths = self.sample_paths(index)
+        size = self.image_size
         if self.cache is None:
-            gain, buildings, third, pixel = read_sample(paths)
+            maps, shape, pixel = read_sample(paths)
         else:
-            gain, buildings, third, pixel = self.cache.read(paths)
+            maps, shape, pixel = self.cache.read(paths, size)
         if pixel is None:
             raise _BadFile(paths.antenna, NO_TX_PIXEL)
+        if maps.shape[1:] != (size, size):
+            maps = resize_maps(maps, size)
         ty, tx_x = pixel
-        shape = buildings.shape
-
-        size = self.image_size
-        maps = _to_unit(gain, buildings, third)
         if shape != (size, size):
-            maps = F.interpolate(maps[None], size=(size, size), mode="bilinear",
-                                 antialias=True, align_corners=False)[0].clamp_(-1.0, 1.0)
             ty = min(size - 1, int((ty + 0.5) * size / shape[0]))
             tx_x = min(size - 1, int((tx_x + 0.5) * size / shape[1]))
         tx_map = torch.full((size, size), -1.0)

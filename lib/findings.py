@@ -15,6 +15,8 @@ Finding ids and their rules (thresholds are the constants below):
 - ``lr_display_rounding`` (warning): the LR was printed with a fixed number of decimals
   (the reference's ``{:.5f}``) and reads 0 where the configured schedule is below half a unit
   of the last decimal (5e-6 for five decimals): the LR was there, the log cannot show it.
+  Without a known config, printed zeros are reported the same way, saying that no schedule
+  was there to check them against.
 - ``lr_not_applied`` (error): the logged LR is constant (nonzero when printed with fixed
   decimals) over at least ``MIN_RECORDS`` records while the configured schedule changes by
   more than the print resolution (or ``LR_RTOL``) over the same steps.
@@ -22,11 +24,13 @@ Finding ids and their rules (thresholds are the constants below):
   ``LR_RTOL``, at step s-1, s and s+1) at some records and neither rule above explains it.
 - ``disc_inactive`` (error): after the discriminator start, no ``disc_loss`` at all, or
   ``disc_loss`` zero or flat (peak-to-peak <= ``FLAT_RTOL`` x |median|, or equal prints),
-  or ``grad_norm_disc`` zero; or ``disc_factor`` still 0 past the configured ``disc_start``.
+  or ``grad_norm_disc`` zero; or ``disc_factor`` still 0 past the configured ``disc_start``
+  (not when ``vae.loss.disc_weight`` is 0: the GAN term is switched off on purpose).
 - ``divergence`` (error): the trailing moving average (window ``smoothing_window``) of the
   main loss (rec_loss, loss, loss_simple) stays above ``factor`` x its best so far for
   ``window`` consecutive records (the run's divergence_factor / divergence_window when its
   config is known, else 3 and 5); names the step of the best value (the last good step).
+  A ``divergence`` event of this toolkit's trainer is quoted (a warning on its own).
 - ``nonfinite`` (error; warning when only the skipped-update counter or events show it):
   NaN/inf values per column with their steps.
 - ``total_loss_across_phases`` (info): total_loss is logged before and after the

@@ -1,7 +1,8 @@
 """Stage-2 model and diffusion: a conditional latent prior over the stage-1 VAE latents.
 
 - :class:`ConditionEncoder`: a small conv net that brings the condition maps (buildings,
-  transmitter, cars-or-buildings; (3, S, S) in [-1, 1]) down to the latent resolution.
+  transmitter, cars-or-buildings; (3, S, S) in [-1, 1]), plus with ``distance_channel`` the
+  log-distance to the transmitter computed from its map, down to the latent resolution.
 - :class:`LatentPrior`: a diffusers ``UNet2DModel`` on ``concat(noisy latent, condition
   features)``, with the simulator id as its class embedding (``num_class_embeds`` = number
   of simulations), so one model serves every simulator and is asked for one at sampling time.
@@ -25,6 +26,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from safetensors.torch import load_file
 from torch import nn
 
+from lib.baselines import log_distance
 from lib.config import DiffusionConfig, PriorModelConfig
 from lib.training import load_weights
 from lib.vae_io import decode_latents
@@ -65,6 +67,14 @@ class ConditionEncoder(nn.Module):
         return self.net(cond)
 
 
+def distance_map(cond: torch.Tensor) -> torch.Tensor:
+    """(B, 1, S, S) log-distance to the transmitter scaled to [-1, 1] (0 at the transmitter,
+    1 at the far corner of the map): the transmitter pixel spread over the whole map, which
+    a few convolutions would otherwise take many steps to learn to do."""
+    size = cond.shape[-1]
+    return (log_distance(cond) / math.log10(size * math.sqrt(2)) * 2.0 - 1.0).to(cond.dtype)
+
+
 def build_unet(cfg: PriorModelConfig, latent_channels: int, latent_size: int,
                num_simulations: int) -> UNet2DModel:
     down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention_levels)
@@ -90,7 +100,9 @@ class LatentPrior(nn.Module):
     def __init__(self, cfg: PriorModelConfig, latent_channels: int, image_size: int,
                  downsample: int, num_simulations: int) -> None:
         super().__init__()
-        self.cond_encoder = ConditionEncoder(cfg.cond_channels, downsample)
+        self.distance_channel = cfg.distance_channel
+        self.cond_encoder = ConditionEncoder(cfg.cond_channels, downsample,
+                                             COND_CHANNELS + int(cfg.distance_channel))
         self.unet = build_unet(cfg, latent_channels, image_size // downsample, num_simulations)
         # Softmax attention ignores a bias added to every key, so the key biases' true gradient
         # is zero; AdamW would turn its rounding noise into steps of size lr (and runs with
@@ -102,6 +114,8 @@ class LatentPrior(nn.Module):
         self.latent_size = image_size // downsample
 
     def encode_cond(self, cond: torch.Tensor) -> torch.Tensor:
+        if self.distance_channel:
+            cond = torch.cat([cond, distance_map(cond)], dim=1)
         return self.cond_encoder(cond)
 
     def denoise(self, z: torch.Tensor, t: torch.Tensor, features: torch.Tensor,

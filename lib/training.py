@@ -489,4 +489,6 @@ class Supervisor:
         elif self.exit_code == 0:
             self.log.event("end", step, f"finished {step} steps; checkpoints in {self.ckpt_dir}",
                            level="INFO")
-        self.accelerator.end_training()
+        # The process group is destroyed at exit (lib/accel.py), after the trainer's DDP
+        # wrappers are gone: destroying it while they live can hang the exit on N processes.
+        self.accelerator.wait_for_everyone()

@@ -1,0 +1,83 @@
+"""bench.py: runs both stages on a tiny config and writes its JSON; its stage-1 step is the
+trainer's step (same losses, step by step). No timing is asserted."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import bench
+import train_vae
+from lib.accel import make_accelerator
+from lib.config import load_config
+from lib.data import build_datasets
+from tests.helpers import TINY_PRIOR, read_records, reset_accelerate, run_main, tiny_config
+
+REQUIRED = ["steps_per_sec", "samples_per_sec", "reference_steps_per_sec", "ratio_vs_reference",
+            "data_samples_per_sec", "data_samples_per_sec_png", "data_samples_per_sec_cached",
+            "peak_rss_mb", "time_split", "time_share"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate():
+    threads = torch.get_num_threads()
+    reset_accelerate()
+    yield
+    reset_accelerate()
+    torch.set_num_threads(threads)          # --threads 1 below: for speed on a busy machine
+
+
+def test_vae_bench_writes_json(tmp_path, tiny_data, capsys):
+    cfg = tiny_config(tmp_path, tiny_data)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--config", str(cfg), "--stage", "vae", "--steps", "2", "--warmup", "0",
+                       "--data-seconds", "0.05", "--trainer-run", "3", "--threads", "1", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert all(k in r for k in REQUIRED)
+    assert set(r["time_split"]) == {"data", "forward", "backward", "optimizer", "logging", "other"}
+    assert set(r["phases"]) == {"pre_disc_start", "post_disc_start"}
+    for phase in r["phases"].values():
+        assert phase["toolkit"]["steps_per_sec"] > 0 and phase["reference"]["steps_per_sec"] > 0
+        assert phase["ratio_vs_reference"] > 0
+    assert r["ratio_vs_reference"] > 0 and r["peak_rss_mb"] > 0 and r["data_path"] == "png"
+    t = r["trainer_run"]                     # tiny config: a validation and a checkpoint at step 3
+    assert t["steps"] == 3 and t["validation_s"] > 0 and t["checkpoint_s"] > 0 and t["logging_s"] > 0
+    assert 0 < t["overhead_share"] < 1
+    assert "ratio" in capsys.readouterr().out
+
+
+def test_prior_bench_has_no_reference(tmp_path, tiny_data):
+    prior = {k: v for k, v in TINY_PRIOR.items() if k in ("model", "diffusion")}
+    cfg = tiny_config(tmp_path, tiny_data, prior=prior, data={"cache": "auto"})
+    out = tmp_path / "prior.json"
+    assert bench.main(["--config", str(cfg), "--stage", "prior", "--steps", "2", "--warmup", "0",
+                       "--batch-size", "4", "--data-seconds", "0.05", "--threads", "1", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert all(k in r for k in REQUIRED)
+    assert r["reference_steps_per_sec"] is None and r["ratio_vs_reference"] is None
+    assert r["batch_size"] == 4 and r["data_path"] == "cached"
+
+
+def test_bench_step_is_the_trainers_step(tmp_path, tiny_data, monkeypatch):
+    """Three steps (the discriminator starts at the second) give the same losses and gradient
+    norms in bench.py's ToolkitVAE as in train_vae.py: the benchmark times the real step."""
+    torch.set_num_threads(1)                  # both runs alike; restored by the fixture
+    cfg_path = tiny_config(tmp_path, tiny_data, **{"vae.loss": {"disc_start": 1},
+                                                   "vae.train": {"max_steps": 3, "log_every": 1}})
+    assert run_main(train_vae, ["--config", cfg_path], monkeypatch) == 0
+    trained = read_records(tmp_path / "run" / "vae", "train")
+
+    reset_accelerate()
+    cfg = load_config(cfg_path)
+    acc = make_accelerator(cfg.vae.train)
+    ds = build_datasets(cfg.data, cfg.seed, ("train",), log=lambda m: None)["train"]
+    tk = bench.ToolkitVAE(cfg, acc, ds, tmp_path / "bench-run")
+    for k in range(3):
+        tk.step(bench.PhaseTimer(acc.device), disc_active=k >= cfg.vae.loss.disc_start)
+    tk.close()
+    timed = read_records(tmp_path / "bench-run", "train")
+    keys = ["total_loss", "rec_loss", "kl_loss", "disc_loss", "d_weight", "grad_norm", "grad_norm_disc"]
+    assert [r["step"] for r in timed] == [r["step"] for r in trained] == [1, 2, 3]
+    assert [[r[k] for k in keys] for r in timed] == [[r[k] for k in keys] for r in trained]
+    assert trained[0]["disc_loss"] is None and trained[1]["disc_loss"] is not None
