@@ -29,7 +29,6 @@ weights); there is no reference for it.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
@@ -185,7 +184,33 @@ def adamw(params, tcfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=tcfg.lr, betas=tuple(tcfg.adam_betas), weight_decay=tcfg.weight_decay)
 
 
-class ToolkitVAE:
+class _Loop:
+    """What both stages' steps share with their trainers' loops: the training stream, the run
+    log, the fault policy and the cadence of training records."""
+
+    def _start_loop(self, cfg: Config, accelerator: Accelerator, dataset: RadioMapDataset, run_dir: Path,
+                    stage: str) -> None:
+        self.data = training_batches(accelerator, cfg, dataset, 0)
+        self.log = RunLog(run_dir, accelerator.is_main_process)
+        self.sup = Supervisor(accelerator, getattr(cfg, stage).train, stage, self.log, run_dir / "checkpoints")
+        self.cadence = Cadence(getattr(cfg, stage).train, bar=tqdm(disable=True))
+        self.tracker = MeanTracker()
+        self.steps = 0
+
+    def _after_update(self, applied: bool, values: dict[str, torch.Tensor], keys: list[str],
+                      optimizers: dict[str, torch.optim.Optimizer], watched: str) -> None:
+        if applied:
+            self.steps += 1
+            self.cadence.stepped()
+        self.sup.update_done(applied, self.steps, values)
+        if applied and self.cadence.log_due(self.steps):
+            self.sup.log_train(self.steps, self.tracker, keys, optimizers, self.cadence, watched=watched)
+
+    def close(self) -> None:
+        self.log.close()
+
+
+class ToolkitVAE(_Loop):
     """``train_vae.py``'s models and optimizer step, through the same lib calls in the same order
     (tests/test_bench.py checks that its losses equal the trainer's)."""
 
@@ -209,12 +234,7 @@ class ToolkitVAE:
         set_seed(cfg.seed + accelerator.process_index)
         if self.perceptual is not None:
             self.perceptual.to(accelerator.device)
-        self.data = training_batches(accelerator, cfg, dataset, 0)
-        self.log = RunLog(run_dir, accelerator.is_main_process)
-        self.sup = Supervisor(accelerator, tcfg, "vae", self.log, run_dir / "checkpoints")
-        self.cadence = Cadence(tcfg, bar=tqdm(disable=True))
-        self.tracker = MeanTracker()
-        self.steps = 0
+        self._start_loop(cfg, accelerator, dataset, run_dir, "vae")
 
     def step(self, t: PhaseTimer, disc_active: bool) -> None:
         acc, tcfg, lcfg = self.acc, self.cfg.vae.train, self.cfg.vae.loss
@@ -254,18 +274,9 @@ class ToolkitVAE:
                 self.ema.step(self.gen_raw.vae.parameters())
         with t("logging"):
             self.tracker.add({"grad_norm": norms[0], "grad_norm_disc": norms[1] if disc_active else None})
-            if applied:
-                self.steps += 1
-                self.cadence.stepped()
-            self.sup.update_done(applied, self.steps, dict(zip(["total_loss", "disc_loss"], losses)) |
-                                 dict(zip(["grad_norm", "grad_norm_disc"], norms)))
-            if applied and self.cadence.log_due(self.steps):
-                self.sup.log_train(self.steps, self.tracker, TRAIN_KEYS, {"lr": self.opt_g, "lr_disc": self.opt_d},
-                                   self.cadence, watched="rec_loss")
-
-    def close(self) -> None:
-        self.log.close()
-
+            self._after_update(applied, dict(zip(["total_loss", "disc_loss"], losses)) |
+                               dict(zip(["grad_norm", "grad_norm_disc"], norms)),
+                               TRAIN_KEYS, {"lr": self.opt_g, "lr_disc": self.opt_d}, watched="rec_loss")
 
 class ReferenceVAE:
     """The reference trainer's step (see the module docstring), fp32 and eager."""
@@ -456,7 +467,7 @@ def trainer_overhead(config: str, overrides: list[str], until_step: int, work: P
 
 
 # --------------------------------------------------------------------------- stage 2
-class ToolkitPrior:
+class ToolkitPrior(_Loop):
     """``train_unified_prior.py``'s models and optimizer step through lib/prior.py."""
 
     def __init__(self, cfg: Config, accelerator: Accelerator, dataset: RadioMapDataset, run_dir: Path) -> None:
@@ -483,12 +494,7 @@ class ToolkitPrior:
         set_seed(cfg.seed + accelerator.process_index)
         self.noise = train_scheduler(cfg.prior.diffusion)
         self.latent_scale = 1.0              # measured on real latents in the trainer; timing-neutral
-        self.data = training_batches(accelerator, cfg, dataset, 0)
-        self.log = RunLog(run_dir, accelerator.is_main_process)
-        self.sup = Supervisor(accelerator, tcfg, "prior", self.log, run_dir / "checkpoints")
-        self.cadence = Cadence(tcfg, bar=tqdm(disable=True))
-        self.tracker = MeanTracker()
-        self.steps = 0
+        self._start_loop(cfg, accelerator, dataset, run_dir, "prior")
 
     def step(self, t: PhaseTimer) -> None:
         from lib.prior import diffusion_loss
@@ -514,17 +520,8 @@ class ToolkitPrior:
                 self.ema.step(self.prior_raw.parameters())
         with t("logging"):
             self.tracker.add({"grad_norm": norms[0]})
-            if applied:
-                self.steps += 1
-                self.cadence.stepped()
-            self.sup.update_done(applied, self.steps, {"loss": loss, "grad_norm": norms[0]})
-            if applied and self.cadence.log_due(self.steps):
-                self.sup.log_train(self.steps, self.tracker, self.keys, {"lr": self.opt}, self.cadence,
-                                   watched="loss")
-
-    def close(self) -> None:
-        self.log.close()
-
+            self._after_update(applied, {"loss": loss, "grad_norm": norms[0]}, self.keys, {"lr": self.opt},
+                               watched="loss")
 
 def bench_prior(cfg: Config, steps: int, warmup: int, work: Path, log,
                 data_seconds: float = 0.5) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from typing import Any, Optional
 import numpy as np
 
 from lib.errors import UserError, run_cli
-from lib.findings import Analysis, analyze, hours, moving_average, num, st
+from lib.findings import Analysis, analyze, complete_lr, hours, moving_average, num, st
 from lib.runlog_parse import ParsedRun, ScheduleWorker, finite_or_str, load_run, resolve_inputs
 
 MAX_PLOT_BINS = 1500        # points per curve after min/max-envelope downsampling
@@ -169,12 +169,11 @@ def mark_phases(ax, analysis: Analysis, labels: bool = True) -> None:
                    label=f"disc start (step {st(analysis.disc_phase_start)})" if labels else None)
         ax.axvspan(analysis.disc_phase_start, max(xlim[1], analysis.disc_phase_start), color="#ff7f0e",
                    alpha=0.06, label="discriminator phase" if labels else None)
-    seen = set()
+    labelled: set[str] = set()
     for step, kind in analysis.resume_marks:
-        lab = None
-        if labels and kind not in seen:
-            lab, _ = kind, seen.add(kind)
-        ax.axvline(step, color=COLORS["resume"], linewidth=0.9, linestyle="--", label=lab)
+        label = kind if labels and kind not in labelled else None
+        labelled.add(kind)
+        ax.axvline(step, color=COLORS["resume"], linewidth=0.9, linestyle="--", label=label)
     ax.set_xlim(*xlim)
 
 
@@ -441,9 +440,11 @@ def _draw(names: tuple[str, ...], run: ParsedRun, a: Analysis, out: Path) -> Non
             fn(run, a, out / FIGURES[name])
 
 
-def make_figures(run: ParsedRun, a: Analysis, out: Path) -> list[str]:
+def make_figures(run: ParsedRun, a: Analysis, out: Path, lr_pending: bool = False) -> list[str]:
     """Draw the figures (Agg). With a second core, the two figures with the most points are
-    drawn by a forked helper process meanwhile; if it fails they are drawn here."""
+    drawn by a forked helper process meanwhile (if it fails, here). ``lr_pending``: the LR
+    findings still wait for the schedule, which a helper process is importing on the other
+    core; then the figures that do not need them are drawn here first, meanwhile."""
     import warnings
     import matplotlib
     matplotlib.use("Agg")
@@ -452,9 +453,14 @@ def make_figures(run: ParsedRun, a: Analysis, out: Path) -> list[str]:
         (out / FIGURES[name]).unlink(missing_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")       # all-NaN bins, empty legends
-        helper = start_helper(_draw, HELPER_JOBS, run, a, out)
-        _draw(tuple(n for n, _ in FIGURE_JOBS if helper is None or n not in HELPER_JOBS), run, a, out)
-        finish_helper(helper, lambda: _draw(HELPER_JOBS, run, a, out))
+        if lr_pending:
+            _draw(("phases", "components", "validation"), run, a, out)
+            complete_lr(run, a)
+            _draw(("lr", "dashboard"), run, a, out)
+        else:
+            helper = start_helper(_draw, HELPER_JOBS, run, a, out)
+            _draw(tuple(n for n, _ in FIGURE_JOBS if helper is None or n not in HELPER_JOBS), run, a, out)
+            finish_helper(helper, lambda: _draw(HELPER_JOBS, run, a, out))
     return [FIGURES[n] for n, _ in FIGURE_JOBS if (out / FIGURES[n]).is_file()]
 
 
@@ -633,10 +639,11 @@ def _main(argv: Optional[list[str]] = None) -> int:
         raise UserError(f"cannot create the output folder {out}: {exc.strerror or exc}") from None
     t1 = time.perf_counter()
     csv_helper = start_helper(write_csv, run, out / "metrics.csv")
-    a = analyze(run)
+    lr_pending = ScheduleWorker.running() and not args.no_figures
+    a = analyze(run, defer_lr=lr_pending)
     timings["analyze"] = time.perf_counter() - t1
     t2 = time.perf_counter()
-    figures = [] if args.no_figures else make_figures(run, a, out)
+    figures = [] if args.no_figures else make_figures(run, a, out, lr_pending)
     timings["figures"] = time.perf_counter() - t2
     t3 = time.perf_counter()
     finish_helper(csv_helper, lambda: write_csv(run, out / "metrics.csv"))

@@ -612,7 +612,10 @@ def _stats(run: ParsedRun, a: Analysis) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- entry point
-def analyze(run: ParsedRun) -> Analysis:
+def analyze(run: ParsedRun, defer_lr: bool = False) -> Analysis:
+    """All findings and statistics of ``run``. ``defer_lr``: leave out the LR rules (they
+    evaluate the configured schedule, which may still be importing in a helper process);
+    :func:`complete_lr` adds them later."""
     a = Analysis()
     out: list[Finding] = []
     if len(_train_steps(run)) == 0:
@@ -624,12 +627,25 @@ def analyze(run: ParsedRun) -> Analysis:
     _disc_phase(run, a, out)
     _disc_inactive(run, a, out)
     _resumes(run, a, out)
-    _lr_rules(run, a, out)
     _divergence(run, a, out)
     _nonfinite(run, a, out)
     _total_across_phases(run, a, out)
     _logvar(run, a, out)
-    order = {"error": 0, "warning": 1, "info": 2}
-    a.findings = sorted(out, key=lambda f: (order.get(f.severity, 3), f.steps[0]))
-    a.stats = _stats(run, a)
+    a.findings = out
+    if defer_lr:
+        _finish(run, a)
+    else:
+        complete_lr(run, a)
     return a
+
+
+def complete_lr(run: ParsedRun, a: Analysis) -> None:
+    """Add the LR findings (logged LR against the configured schedule) to ``a``."""
+    _lr_rules(run, a, a.findings)
+    _finish(run, a)
+
+
+def _finish(run: ParsedRun, a: Analysis) -> None:
+    order = {"error": 0, "warning": 1, "info": 2}
+    a.findings = sorted(a.findings, key=lambda f: (order.get(f.severity, 3), f.steps[0]))
+    a.stats = _stats(run, a)

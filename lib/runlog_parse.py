@@ -989,6 +989,10 @@ class ScheduleWorker:
         cls._conn, cls._proc = parent, proc
 
     @classmethod
+    def running(cls) -> bool:
+        return cls._proc is not None
+
+    @classmethod
     def evaluate(cls, cfg: Any, steps: np.ndarray) -> Optional[np.ndarray]:
         if cls._conn is None:
             return None

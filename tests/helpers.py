@@ -185,9 +185,11 @@ def run_injected(tmp_path: Path, trainer: TrainerSpec, cfg: Path, patch: str, *a
         sys.argv = ["{trainer.module_name}.py", "--config", {str(cfg)!r}] + {[str(a) for a in args]!r}
         run_cli(trainer.main)
     """))
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
     if processes > 1:
-        env["ACCELERATE_USE_CPU"] = "1"
+        # one thread per process (2 cores); a single process keeps the default, like the
+        # in-process reference runs it is compared with (thread count changes float sums)
+        env.update(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
                str(processes), "--num_machines", "1", "--mixed_precision", "no",
                "--dynamo_backend", "no", "--main_process_port", str(_free_port()), str(script)]

@@ -12,7 +12,8 @@ import torch
 import train_unified_prior
 from lib.config import load_config
 from lib.data import build_datasets
-from lib.prior import (LatentPrior, diffusion_loss, generate_maps, sampling_scheduler, train_scheduler)
+from lib.prior import (LatentPrior, diffusion_loss, distance_map, generate_maps, sampling_scheduler,
+                       train_scheduler)
 from lib.schedule import lr_at
 from lib.vae_io import encode_latents, load_vae, measure_latent_scale
 from tests.helpers import (TRAINERS, checkpoint_tensors, max_abs_diff, read_records, run_main, tiny_config,
@@ -68,6 +69,14 @@ def test_simulator_embedding_changes_the_prediction(tiny):
     maps = [generate_maps(prior, loaded.vae, 1.0, b["cond"], torch.tensor([s, s]), cfg.prior.diffusion, 2,
                           generator=gen()) for s in (0, 1)]
     assert (maps[0] - maps[1]).abs().max() > 1e-5
+
+
+def test_distance_channel_spreads_the_transmitter_over_the_map():
+    cond = -torch.ones(1, 3, 32, 32)
+    cond[0, 1, 3, 5] = 1.0
+    d = distance_map(cond)[0, 0]
+    assert d[3, 5] == -1.0 and d.max() <= 1.0 and d[31, 31] > 0.8
+    assert d[3, 10] < d[3, 20] < d[3, 31]                     # grows with the distance
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "dpm"])

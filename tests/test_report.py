@@ -284,3 +284,15 @@ def test_ambiguous_inputs_are_one_line_errors(tmp_path):
     empty.mkdir()
     with pytest.raises(UserError, match="no metrics.jsonl, run.json or tb/"):
         load_run([str(empty)])
+
+
+def test_lr_findings_when_the_schedule_comes_from_the_helper_process(tmp_path):
+    from lib.runlog_parse import ScheduleWorker
+    run = toolkit_run(tmp_path, stage="prior", edit=lambda s, r: dict(r, lr=r["lr"] * 2))
+    ScheduleWorker.start(force=True)          # as in a fresh process: LR rules after the figures
+    try:
+        summary, out = run_report(tmp_path, str(run), figures=True)
+    finally:
+        ScheduleWorker.stop()
+    assert [f["id"] for f in summary["findings"]] == ["lr_mismatch"]
+    assert "fig3_learning_rate.png" in summary["figures"] and "lr_mismatch" in (out / "report.md").read_text()

@@ -1,0 +1,61 @@
+"""lib.accel: the speed switches (tf32, channels_last, compile) are off by default, do what they
+say, and keep checkpoints interchangeable."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import train_vae
+from lib.accel import apply_backend_flags, prepare_model
+from lib.config import TrainConfig, VAEModelConfig, load_config
+from lib.models import VAEWithLogvar
+from tests.helpers import read_records, run_main, tiny_config
+
+
+def fp32_precision() -> tuple[str, str]:
+    return torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+
+
+@pytest.mark.parametrize("name", ["configs/demo.yaml", "configs/m.yaml"])
+def test_switches_are_off_in_the_shipped_configs(name):
+    cfg = load_config(name)
+    for tcfg in (cfg.vae.train, cfg.prior.train):
+        assert (tcfg.tf32, tcfg.channels_last, tcfg.compile) == (False, False, False)
+    assert cfg.data.pin_memory is False
+
+
+def test_tf32_flag_sets_matmul_and_convolution_precision():
+    before = fp32_precision()
+    try:
+        apply_backend_flags(TrainConfig(tf32=True))
+        assert fp32_precision() == ("tf32", "tf32")
+        apply_backend_flags(TrainConfig())          # off: IEEE float32, also for cuDNN convolutions
+        assert fp32_precision() == ("ieee", "ieee")
+    finally:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = before
+
+
+def test_prepare_model_keeps_the_module_and_its_state_dict_keys():
+    plain = VAEWithLogvar(VAEModelConfig(block_out_channels=[8, 16], norm_num_groups=8, layers_per_block=1), 32)
+    keys = list(plain.state_dict())
+    x = torch.randn(2, 1, 32, 32)
+    expected = plain.vae.decode(plain.vae.encode(x).latent_dist.mode()).sample
+
+    out = prepare_model(plain, TrainConfig(channels_last=True))
+    assert out is plain and list(out.state_dict()) == keys
+    conv = out.vae.encoder.down_blocks[0].resnets[0].conv1.weight      # 8 -> 8 channels
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    got = out.vae.decode(out.vae.encode(x).latent_dist.mode()).sample
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+    compiled = prepare_model(out, TrainConfig(compile=True))      # in place, compiled lazily
+    assert compiled is plain and list(compiled.state_dict()) == keys
+    assert compiled._compiled_call_impl is not None
+
+
+def test_trainer_runs_with_channels_last(tmp_path, tiny_data, monkeypatch):
+    cfg = tiny_config(tmp_path, tiny_data, **{"vae.train": {"max_steps": 3, "channels_last": True,
+                                                            "checkpoint_every": 3, "val_every": 3}})
+    assert run_main(train_vae, ["--config", cfg], monkeypatch) == 0
+    recs = read_records(tmp_path / "run" / "vae", "train")
+    assert [r["step"] for r in recs] == [1, 2, 3] and all(r["rec_loss"] > 0 for r in recs)
