@@ -24,6 +24,7 @@ from accelerate.utils import gather_object, set_seed
 from diffusers.training_utils import EMAModel
 
 from lib import checkpoint as ckpt
+from lib.accel import prepare_model
 from lib.cli import trainer_parser
 from lib.config import load_config
 from lib.data import build_datasets, eval_batches
@@ -79,6 +80,7 @@ def main() -> int:
     vae = loaded.vae.to(accelerator.device)
     prior = LatentPrior(cfg.prior.model, cfg.vae.model.latent_channels, cfg.data.image_size,
                         loaded.downsample, len(sims))
+    prior = prepare_model(prior, tcfg)                   # channels_last, compile
     noise_sched = train_scheduler(dcfg)
     log.info(f"VAE {vae_path}{' (EMA weights)' if loaded.ema else ''}; prior {count_parameters(prior) / 1e6:.2f}M "
              f"parameters on {prior.latent_channels}x{prior.latent_size}x{prior.latent_size} latents")
