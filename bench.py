@@ -21,6 +21,8 @@ gradient clipping after the optimizer steps, and ``.item()`` of every logged val
 
 Both phases of a run are measured by default: before ``disc_start`` (the toolkit skips the
 discriminator) and after. The headline numbers weight them as a run of ``max_steps`` does.
+The two steps take turns step by step, so a change in the machine's load slows both alike.
+Peak memory (RSS, and CUDA on a GPU) is measured for each step in a child process of its own.
 
 Stage ``prior`` times ``train_unified_prior.py``'s step (frozen VAE encode, diffusion loss,
 update) through lib/prior.py on a randomly initialised VAE (the timing does not depend on its
@@ -33,6 +35,7 @@ import json
 import os
 import platform
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -83,19 +86,8 @@ class PhaseTimer:
             self.seconds[phase] += time.perf_counter() - t0
 
 
-def reset_peak_memory(device: torch.device) -> None:
-    """Restart the peak-RSS counter (Linux: VmHWM via clear_refs) and the CUDA peak."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
 def peak_memory_mb(device: torch.device) -> dict[str, Optional[float]]:
-    """Peak resident set size since :func:`reset_peak_memory` (or since start where it cannot
-    be reset), and the CUDA peak of allocated memory on a GPU."""
+    """This process's peak resident set size, and its peak of allocated CUDA memory on a GPU."""
     rss = None
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -278,6 +270,7 @@ class ToolkitVAE(_Loop):
                                dict(zip(["grad_norm", "grad_norm_disc"], norms)),
                                TRAIN_KEYS, {"lr": self.opt_g, "lr_disc": self.opt_d}, watched="rec_loss")
 
+
 class ReferenceVAE:
     """The reference trainer's step (see the module docstring), fp32 and eager."""
 
@@ -296,8 +289,9 @@ class ReferenceVAE:
         self.params = list(self.gen.parameters()) + list(self.disc.parameters())
         self.data = train_batches(dataset, cfg.data.batch_size, cfg.seed, num_workers=cfg.data.num_workers)
 
-    def step(self, t: PhaseTimer, disc_factor: float) -> None:
+    def step(self, t: PhaseTimer, disc_active: bool) -> None:
         lcfg = self.cfg.vae.loss
+        disc_factor = 1.0 if disc_active else 0.0          # the reference's adopt_weight
         with t("data"):
             x = next(self.data)["image"].to(self.device)
         # generator update
@@ -357,44 +351,51 @@ def weighted(results: dict[str, dict], weights: dict[str, float]) -> tuple[float
     return sec, split
 
 
-def current_memory_mb(device: torch.device) -> dict[str, Optional[float]]:
-    """Resident set size now, and CUDA memory allocated now (GPU only)."""
-    import psutil
-    cuda = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return {"peak_rss_mb": psutil.Process().memory_info().rss / 2**20, "cuda_peak_mb": cuda}
+PHASE_DISC = {"pre_disc_start": False, "post_disc_start": True}
+
+
+def memory_probe(cfg: Config, variant: str, phases: list[str], work: Path) -> dict[str, Optional[float]]:
+    """Peak memory of one variant (``toolkit`` or ``reference``) over one step of each phase;
+    run in a fresh process (``--memory-probe``), so that neither variant reuses memory the
+    other freed."""
+    accelerator = make_accelerator(cfg.vae.train)
+    device = accelerator.device
+    reference = variant == "reference"
+    data_cfg = replace(cfg.data, cache="off") if reference else cfg.data
+    dataset = build_datasets(data_cfg, cfg.seed, ("train",), log=lambda m: None)["train"]
+    model = ReferenceVAE(cfg, device, dataset) if reference else ToolkitVAE(cfg, accelerator, dataset, work)
+    for p in phases:
+        model.step(PhaseTimer(device), PHASE_DISC[p])
+    return peak_memory_mb(device)
+
+
+def probe_memory(argv: list[str], variant: str) -> dict[str, Optional[float]]:
+    """:func:`memory_probe` in a child process started with this script's ``argv``."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--memory-probe", variant]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent)
+    if res.returncode != 0:
+        last = (res.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"memory probe of the {variant} step failed: {last}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def bench_vae(cfg: Config, steps: int, warmup: int, phases: list[str], reference: bool,
-              work: Path, log, data_seconds: float = 0.5) -> dict[str, Any]:
+              work: Path, log, data_seconds: float = 0.5, probe_argv: Optional[list[str]] = None) -> dict[str, Any]:
+    """Stage 1: the loader alone, then the toolkit and the reference step taking turns; peak
+    memory from child processes (``probe_argv``: this run's arguments; None: not measured)."""
+    variants_used = ["toolkit"] + (["reference"] if reference else [])
+    memory = {v: probe_memory(probe_argv, v) if probe_argv is not None
+              else {"peak_rss_mb": None, "cuda_peak_mb": None} for v in variants_used}
     accelerator = make_accelerator(cfg.vae.train)
     device = accelerator.device
     data, datasets = measure_data(cfg, log, data_seconds)
-    flags = {"pre_disc_start": False, "post_disc_start": True}
-    out: dict[str, Any] = {"phases": {p: {} for p in phases}}
-
-    # Peak memory of each variant over its first steps (the peak comes with the first
-    # optimizer step); the reference's is its increment over the process before it was built.
-    base = current_memory_mb(device)
-    reset_peak_memory(device)
     variants: dict[str, Any] = {"toolkit": ToolkitVAE(cfg, accelerator, datasets["configured"], work / "toolkit")}
-    for p in phases:
-        variants["toolkit"].step(PhaseTimer(device), flags[p])
-    mem = peak_memory_mb(device)
     if reference:
-        before = current_memory_mb(device)
-        reset_peak_memory(device)
         variants["reference"] = ReferenceVAE(cfg, device, datasets["png"])
-        for p in phases:
-            variants["reference"].step(PhaseTimer(device), float(flags[p]))
-        ref_mem = {k: None if v is None else round(base[k] + v - before[k], 1)
-                   for k, v in peak_memory_mb(device).items()}
-
+    out: dict[str, Any] = {"phases": {}}
     for p in phases:
-        steppers = {"toolkit": lambda t, p=p: variants["toolkit"].step(t, flags[p])}
-        if reference:
-            steppers["reference"] = lambda t, p=p: variants["reference"].step(t, float(flags[p]))
-        res = time_steps(steppers, steps, warmup, device)
-        out["phases"][p] = res
+        steppers = {name: (lambda t, v=v, p=p: v.step(t, PHASE_DISC[p])) for name, v in variants.items()}
+        res = out["phases"][p] = time_steps(steppers, steps, warmup, device)
         if reference:
             res["ratio_vs_reference"] = round(res["reference"]["seconds_per_step"]
                                               / res["toolkit"]["seconds_per_step"], 3)
@@ -405,7 +406,7 @@ def bench_vae(cfg: Config, steps: int, warmup: int, phases: list[str], reference
     bs = cfg.data.batch_size * cfg.vae.train.gradient_accumulation_steps
     out.update({"steps_per_sec": round(1 / sec, 4), "samples_per_sec": round(bs / sec, 3),
                 "time_split": split, "time_share": {k: round(v / sec, 4) for k, v in split.items()},
-                "phase_weights": weights, **data, **mem})
+                "phase_weights": weights, **data, **memory["toolkit"]})
     out["data_share_of_step"] = out["time_share"]["data"]
     if reference:
         ref_sec, ref_split = weighted({p: out["phases"][p]["reference"] for p in phases}, weights)
@@ -413,8 +414,8 @@ def bench_vae(cfg: Config, steps: int, warmup: int, phases: list[str], reference
                     "reference_samples_per_sec": round(cfg.data.batch_size / ref_sec, 3),
                     "reference_time_split": ref_split,
                     "ratio_vs_reference": round(ref_sec / sec, 3),
-                    "reference_peak_rss_mb": ref_mem["peak_rss_mb"],
-                    "reference_cuda_peak_mb": ref_mem["cuda_peak_mb"],
+                    "reference_peak_rss_mb": memory["reference"]["peak_rss_mb"],
+                    "reference_cuda_peak_mb": memory["reference"]["cuda_peak_mb"],
                     "reference": "RadioDiff train_vae.py step: two full VAE forwards, fp32, PNG data"})
     else:
         out.update({"reference_steps_per_sec": None, "ratio_vs_reference": None, "reference": "skipped"})
@@ -523,18 +524,12 @@ class ToolkitPrior(_Loop):
             self._after_update(applied, {"loss": loss, "grad_norm": norms[0]}, self.keys, {"lr": self.opt},
                                watched="loss")
 
+
 def bench_prior(cfg: Config, steps: int, warmup: int, work: Path, log,
                 data_seconds: float = 0.5) -> dict[str, Any]:
-    try:
-        import lib.prior  # noqa: F401
-        import train_unified_prior  # noqa: F401
-    except ImportError as exc:
-        raise UserError(f"--stage prior: the stage-2 code is not importable ({exc}); "
-                        f"benchmark --stage vae meanwhile") from None
     accelerator = make_accelerator(cfg.prior.train)
     device = accelerator.device
     data, datasets = measure_data(cfg, log, data_seconds)
-    reset_peak_memory(device)
     tk = ToolkitPrior(cfg, accelerator, datasets["configured"], work / "prior")
     res = time_steps({"toolkit": tk.step}, steps, warmup, device)["toolkit"]
     tk.close()
@@ -581,7 +576,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--data-seconds", type=float, default=0.5,
                    help="seconds per round (3 rounds) of the data-loader-alone measurement")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--no-memory", action="store_true",
+                   help="vae: skip the peak-memory probes (two child processes)")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the results here")
+    p.add_argument("--memory-probe", choices=["toolkit", "reference"], help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.steps < 1 or a.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
@@ -589,18 +587,25 @@ def main(argv: Optional[list[str]] = None) -> int:
         torch.set_num_threads(a.threads)
     overrides = list(a.set) + ([f"data.batch_size={a.batch_size}"] if a.batch_size else [])
     cfg = load_config(a.config, overrides)
+    phases = {"pre": ["pre_disc_start"], "post": ["post_disc_start"],
+              "both": ["pre_disc_start", "post_disc_start"]}[a.phase]
+    if a.memory_probe:
+        with tempfile.TemporaryDirectory(prefix="bench-probe-") as work:
+            print(json.dumps(memory_probe(cfg, a.memory_probe, phases, Path(work))))
+        return 0
+    probe_argv = None if a.no_memory else (
+        ["--config", a.config, "--stage", a.stage, "--phase", a.phase] + [x for o in overrides for x in ("--set", o)]
+        + (["--threads", str(a.threads)] if a.threads else []))
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     info = {"stage": a.stage, "config": a.config, "overrides": overrides, **machine(),
             "batch_size": cfg.data.batch_size, "image_size": cfg.data.image_size, "steps": a.steps,
             "warmup": a.warmup}
     with tempfile.TemporaryDirectory(prefix="bench-") as work:
         if a.stage == "vae":
-            phases = {"pre": ["pre_disc_start"], "post": ["post_disc_start"],
-                      "both": ["pre_disc_start", "post_disc_start"]}[a.phase]
             tcfg = cfg.vae.train
             info.update({k: getattr(tcfg, k) for k in ("mixed_precision", "tf32", "channels_last", "compile")})
             res = bench_vae(cfg, a.steps, a.warmup, phases, not a.no_reference, Path(work), log,
-                            a.data_seconds)
+                            a.data_seconds, probe_argv)
             if a.trainer_run:
                 res["trainer_run"] = trainer_overhead(a.config, overrides, a.trainer_run, Path(work))
         else:
@@ -614,17 +619,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
+def memory_text(rss: Optional[float], cuda: Optional[float]) -> str:
+    return ((f", peak RSS {rss:.0f} MB" if rss is not None else "")
+            + (f", CUDA peak {cuda:.0f} MB" if cuda is not None else ""))
+
+
 def summary(r: dict[str, Any]) -> str:
     lines = [f"{r['stage']}: {r['config']} {' '.join(r['overrides'])}".rstrip(),
              f"  {r['cpu']}, {r['torch_threads']} torch threads, torch {r['torch']}"
              f"{', ' + r['gpu'] if r['gpu'] else ''}; batch {r['batch_size']}, {r['image_size']} px; "
              f"load average {r['load_average']}",
-             f"  toolkit    {r['steps_per_sec']:.4g} steps/s, {r['samples_per_sec']:.4g} samples/s, "
-             f"peak RSS {r['peak_rss_mb']:.0f} MB"
-             + (f", CUDA peak {r['cuda_peak_mb']:.0f} MB" if r.get("cuda_peak_mb") else "")]
+             f"  toolkit    {r['steps_per_sec']:.4g} steps/s, {r['samples_per_sec']:.4g} samples/s"
+             + memory_text(r.get("peak_rss_mb"), r.get("cuda_peak_mb"))]
     if r.get("reference_steps_per_sec"):
-        lines.append(f"  reference  {r['reference_steps_per_sec']:.4g} steps/s, peak RSS "
-                     f"{r['reference_peak_rss_mb']:.0f} MB  ->  ratio {r['ratio_vs_reference']:.3f}x")
+        lines.append(f"  reference  {r['reference_steps_per_sec']:.4g} steps/s"
+                     + memory_text(r.get("reference_peak_rss_mb"), r.get("reference_cuda_peak_mb"))
+                     + f"  ->  ratio {r['ratio_vs_reference']:.3f}x")
         for p, v in r["phases"].items():
             lines.append(f"    {p}: toolkit {v['toolkit']['steps_per_sec']:.4g} steps/s, reference "
                          f"{v['reference']['steps_per_sec']:.4g} steps/s, ratio {v['ratio_vs_reference']:.3f}x")

@@ -8,8 +8,8 @@ decodes.
 
 ``data.cache`` selects it: ``off`` (read the PNGs), ``auto`` (use ``{data.root}/.cache/packed``,
 building or rebuilding it when it is missing or stale) or the path of a cache built with the
-command above. A cache folder holds, at the maps' native size (resizing stays in the loader,
-so the values are exactly those of the PNG path)::
+command above. A cache folder holds the maps at their native size, and a resized float32
+copy for each image size in use; a sample's values are exactly those of the PNG path::
 
     index.json          version, simulations, size, map ids, fingerprints, unreadable files
     buildings.npy       (maps, H, W) uint8           cars.npy   (maps, H, W) uint8, if cars* used
@@ -297,8 +297,9 @@ def build(root: str | os.PathLike, simulations: Sequence[str], out: str | os.Pat
 
     tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
+        tmp.mkdir(parents=True)
+
         def array(name: str, shape: tuple, dtype=np.uint8) -> np.ndarray:
             return np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
 
@@ -340,6 +341,9 @@ def build(root: str | os.PathLike, simulations: Sequence[str], out: str | os.Pat
                  "fingerprints": fingerprints, "bad": bad, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         (tmp / INDEX).write_text(json.dumps(index, indent=1), encoding="utf-8")
         _publish(tmp, out)
+    except OSError as exc:
+        raise DataError(f"data.cache: cannot write {out} ({_detail(exc)}); set data.cache to a "
+                        f"writable folder, or to \"off\"") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     nbytes = sum(f.stat().st_size for f in out.iterdir())

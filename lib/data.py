@@ -17,8 +17,9 @@ read. ``on_bad_file="error"`` raises :class:`DataError` with one line naming the
 ``"skip"`` drops the affected samples (construction) or substitutes the next readable
 sample (reading), and records ``(path, reason)`` in ``dataset.skipped``.
 
-With ``data.cache`` (see :mod:`lib.cache`) the pixels come from a memory-mapped uint8 copy
-of the folder packed once, instead of three or four PNG decodes per sample.
+With ``data.cache`` (see :mod:`lib.cache`) the pixels come from memory-mapped arrays packed
+once from the folder (and resized once to ``image_size``), instead of three or four PNG
+decodes and a resize per sample; the values are the same.
 
 Batching does not use accelerate's dataloader wrapping: :func:`train_batches` is an
 infinite, exactly resumable stream whose epoch ``e`` order is a permutation drawn from

@@ -32,7 +32,7 @@ def test_vae_bench_writes_json(tmp_path, tiny_data, capsys):
     cfg = tiny_config(tmp_path, tiny_data)
     out = tmp_path / "bench.json"
     assert bench.main(["--config", str(cfg), "--stage", "vae", "--steps", "2", "--warmup", "0",
-                       "--data-seconds", "0.05", "--trainer-run", "3", "--threads", "1", "--json", str(out)]) == 0
+                       "--data-seconds", "0.05", "--trainer-run", "3", "--threads", "1", "--no-memory", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     assert all(k in r for k in REQUIRED)
     assert set(r["time_split"]) == {"data", "forward", "backward", "optimizer", "logging", "other"}
@@ -40,7 +40,8 @@ def test_vae_bench_writes_json(tmp_path, tiny_data, capsys):
     for phase in r["phases"].values():
         assert phase["toolkit"]["steps_per_sec"] > 0 and phase["reference"]["steps_per_sec"] > 0
         assert phase["ratio_vs_reference"] > 0
-    assert r["ratio_vs_reference"] > 0 and r["peak_rss_mb"] > 0 and r["data_path"] == "png"
+    assert r["ratio_vs_reference"] > 0 and r["data_path"] == "png"
+    assert r["peak_rss_mb"] is None                   # --no-memory: no child processes (slow to start)
     t = r["trainer_run"]                     # tiny config: a validation and a checkpoint at step 3
     assert t["steps"] == 3 and t["validation_s"] > 0 and t["checkpoint_s"] > 0 and t["logging_s"] > 0
     assert 0 < t["overhead_share"] < 1
@@ -81,3 +82,12 @@ def test_bench_step_is_the_trainers_step(tmp_path, tiny_data, monkeypatch):
     assert [r["step"] for r in timed] == [r["step"] for r in trained] == [1, 2, 3]
     assert [[r[k] for k in keys] for r in timed] == [[r[k] for k in keys] for r in trained]
     assert trained[0]["disc_loss"] is None and trained[1]["disc_loss"] is not None
+
+
+@pytest.mark.parametrize("variant", ["toolkit", "reference"])
+def test_memory_probe(tmp_path, tiny_data, variant):
+    """What bench.py runs in a child process per variant for its peak memory."""
+    torch.set_num_threads(1)
+    cfg = load_config(tiny_config(tmp_path, tiny_data))
+    mem = bench.memory_probe(cfg, variant, ["pre_disc_start", "post_disc_start"], tmp_path / "probe")
+    assert mem["peak_rss_mb"] > 0 and mem["cuda_peak_mb"] is None

@@ -168,3 +168,9 @@ def test_command_line_build_and_check(city, tmp_path, capsys):
     cfg = tiny_config(tmp_path, city, data={"cache": str(tmp_path / "from-config")})
     assert cache.main(["build", "--config", str(cfg)]) == 0
     assert cache.PackedMaps.open(tmp_path / "from-config").simulations == ["DPM"]
+
+
+def test_unwritable_cache_location(city, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    msg = one_line_error(lambda: cache.build(city, ["DPM"], tmp_path / "a-file" / "packed", log=quiet))
+    assert msg.startswith(f"data.cache: cannot write {tmp_path / 'a-file' / 'packed'}") and "writable" in msg

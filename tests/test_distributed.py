@@ -1,7 +1,6 @@
 """The same run on 1 or 2 processes (gloo on CPU) and in bf16: replicas stay identical, the
 DDP gradient equals the single-process gradient of the concatenated batch, the LR sequence
 does not depend on the number of processes."""
-import json
 
 import pytest
 import torch
