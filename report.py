@@ -639,7 +639,8 @@ def _main(argv: Optional[list[str]] = None) -> int:
         raise UserError(f"cannot create the output folder {out}: {exc.strerror or exc}") from None
     t1 = time.perf_counter()
     csv_helper = start_helper(write_csv, run, out / "metrics.csv")
-    lr_pending = ScheduleWorker.running() and not args.no_figures
+    # the LR findings wait for the schedule only while its helper is still importing
+    lr_pending = ScheduleWorker.running() and not ScheduleWorker.ready() and not args.no_figures
     a = analyze(run, defer_lr=lr_pending)
     timings["analyze"] = time.perf_counter() - t1
     t2 = time.perf_counter()

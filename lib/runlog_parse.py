@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
+import orjson
 
 from lib.errors import UserError
 
@@ -705,18 +706,18 @@ JSON_CHUNK = 20_000      # lines decoded in one json.loads call when they are al
 
 
 def _decode_json_lines(lines: list[tuple[int, str]], name: str, skips: _Skips) -> list[tuple[int, Any]]:
-    """(line number, decoded value) per valid line. Chunks of lines are decoded as one JSON
-    array (fast); a chunk with a bad line is decoded line by line."""
+    """(line number, decoded value) per valid line. Chunks of lines are decoded with orjson
+    (strict JSON, fast); a chunk it refuses (``NaN``/``Infinity``, which Python's json writes
+    for non-finite values, or a bad line) is decoded line by line, leniently."""
     out = []
     last = len(lines) - 1
     for c0 in range(0, len(lines), JSON_CHUNK):
         chunk = lines[c0:c0 + JSON_CHUNK]
         try:
-            values = json.loads("[" + ",".join(t for _, t in chunk) + "]")
-            if len(values) == len(chunk):
-                out.extend((ln, v) for (ln, _), v in zip(chunk, values))
-                continue
-        except (ValueError, RecursionError):
+            values = [orjson.loads(t) for _, t in chunk]
+            out.extend((ln, v) for (ln, _), v in zip(chunk, values))
+            continue
+        except orjson.JSONDecodeError:
             pass
         for k, (lineno, text) in enumerate(chunk):
             try:
@@ -969,6 +970,7 @@ class ScheduleWorker:
     """
     _conn = None
     _proc = None
+    _ready = False
 
     @classmethod
     def start(cls, force: bool = False) -> None:
@@ -993,10 +995,25 @@ class ScheduleWorker:
         return cls._proc is not None
 
     @classmethod
+    def ready(cls) -> bool:
+        """Whether the helper has finished its import (it says so once); never waits."""
+        if cls._conn is not None and not cls._ready:
+            try:
+                if cls._conn.poll():
+                    cls._conn.recv()
+                    cls._ready = True
+            except (EOFError, OSError, ValueError):
+                cls.stop()
+        return cls._ready
+
+    @classmethod
     def evaluate(cls, cfg: Any, steps: np.ndarray) -> Optional[np.ndarray]:
         if cls._conn is None:
             return None
         try:
+            if not cls._ready:
+                cls._conn.recv()                  # wait for the import to finish
+                cls._ready = True
             cls._conn.send((cfg, np.asarray(steps, dtype=np.int64).tolist()))
             ok, result = cls._conn.recv()
         except (EOFError, OSError, ValueError):
@@ -1008,6 +1025,7 @@ class ScheduleWorker:
     def stop(cls) -> None:
         conn, proc = cls._conn, cls._proc
         cls._conn = cls._proc = None
+        cls._ready = False
         if conn is not None:
             try:
                 conn.send(None)
@@ -1026,6 +1044,10 @@ def _schedule_worker_main(conn: Any) -> None:
         from lib.schedule import lr_at
     except Exception as exc:        # reported to the caller, who then evaluates in-process
         lr_at, error = None, f"{type(exc).__name__}: {exc}"
+    try:
+        conn.send("ready")
+    except (OSError, ValueError):
+        return
     while True:
         try:
             msg = conn.recv()
