@@ -31,8 +31,8 @@ from typing import Any, Optional
 import numpy as np
 
 from lib.errors import UserError, run_cli
-from lib.findings import Analysis, analyze, complete_lr, hours, moving_average, num, st
-from lib.runlog_parse import ParsedRun, ScheduleWorker, finite_or_str, load_run, resolve_inputs
+from lib.findings import Analysis, analyze, hours, moving_average, num, st
+from lib.runlog_parse import ParsedRun, finite_or_str, load_run, resolve_inputs
 
 MAX_PLOT_BINS = 1500        # points per curve after min/max-envelope downsampling
 CSV_FORMAT = "{:.12g}"
@@ -440,11 +440,9 @@ def _draw(names: tuple[str, ...], run: ParsedRun, a: Analysis, out: Path) -> Non
             fn(run, a, out / FIGURES[name])
 
 
-def make_figures(run: ParsedRun, a: Analysis, out: Path, lr_pending: bool = False) -> list[str]:
+def make_figures(run: ParsedRun, a: Analysis, out: Path) -> list[str]:
     """Draw the figures (Agg). With a second core, the two figures with the most points are
-    drawn by a forked helper process meanwhile (if it fails, here). ``lr_pending``: the LR
-    findings still wait for the schedule, which a helper process is importing on the other
-    core; then the figures that do not need them are drawn here first, meanwhile."""
+    drawn by a forked helper process meanwhile (if it fails, here)."""
     import warnings
     import matplotlib
     matplotlib.use("Agg")
@@ -453,14 +451,9 @@ def make_figures(run: ParsedRun, a: Analysis, out: Path, lr_pending: bool = Fals
         (out / FIGURES[name]).unlink(missing_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")       # all-NaN bins, empty legends
-        if lr_pending:
-            _draw(("phases", "components", "validation"), run, a, out)
-            complete_lr(run, a)
-            _draw(("lr", "dashboard"), run, a, out)
-        else:
-            helper = start_helper(_draw, HELPER_JOBS, run, a, out)
-            _draw(tuple(n for n, _ in FIGURE_JOBS if helper is None or n not in HELPER_JOBS), run, a, out)
-            finish_helper(helper, lambda: _draw(HELPER_JOBS, run, a, out))
+        helper = start_helper(_draw, HELPER_JOBS, run, a, out)
+        _draw(tuple(n for n, _ in FIGURE_JOBS if helper is None or n not in HELPER_JOBS), run, a, out)
+        finish_helper(helper, lambda: _draw(HELPER_JOBS, run, a, out))
     return [FIGURES[n] for n, _ in FIGURE_JOBS if (out / FIGURES[n]).is_file()]
 
 
@@ -622,15 +615,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         import sys
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    finally:
-        ScheduleWorker.stop()
 
 
 def _main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    run = load_run(args.runs, args.config, prefetch_schedule=True)
+    run = load_run(args.runs, args.config)
     timings["parse"] = time.perf_counter() - t0
     out = Path(args.out) if args.out else default_out(args.runs)
     try:
@@ -639,19 +630,16 @@ def _main(argv: Optional[list[str]] = None) -> int:
         raise UserError(f"cannot create the output folder {out}: {exc.strerror or exc}") from None
     t1 = time.perf_counter()
     csv_helper = start_helper(write_csv, run, out / "metrics.csv")
-    # the LR findings wait for the schedule only while its helper is still importing
-    lr_pending = ScheduleWorker.running() and not ScheduleWorker.ready() and not args.no_figures
-    a = analyze(run, defer_lr=lr_pending)
+    a = analyze(run)
     timings["analyze"] = time.perf_counter() - t1
     t2 = time.perf_counter()
-    figures = [] if args.no_figures else make_figures(run, a, out, lr_pending)
+    figures = [] if args.no_figures else make_figures(run, a, out)
     timings["figures"] = time.perf_counter() - t2
     t3 = time.perf_counter()
     finish_helper(csv_helper, lambda: write_csv(run, out / "metrics.csv"))
     timings["csv_wait"] = time.perf_counter() - t3
     write_markdown(run, a, figures, out / "report.md")
     timings["total"] = time.perf_counter() - t0
-    ScheduleWorker.stop()                      # joined: its CPU time is counted below
     timings["cpu_self"] = time.process_time()
     try:
         import resource

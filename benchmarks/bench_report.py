@@ -146,7 +146,7 @@ def main() -> None:
         walls = ", ".join(f"{r[0]:.2f}" for r in results)
         print(f"{label}: {wall:.2f} s wall (fresh process, imports and figures included; runs: {walls}), "
               f"{cpu:.2f} s CPU ({t.get('cpu_self', float('nan')):.2f} s in report.py's own process, "
-              f"{t.get('cpu_helpers', float('nan')):.2f} s in its helpers: schedule import, figures); "
+              f"{t.get('cpu_helpers', float('nan')):.2f} s in its helpers: CSV, figures); "
               f"stages: parse {t['parse']:.2f} s, analyze {t['analyze']:.2f} s, figures {t['figures']:.2f} s, "
               f"waiting for the CSV helper {t['csv_wait']:.2f} s; rows {summary['stats']['rows']:,}; "
               f"findings {[f['id'] for f in summary['findings']]}")

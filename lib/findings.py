@@ -612,10 +612,8 @@ def _stats(run: ParsedRun, a: Analysis) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- entry point
-def analyze(run: ParsedRun, defer_lr: bool = False) -> Analysis:
-    """All findings and statistics of ``run``. ``defer_lr``: leave out the LR rules (they
-    evaluate the configured schedule, which may still be importing in a helper process);
-    :func:`complete_lr` adds them later."""
+def analyze(run: ParsedRun) -> Analysis:
+    """All findings and statistics of ``run``."""
     a = Analysis()
     out: list[Finding] = []
     if len(_train_steps(run)) == 0:
@@ -631,18 +629,10 @@ def analyze(run: ParsedRun, defer_lr: bool = False) -> Analysis:
     _nonfinite(run, a, out)
     _total_across_phases(run, a, out)
     _logvar(run, a, out)
+    _lr_rules(run, a, out)
     a.findings = out
-    if defer_lr:
-        _finish(run, a)
-    else:
-        complete_lr(run, a)
-    return a
-
-
-def complete_lr(run: ParsedRun, a: Analysis) -> None:
-    """Add the LR findings (logged LR against the configured schedule) to ``a``."""
-    _lr_rules(run, a, a.findings)
     _finish(run, a)
+    return a
 
 
 def _finish(run: ParsedRun, a: Analysis) -> None:

@@ -26,7 +26,6 @@ import math
 import multiprocessing
 import os
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
@@ -919,14 +918,9 @@ def resolve_inputs(paths: Iterable[str]) -> tuple[str, list[Path]]:
     return "original", list(seen)
 
 
-def load_run(paths: Iterable[str], config_path: Optional[str] = None,
-             prefetch_schedule: bool = False) -> ParsedRun:
-    """Read RUN (a toolkit run folder, or original log files/folders) and an optional config.
-    ``prefetch_schedule``: start :class:`ScheduleWorker` when a config of ours will be used."""
+def load_run(paths: Iterable[str], config_path: Optional[str] = None) -> ParsedRun:
+    """Read RUN (a toolkit run folder, or original log files/folders) and an optional config."""
     kind, resolved = resolve_inputs(paths)
-    if prefetch_schedule and (config_path is not None or (
-            kind == "toolkit" and (resolved[0] / "config.yaml").is_file())):
-        ScheduleWorker.start()
     run = parse_toolkit(resolved[0]) if kind == "toolkit" else parse_original(resolved)
     if config_path is not None:
         from lib.config import load_config
@@ -960,118 +954,10 @@ def resume_history(run: ParsedRun) -> list[dict[str, Any]]:
     return [out[k] for k in sorted(out)]
 
 
-class ScheduleWorker:
-    """Evaluates ``lib.schedule.lr_at`` in a helper process.
-
-    Importing :mod:`lib.schedule` pulls in torch and diffusers, which takes seconds. Started
-    before the log is parsed (``load_run(..., prefetch_schedule=True)``), the import runs on a
-    second core while this process parses. Not used on one core, without ``fork``, or when
-    :mod:`lib.schedule` is already imported; any failure falls back to evaluating here.
-    """
-    _conn = None
-    _proc = None
-    _ready = False
-
-    @classmethod
-    def start(cls, force: bool = False) -> None:
-        if cls._proc is not None:
-            return
-        if not force and ("lib.schedule" in sys.modules or (os.cpu_count() or 1) < 2):
-            return
-        if "fork" not in multiprocessing.get_all_start_methods():
-            return
-        try:
-            ctx = multiprocessing.get_context("fork")
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_schedule_worker_main, args=(child,), daemon=True)
-            proc.start()
-            child.close()
-        except OSError:
-            return
-        cls._conn, cls._proc = parent, proc
-
-    @classmethod
-    def running(cls) -> bool:
-        return cls._proc is not None
-
-    @classmethod
-    def ready(cls) -> bool:
-        """Whether the helper has finished its import (it says so once); never waits."""
-        if cls._conn is not None and not cls._ready:
-            try:
-                if cls._conn.poll():
-                    cls._conn.recv()
-                    cls._ready = True
-            except (EOFError, OSError, ValueError):
-                cls.stop()
-        return cls._ready
-
-    @classmethod
-    def evaluate(cls, cfg: Any, steps: np.ndarray) -> Optional[np.ndarray]:
-        if cls._conn is None:
-            return None
-        try:
-            if not cls._ready:
-                cls._conn.recv()                  # wait for the import to finish
-                cls._ready = True
-            cls._conn.send((cfg, np.asarray(steps, dtype=np.int64).tolist()))
-            ok, result = cls._conn.recv()
-        except (EOFError, OSError, ValueError):
-            cls.stop()
-            return None
-        return np.asarray(result, dtype=np.float64) if ok else None
-
-    @classmethod
-    def stop(cls) -> None:
-        conn, proc = cls._conn, cls._proc
-        cls._conn = cls._proc = None
-        cls._ready = False
-        if conn is not None:
-            try:
-                conn.send(None)
-                conn.close()
-            except (OSError, ValueError):
-                pass
-        if proc is not None:
-            proc.join(timeout=2)
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(timeout=2)
-
-
-def _schedule_worker_main(conn: Any) -> None:
-    try:
-        from lib.schedule import lr_at
-    except Exception as exc:        # reported to the caller, who then evaluates in-process
-        lr_at, error = None, f"{type(exc).__name__}: {exc}"
-    try:
-        conn.send("ready")
-    except (OSError, ValueError):
-        return
-    while True:
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError):
-            return
-        if msg is None:
-            return
-        cfg, steps = msg
-        if lr_at is None:
-            conn.send((False, error))
-            continue
-        try:
-            conn.send((True, [lr_at(cfg, s) for s in steps]))
-        except Exception as exc:
-            conn.send((False, f"{type(exc).__name__}: {exc}"))
-
-
 def _lr_at_steps(cfg: Any, steps: np.ndarray) -> np.ndarray:
-    """``lib.schedule.lr_at(cfg, s)`` for every s (in the helper process when it runs)."""
-    values = ScheduleWorker.evaluate(cfg, steps)
-    if values is not None and len(values) == len(steps):
-        return values
-    from lib.schedule import lr_at            # imports torch and diffusers: only when needed
-    return np.array([lr_at(cfg, int(s)) for s in steps], dtype=np.float64)
+    """``lib.schedule.lr_at(cfg, s)`` for every s (plain Python: about a microsecond each)."""
+    from lib.schedule import lr_at
+    return np.array([lr_at(cfg, s) for s in steps.tolist()], dtype=np.float64)
 
 
 def toolkit_schedule(run: ParsedRun) -> Optional[Schedule]:

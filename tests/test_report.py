@@ -234,22 +234,6 @@ def test_bad_config_option_is_a_user_error(tmp_path):
         report.main([str(log), "--config", str(tmp_path / "missing.yaml")])
 
 
-def test_schedule_worker_matches_lr_at(tmp_path):
-    import numpy as np
-    from lib.config import load_config
-    from lib.runlog_parse import ScheduleWorker
-    from lib.schedule import lr_at
-    cfg = load_config(None, ["vae.train.warmup_steps=100", "vae.train.max_steps=1000"]).vae.train
-    steps = np.arange(0, 1001, 50)
-    ScheduleWorker.start(force=True)
-    try:
-        got = ScheduleWorker.evaluate(cfg, steps)
-    finally:
-        ScheduleWorker.stop()
-    assert got is not None and got.tolist() == [lr_at(cfg, int(s)) for s in steps]
-    assert ScheduleWorker.evaluate(cfg, steps) is None          # stopped: callers evaluate here
-
-
 def test_parallel_parse_of_original_logs_equals_sequential(tmp_path, monkeypatch):
     import numpy as np
     import lib.runlog_parse as rp
@@ -286,13 +270,8 @@ def test_ambiguous_inputs_are_one_line_errors(tmp_path):
         load_run([str(empty)])
 
 
-def test_lr_findings_when_the_schedule_comes_from_the_helper_process(tmp_path):
-    from lib.runlog_parse import ScheduleWorker
+def test_lr_mismatch_reaches_the_figures_and_the_report(tmp_path):
     run = toolkit_run(tmp_path, stage="prior", edit=lambda s, r: dict(r, lr=r["lr"] * 2))
-    ScheduleWorker.start(force=True)          # as in a fresh process: LR rules after the figures
-    try:
-        summary, out = run_report(tmp_path, str(run), figures=True)
-    finally:
-        ScheduleWorker.stop()
+    summary, out = run_report(tmp_path, str(run), figures=True)
     assert [f["id"] for f in summary["findings"]] == ["lr_mismatch"]
     assert "fig3_learning_rate.png" in summary["figures"] and "lr_mismatch" in (out / "report.md").read_text()

@@ -41,12 +41,16 @@ def test_decay_ends_at_min_lr_absolute_floor(name):
 
 
 @pytest.mark.parametrize("name", ["cosine", "linear", "polynomial", "constant", "constant_with_warmup"])
-def test_stepped_scheduler_equals_lr_at_every_step(name):
-    c = cfg(lr_scheduler=name)
+@pytest.mark.parametrize("variant", [{}, {"warmup_steps": 0, "min_lr": 0.0}, {"lr_power": 0.95, "max_steps": 77},
+                                     {"min_lr": 2e-3}])
+def test_stepped_scheduler_equals_lr_at_every_step(name, variant):
+    """diffusers' multiplier in the optimizer (the implementation) against the closed form
+    lr_at (the specification), at every step and a little past max_steps."""
+    c = cfg(lr_scheduler=name, **variant)
     p = torch.nn.Parameter(torch.zeros(3))
     opt = torch.optim.AdamW([p], lr=123.0)       # the builder sets the base LR from the config
     sched = build_scheduler(opt, c)
-    for s in range(c.max_steps + 1):
+    for s in range(c.max_steps + 10):
         assert opt.param_groups[0]["lr"] == pytest.approx(lr_at(c, s), rel=1e-12, abs=1e-18)
         check_schedule(opt, c, s)
         opt.step()
@@ -92,3 +96,14 @@ def test_key_points_and_format():
     assert labels == ["start", "end of warmup", "25%", "50%", "disc_start", "75%", "100%"]
     assert pts[-1][2] == pytest.approx(c.min_lr)
     assert format_lr(5e-6) == "5.000e-06"
+
+
+def test_lr_at_needs_no_torch():
+    """report.py evaluates lr_at for every logged step without importing torch (seconds)."""
+    import subprocess
+    import sys
+    code = ("import sys; from lib.config import TrainConfig; from lib.schedule import lr_at; "
+            "lr_at(TrainConfig(), 10); print(sorted(m for m in ('torch', 'diffusers') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    assert res.stdout.strip() == "[]"
