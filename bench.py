@@ -27,6 +27,9 @@ Peak memory (RSS, and CUDA on a GPU) is measured for each step in a child proces
 Stage ``prior`` times ``train_unified_prior.py``'s step (frozen VAE encode, diffusion loss,
 update) through lib/prior.py on a randomly initialised VAE (the timing does not depend on its
 weights); there is no reference for it.
+
+Stage ``data`` measures the data loader alone (the training stream of the configured split,
+batch size and workers), from the PNGs and from the packed cache, without building a model.
 """
 from __future__ import annotations
 
@@ -563,7 +566,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--config", required=True, help="experiment YAML, e.g. configs/demo.yaml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (repeatable), e.g. --set data.image_size=64")
-    p.add_argument("--stage", choices=["vae", "prior"], required=True)
+    p.add_argument("--stage", choices=["vae", "prior", "data"], required=True,
+                   help="data: the data loader alone, PNG against cached")
     p.add_argument("--steps", type=int, default=10, help="timed optimizer steps per measurement")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before each measurement")
     p.add_argument("--batch-size", type=int, default=None, help="data.batch_size for this benchmark")
@@ -601,7 +605,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             "batch_size": cfg.data.batch_size, "image_size": cfg.data.image_size, "steps": a.steps,
             "warmup": a.warmup}
     with tempfile.TemporaryDirectory(prefix="bench-") as work:
-        if a.stage == "vae":
+        if a.stage == "data":
+            res, _ = measure_data(cfg, log, a.data_seconds)
+        elif a.stage == "vae":
             tcfg = cfg.vae.train
             info.update({k: getattr(tcfg, k) for k in ("mixed_precision", "tf32", "channels_last", "compile")})
             res = bench_vae(cfg, a.steps, a.warmup, phases, not a.no_reference, Path(work), log,
@@ -628,9 +634,14 @@ def summary(r: dict[str, Any]) -> str:
     lines = [f"{r['stage']}: {r['config']} {' '.join(r['overrides'])}".rstrip(),
              f"  {r['cpu']}, {r['torch_threads']} torch threads, torch {r['torch']}"
              f"{', ' + r['gpu'] if r['gpu'] else ''}; batch {r['batch_size']}, {r['image_size']} px; "
-             f"load average {r['load_average']}",
-             f"  toolkit    {r['steps_per_sec']:.4g} steps/s, {r['samples_per_sec']:.4g} samples/s"
-             + memory_text(r.get("peak_rss_mb"), r.get("cuda_peak_mb"))]
+             f"load average {r['load_average']}"]
+    loader = (f"  data loader alone: PNG {r['data_samples_per_sec_png']:.4g} samples/s, cached "
+              f"{r['data_samples_per_sec_cached']:.4g} samples/s ({r['cache_speedup']:.2f}x); "
+              f"this config reads {r['data_path']}")
+    if r["stage"] == "data":
+        return "\n".join(lines + [loader])
+    lines.append(f"  toolkit    {r['steps_per_sec']:.4g} steps/s, {r['samples_per_sec']:.4g} samples/s"
+                 + memory_text(r.get("peak_rss_mb"), r.get("cuda_peak_mb")))
     if r.get("reference_steps_per_sec"):
         lines.append(f"  reference  {r['reference_steps_per_sec']:.4g} steps/s"
                      + memory_text(r.get("reference_peak_rss_mb"), r.get("reference_cuda_peak_mb"))
@@ -642,9 +653,7 @@ def summary(r: dict[str, Any]) -> str:
         lines.append(f"  reference  {r['reference']}")
     share = r["time_share"]
     lines.append("  time split " + ", ".join(f"{k} {100 * share[k]:.1f}%" for k in share))
-    lines.append(f"  data loader alone: PNG {r['data_samples_per_sec_png']:.4g} samples/s, cached "
-                 f"{r['data_samples_per_sec_cached']:.4g} samples/s ({r['cache_speedup']:.2f}x); "
-                 f"this config reads {r['data_path']}")
+    lines.append(loader)
     if r.get("trainer_run"):
         t = r["trainer_run"]
         lines.append(f"  train_vae.py, {t['steps']} steps in {t['total_s']:.1f} s: validation "

@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import numpy as np
-import torch
 
 from lib.data import (ANTENNAS_DIR, BUILDINGS_DIR, CARS_DIR, GAIN_DIR, RadioMapDataset, Sample, SamplePaths,
                       _BadFile, _read_png, _to_unit, discover_maps, resize_maps, sample_paths, tx_pixel)
@@ -221,26 +220,25 @@ class PackedMaps:
                 raise CacheError(self.path, f"has no sample for map {m}, transmitter {t} of "
                                             f"{dataset.root}")
 
-    def read(self, p: SamplePaths, size: Optional[int] = None) -> Sample:
-        """What :func:`lib.data.read_sample` returns for ``p``, from the arrays (the maps already
-        at ``size`` when that copy is in use). Files that were unreadable when the cache was
-        built raise the loader's error, in the loader's order."""
+    def read(self, map_id: int, tx: int, simulation: str, cars: bool, size: Optional[int],
+             paths: Callable[[], SamplePaths]) -> Sample:
+        """What :func:`lib.data.read_sample` returns for that sample, from the arrays (the maps
+        already at ``size``, as float32, when that copy is in use). Files that were unreadable
+        when the cache was built raise the loader's error, in the loader's order (``paths``
+        gives the sample's files; it is only called for that)."""
         if self.bad:
+            p = paths()
             for path in (p.buildings, p.antenna, p.gain, p.cars):
                 reason = self.bad.get(_relative(path)) if path is not None else None
                 if reason is not None:
                     raise _BadFile(path, reason)
-        row, pair = self._map_row[p.map_id], self.pair_row(p.map_id, p.tx)
+        row, pair = self._map_row[map_id], self.pair_row(map_id, tx)
         a = self.arrays(size if size in self.views else None)
         buildings = a["buildings"][row]
-        third = a["cars"][row] if p.cars is not None else buildings
-        gain = a[f"gain-{p.gain.parent.name}"][pair]
-        if gain.dtype == np.float32:                       # the resized copy
-            maps = torch.from_numpy(np.stack([gain, buildings, third]))
-        else:
-            maps = _to_unit(gain, buildings, third)
-        ty, tx = self.arrays()["tx"][pair].tolist()
-        return maps, tuple(self.size), (ty, tx) if ty >= 0 else None
+        third = a["cars"][row] if cars else buildings
+        ty, tx_x = self.arrays()["tx"][pair].tolist()
+        return (a[f"gain-{simulation}"][pair], buildings, third), tuple(self.size), \
+            (ty, tx_x) if ty >= 0 else None
 
 
 def _detail(exc: BaseException) -> str:

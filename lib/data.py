@@ -150,9 +150,25 @@ def _read_png(path: Path, shape: tuple[int, int] | None, like: Path | None = Non
         raise _BadFile(path, f"corrupt or truncated PNG ({detail})") from None
 
 
+_UNIT_SCALE = np.float32(2.0 / 255.0)
+
+
+def _unit_into(out: np.ndarray, layer: np.ndarray) -> None:
+    """Write a map into the float32 array ``out``: uint8 pixels as ``pixel / 255 * 2 - 1``
+    (float32 arithmetic), float32 maps (already in [-1, 1]) as they are."""
+    if layer.dtype == np.uint8:
+        np.multiply(layer, _UNIT_SCALE, out=out, dtype=np.float32)
+        np.subtract(out, np.float32(1.0), out=out)
+    else:
+        np.copyto(out, layer)
+
+
 def _to_unit(*maps: np.ndarray) -> torch.Tensor:
     """uint8 (H, W) maps -> one float32 (len(maps), H, W) tensor of ``pixel / 255 * 2 - 1``."""
-    return torch.from_numpy(np.stack(maps)).float().mul_(2.0 / 255.0).sub_(1.0)
+    out = np.empty((len(maps), *maps[0].shape), dtype=np.float32)
+    for i, layer in enumerate(maps):
+        _unit_into(out[i], layer)
+    return torch.from_numpy(out)
 
 
 NO_TX_PIXEL = "no transmitter pixel (expected one pixel > 0)"
@@ -183,9 +199,10 @@ def tx_pixel(antenna: np.ndarray) -> Optional[tuple[int, int]]:
     return divmod(flat, antenna.shape[1])
 
 
-# (gain, buildings, cars-or-buildings) as float32 (3, h, w) in [-1, 1], the maps' native
-# (H, W), and the transmitter's pixel at the native size (None: the antenna map has none)
-Sample = tuple[torch.Tensor, tuple[int, int], Optional[tuple[int, int]]]
+# (gain, buildings, cars-or-buildings) as (h, w) arrays: uint8 pixels, or float32 in [-1, 1]
+# (a cache's resized copy); the maps' native (H, W); and the transmitter's pixel at the native
+# size (None: the antenna map has none)
+Sample = tuple[tuple[np.ndarray, np.ndarray, np.ndarray], tuple[int, int], Optional[tuple[int, int]]]
 
 
 def read_sample(p: SamplePaths) -> Sample:
@@ -196,7 +213,7 @@ def read_sample(p: SamplePaths) -> Sample:
     antenna = _read_png(p.antenna, shape, p.buildings)
     gain = _read_png(p.gain, shape, p.buildings)
     third = _read_png(p.cars, shape, p.buildings) if p.cars is not None else buildings
-    return _to_unit(gain, buildings, third), shape, tx_pixel(antenna)
+    return (gain, buildings, third), shape, tx_pixel(antenna)
 
 
 def resize_maps(maps: torch.Tensor, size: int) -> torch.Tensor:
@@ -378,25 +395,31 @@ class RadioMapDataset(Dataset):
         return sample_paths(self.root, m, tx, self.simulations[s], bool(self._cars[s]))
 
     def _load(self, index: int) -> dict:
-        paths = self.sample_paths(index)
         size = self.image_size
+        map_id, tx, s = int(self._map[index]), int(self._tx[index]), int(self._sim[index])
         if self.cache is None:
-            maps, shape, pixel = read_sample(paths)
-        else:
-            maps, shape, pixel = self.cache.read(paths, size)
+            layers, shape, pixel = read_sample(self.sample_paths(index))
+        else:                      # the file paths are only needed for files recorded as bad
+            layers, shape, pixel = self.cache.read(map_id, tx, self.simulations[s], bool(self._cars[s]),
+                                                   size, lambda: self.sample_paths(index))
         if pixel is None:
-            raise _BadFile(paths.antenna, NO_TX_PIXEL)
-        if maps.shape[1:] != (size, size):
-            maps = resize_maps(maps, size)
+            raise _BadFile(self.sample_paths(index).antenna, NO_TX_PIXEL)
+        # one (4, size, size) tensor: gain | buildings, transmitter, cars-or-buildings; the
+        # image and the condition are views of it (no copies here)
+        out = np.empty((4, size, size), dtype=np.float32)
+        if layers[0].shape == (size, size):
+            for row, layer in zip((0, 1, 3), layers):
+                _unit_into(out[row], layer)
+        else:
+            out[[0, 1, 3]] = resize_maps(_to_unit(*layers), size).numpy()
         ty, tx_x = pixel
         if shape != (size, size):
             ty = min(size - 1, int((ty + 0.5) * size / shape[0]))
             tx_x = min(size - 1, int((tx_x + 0.5) * size / shape[1]))
-        tx_map = torch.full((size, size), -1.0)
-        tx_map[ty, tx_x] = 1.0
-        cond = torch.stack([maps[1], tx_map, maps[2]])
-        return {"image": maps[0:1].contiguous(), "cond": cond, "sim_id": int(self._sim[index]),
-                "map_id": paths.map_id, "tx": paths.tx}
+        out[2].fill(-1.0)
+        out[2, ty, tx_x] = 1.0
+        sample = torch.from_numpy(out)
+        return {"image": sample[0:1], "cond": sample[1:4], "sim_id": s, "map_id": map_id, "tx": tx}
 
 
 def build_datasets(data_cfg, seed: int, splits: Sequence[str] = ("train", "val"),

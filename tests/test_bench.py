@@ -91,3 +91,15 @@ def test_memory_probe(tmp_path, tiny_data, variant):
     cfg = load_config(tiny_config(tmp_path, tiny_data))
     mem = bench.memory_probe(cfg, variant, ["pre_disc_start", "post_disc_start"], tmp_path / "probe")
     assert mem["peak_rss_mb"] > 0 and mem["cuda_peak_mb"] is None
+
+
+def test_data_stage_measures_the_loader_alone(tmp_path, tiny_data, capsys):
+    cfg = tiny_config(tmp_path, tiny_data)
+    out = tmp_path / "data.json"
+    assert bench.main(["--config", str(cfg), "--stage", "data", "--data-seconds", "0.05",
+                       "--threads", "1", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["data_samples_per_sec_png"] > 0 and r["data_samples_per_sec_cached"] > 0
+    assert r["cache_speedup"] == pytest.approx(r["data_samples_per_sec_cached"] / r["data_samples_per_sec_png"], rel=0.01)
+    assert "steps_per_sec" not in r and r["data_path"] == "png"
+    assert "data loader alone: PNG" in capsys.readouterr().out

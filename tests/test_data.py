@@ -353,3 +353,14 @@ def test_build_datasets_real_source_does_not_generate(tmp_path):
     with pytest.raises(DataError, match="RadioMapSeer: folder not found"):
         build_datasets(cfg, seed=0, log=quiet)
     assert not (tmp_path / "RadioMapSeer").exists()
+
+
+def test_pixel_conversion_is_exact_float32_arithmetic():
+    """uint8 -> [-1, 1]: float32(pixel) * float32(2/255) - 1 for every value, as torch computes it."""
+    from lib.data import _to_unit
+    pixels = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    expected = torch.from_numpy(pixels.copy()).float().mul_(2.0 / 255.0).sub_(1.0)
+    got = _to_unit(pixels, pixels[::-1].copy())
+    assert got.dtype == torch.float32 and got.shape == (2, 16, 16)
+    assert torch.equal(got[0], expected) and torch.equal(got[1], expected.flip(0))
+    assert got[0, 0, 0] == -1.0 and got[0, -1, -1] == 1.0
