@@ -31,13 +31,13 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from lib.errors import DataError
 
@@ -365,18 +365,41 @@ class RadioMapDataset(Dataset):
         return int(self._map[index]), int(self._tx[index]), self.simulations[self._sim[index]]
 
     def __getitem__(self, index: int) -> dict:
+        size = self.image_size
+        image = np.empty((1, size, size), dtype=np.float32)
+        cond = np.empty((3, size, size), dtype=np.float32)
+        s, map_id, tx = self._read_into(index, image, cond)
+        return {"image": torch.from_numpy(image), "cond": torch.from_numpy(cond), "sim_id": s,
+                "map_id": map_id, "tx": tx}
+
+    def __getitems__(self, indices: list[int]) -> dict:
+        """A whole batch, each sample written in place into the batch's arrays: what
+        ``__getitem__`` and collation give, with one allocation per batch and no copy.
+        (:class:`torch.utils.data.DataLoader` calls it; :func:`collate` passes it through.)"""
+        size = self.image_size
+        image = np.empty((len(indices), 1, size, size), dtype=np.float32)
+        cond = np.empty((len(indices), 3, size, size), dtype=np.float32)
+        keys = [self._read_into(i, image[k], cond[k]) for k, i in enumerate(indices)]
+        sims, maps, txs = (torch.tensor(v, dtype=torch.int64) for v in zip(*keys)) if keys else \
+            (torch.zeros(0, dtype=torch.int64),) * 3
+        return {"image": torch.from_numpy(image), "cond": torch.from_numpy(cond), "sim_id": sims,
+                "map_id": maps, "tx": txs}
+
+    def _read_into(self, index: int, image: np.ndarray, cond: np.ndarray) -> tuple[int, int, int]:
+        """Sample ``index`` (or, with ``on_bad_file: skip``, the next readable one) into
+        ``image`` (1, S, S) and ``cond`` (3, S, S); returns its (simulation index, map, tx)."""
         n = len(self)
         if not -n <= index < n:
             raise IndexError(index)
         index %= n
         if self.on_bad_file == "error":
-            return self._load(index)
+            return self._load(index, image, cond)
         for k in range(n):
             j = (index + k) % n
             if j in self._bad:
                 continue
             try:
-                return self._load(j)
+                return self._load(j, image, cond)
             except _BadFile as exc:
                 self._bad.add(j)
                 if all(exc.path != p for p, _ in self.skipped):   # report each file once
@@ -394,7 +417,9 @@ class RadioMapDataset(Dataset):
         m, tx, s = int(self._map[index]), int(self._tx[index]), int(self._sim[index])
         return sample_paths(self.root, m, tx, self.simulations[s], bool(self._cars[s]))
 
-    def _load(self, index: int) -> dict:
+    def _load(self, index: int, image: np.ndarray, cond: np.ndarray) -> tuple[int, int, int]:
+        """Write sample ``index`` into ``image`` (gain) and ``cond`` (buildings, transmitter,
+        cars-or-buildings), float32 in [-1, 1] at ``image_size``."""
         size = self.image_size
         map_id, tx, s = int(self._map[index]), int(self._tx[index]), int(self._sim[index])
         if self.cache is None:
@@ -404,22 +429,26 @@ class RadioMapDataset(Dataset):
                                                    size, lambda: self.sample_paths(index))
         if pixel is None:
             raise _BadFile(self.sample_paths(index).antenna, NO_TX_PIXEL)
-        # one (4, size, size) tensor: gain | buildings, transmitter, cars-or-buildings; the
-        # image and the condition are views of it (no copies here)
-        out = np.empty((4, size, size), dtype=np.float32)
+        targets = (image[0], cond[0], cond[2])
         if layers[0].shape == (size, size):
-            for row, layer in zip((0, 1, 3), layers):
-                _unit_into(out[row], layer)
+            for target, layer in zip(targets, layers):
+                _unit_into(target, layer)
         else:
-            out[[0, 1, 3]] = resize_maps(_to_unit(*layers), size).numpy()
+            for target, layer in zip(targets, resize_maps(_to_unit(*layers), size).numpy()):
+                np.copyto(target, layer)
         ty, tx_x = pixel
         if shape != (size, size):
             ty = min(size - 1, int((ty + 0.5) * size / shape[0]))
             tx_x = min(size - 1, int((tx_x + 0.5) * size / shape[1]))
-        out[2].fill(-1.0)
-        out[2, ty, tx_x] = 1.0
-        sample = torch.from_numpy(out)
-        return {"image": sample[0:1], "cond": sample[1:4], "sim_id": s, "map_id": map_id, "tx": tx}
+        cond[1].fill(-1.0)
+        cond[1, ty, tx_x] = 1.0
+        return s, map_id, tx
+
+
+def collate(data: Any) -> Any:
+    """DataLoader collation: a batch from :meth:`RadioMapDataset.__getitems__` as it is,
+    anything else (a list of samples) as torch's ``default_collate`` makes it."""
+    return data if isinstance(data, dict) else default_collate(data)
 
 
 def build_datasets(data_cfg, seed: int, splits: Sequence[str] = ("train", "val"),
@@ -505,7 +534,7 @@ def train_batches(dataset: Dataset, batch_size: int, seed: int, start_batch: int
     sampler = _TrainBatchSampler(n, batch_size, seed, start_batch, rank, world_size)
     # An own generator: a DataLoader iterator otherwise draws its worker seed from the global
     # RNG, and a resumed run (which creates its iterator at another point) would drift.
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
                         pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed))
     return iter(loader)
 
@@ -531,6 +560,6 @@ def eval_batches(dataset: Dataset, batch_size: int, max_batches: int = 0, rank: 
     batches = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
     if max_batches:
         batches = batches[:max_batches]
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate,
                         generator=torch.Generator().manual_seed(0))   # leaves the global RNG alone
     return iter(loader)

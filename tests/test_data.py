@@ -364,3 +364,22 @@ def test_pixel_conversion_is_exact_float32_arithmetic():
     assert got.dtype == torch.float32 and got.shape == (2, 16, 16)
     assert torch.equal(got[0], expected) and torch.equal(got[1], expected.flip(0))
     assert got[0, 0, 0] == -1.0 and got[0, -1, -1] == 1.0
+
+
+@pytest.mark.parametrize("size", [SIZE, 20])
+def test_batched_reads_equal_collated_samples(city, copy, size):
+    """__getitems__ (what the loaders call) gives what default_collate of __getitem__ gives,
+    including the next readable sample in place of a bad one (on_bad_file: skip)."""
+    from torch.utils.data import default_collate
+    (copy / "gain" / "IRT2" / "1_1.png").write_bytes(b"not a png")
+    for d in (ds(city, ("DPM", "carsDPM"), size=size), ds(copy, ("DPM", "IRT2"), size=size, on_bad_file="skip")):
+        idx = [0, 5, 9, 2, len(d) - 1]          # 9: map 1, transmitter 1, IRT2 (bad in the copy)
+        batch = d.__getitems__(idx)
+        ref = default_collate([d[i] for i in idx])
+        assert batch.keys() == ref.keys()
+        for k in batch:
+            assert batch[k].dtype == ref[k].dtype and torch.equal(batch[k], ref[k]), k
+        loaded = next(iter(eval_batches(d, batch_size=len(d))))
+        assert torch.equal(loaded["cond"], default_collate([d[i] for i in range(len(d))])["cond"])
+    assert [Path(p).name for p, _ in d.skipped] == ["1_1.png"]
+    assert (batch["map_id"][2], batch["tx"][2], batch["sim_id"][2]) == (1, 2, 0)   # the next readable one
