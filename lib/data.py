@@ -380,8 +380,7 @@ class RadioMapDataset(Dataset):
         image = np.empty((len(indices), 1, size, size), dtype=np.float32)
         cond = np.empty((len(indices), 3, size, size), dtype=np.float32)
         keys = [self._read_into(i, image[k], cond[k]) for k, i in enumerate(indices)]
-        sims, maps, txs = (torch.tensor(v, dtype=torch.int64) for v in zip(*keys)) if keys else \
-            (torch.zeros(0, dtype=torch.int64),) * 3
+        sims, maps, txs = torch.tensor(keys, dtype=torch.int64).reshape(-1, 3).T.contiguous()
         return {"image": torch.from_numpy(image), "cond": torch.from_numpy(cond), "sim_id": sims,
                 "map_id": maps, "tx": txs}
 

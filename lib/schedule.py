@@ -125,12 +125,13 @@ def rebase_scheduler(scheduler: LambdaLR, cfg: TrainConfig, step: int) -> None:
     the optimizer's LR is set to ``lr_at(cfg, step)``.
     """
     factor = _factor(cfg)
+    lr = cfg.lr * factor(step)
     scheduler.base_lrs = [cfg.lr for _ in scheduler.base_lrs]
     scheduler.lr_lambdas = [factor for _ in scheduler.lr_lambdas]
     for group in scheduler.optimizer.param_groups:
         group["initial_lr"] = cfg.lr
-        group["lr"] = cfg.lr * factor(step)
-    scheduler._last_lr = [cfg.lr * factor(step) for _ in scheduler.base_lrs]
+        group["lr"] = lr
+    scheduler._last_lr = [lr for _ in scheduler.base_lrs]
 
 
 def check_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: int,
