@@ -5,28 +5,25 @@ time of a step goes, and, for stage 1, the reference trainer's step at the same 
     python bench.py --config configs/m.yaml --set data.image_size=64 --batch-size 2 --stage vae --steps 5
     python bench.py --config configs/demo.yaml --stage prior --steps 20
 
-Stage ``vae`` builds the models as ``train_vae.py`` does and runs its optimizer step through
-the same lib calls, timing five phases: data (next batch, to the device), forward (VAE,
-losses, discriminator), backward, optimizer (clip, finiteness check, update, schedule, EMA) and
-logging (loss tracking, fault checks, the training record every ``log_every`` steps). On a GPU
+Stage ``vae`` builds the models with ``train_vae.build_models`` and runs ``train_vae.train_step``
+itself (the function the trainer's loop calls, not a copy), timing its phases: data (next
+batch, to the device), forward (VAE, losses, discriminator), backward, optimizer (clip,
+finiteness check, update, schedule, EMA), and logging (what the trainer's loop does after each
+step: loss tracking, fault checks, the training record every ``log_every`` steps). On a GPU
 every phase boundary synchronises, so GPU work is charged to the phase that queued it.
 
-In the same process and at the same config it runs the reference trainer's step (RadioDiff's
-``train_vae.py`` with the LDM loss), rebuilt from the same lib pieces: fp32, eager, PNG data;
-per step a generator update (full VAE forward; the discriminator's logits and the adaptive
-weight computed even before ``disc_start``, where they are multiplied by ``disc_factor = 0``;
-backward; step) and a discriminator update with a second full VAE forward of the same batch;
-gradient clipping after the optimizer steps, and ``.item()`` of every logged value each step.
-(The discriminator's two calls are batched into one, which favours the reference slightly.)
+In the same process and at the same config it runs the reference trainer's step
+(:mod:`lib.reference_step`: RadioDiff's ``train_vae.py`` with the LDM loss, two full VAE
+forwards per step, fp32, eager, PNG data).
 
 Both phases of a run are measured by default: before ``disc_start`` (the toolkit skips the
 discriminator) and after. The headline numbers weight them as a run of ``max_steps`` does.
 The two steps take turns step by step, so a change in the machine's load slows both alike.
 Peak memory (RSS, and CUDA on a GPU) is measured for each step in a child process of its own.
 
-Stage ``prior`` times ``train_unified_prior.py``'s step (frozen VAE encode, diffusion loss,
-update) through lib/prior.py on a randomly initialised VAE (the timing does not depend on its
-weights); there is no reference for it.
+Stage ``prior`` times ``train_unified_prior.train_step`` (phases data, encode: the frozen VAE,
+forward: the diffusion loss, backward, optimizer, logging) on a randomly initialised VAE (the
+timing does not depend on its weights); there is no reference for it.
 
 Stage ``data`` measures the data loader alone (the training stream of the configured split,
 batch size and workers), from the PNGs and from the packed cache, without building a model.
@@ -50,29 +47,31 @@ from typing import Any, Iterator, Optional
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from tqdm import tqdm
 
-from lib.accel import make_accelerator, prepare_model
-from lib.config import Config, TrainConfig, load_config
-from lib.data import RadioMapDataset, build_datasets, train_batches
+import train_unified_prior
+import train_vae
+from lib.accel import make_accelerator
+from lib.batching import train_batches
+from lib.config import Config, load_config
+from lib.dataset import RadioMapDataset, build_datasets
 from lib.errors import UserError, run_cli
-from lib.losses import adaptive_weight, discriminator_loss, generator_loss, load_perceptual
-from lib.models import VAEWithLogvar, build_discriminator, frozen
+from lib.faults import FaultPolicy
+from lib.models import build_vae
+from lib.reference_step import ReferenceVAE
 from lib.runlog import MeanTracker, RunLog
-from lib.schedule import build_scheduler
-from lib.training import Cadence, Supervisor, all_finite, apply_updates, clip_grad_norms, training_batches
-from train_vae import TRAIN_KEYS
+from lib.schedule import check_schedules
 
-PHASES = ("data", "forward", "backward", "optimizer", "logging")
+PHASES = {"vae": ("data", "forward", "backward", "optimizer", "logging"),
+          "prior": ("data", "encode", "forward", "backward", "optimizer", "logging")}
 
 
 # --------------------------------------------------------------------------- measuring
 class PhaseTimer:
     """Wall seconds per phase of a step."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, phases: tuple[str, ...] = PHASES["vae"]) -> None:
         self.cuda = device.type == "cuda"
-        self.seconds = dict.fromkeys(PHASES, 0.0)
+        self.seconds = dict.fromkeys(phases, 0.0)
 
     def sync(self) -> None:
         if self.cuda:
@@ -105,15 +104,15 @@ def peak_memory_mb(device: torch.device) -> dict[str, Optional[float]]:
 
 
 def time_steps(steps_by_name: dict[str, Any], steps: int, warmup: int,
-               device: torch.device) -> dict[str, dict[str, Any]]:
+               device: torch.device, phases: tuple[str, ...] = PHASES["vae"]) -> dict[str, dict[str, Any]]:
     """Run each ``step(timer)`` of ``steps_by_name`` ``warmup`` times untimed, then ``steps``
     timed times, taking turns step by step (so that a machine whose load changes slows all of
     them alike). Returns, per name, seconds per step in total and per phase (``other``: time
     outside the phases)."""
     for _ in range(warmup):
         for step in steps_by_name.values():
-            step(PhaseTimer(device))
-    timers = {name: PhaseTimer(device) for name in steps_by_name}
+            step(PhaseTimer(device, phases))
+    timers = {name: PhaseTimer(device, phases) for name in steps_by_name}
     wall = dict.fromkeys(steps_by_name, 0.0)
     for _ in range(steps):
         for name, step in steps_by_name.items():
@@ -174,167 +173,48 @@ def measure_data(cfg: Config, log, seconds: float = 0.5) -> tuple[dict[str, Any]
     return out, {"configured": cached if uses_cache else png, "png": png}
 
 
-# --------------------------------------------------------------------------- stage 1
-def adamw(params, tcfg: TrainConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(params, lr=tcfg.lr, betas=tuple(tcfg.adam_betas), weight_decay=tcfg.weight_decay)
+# --------------------------------------------------------------------------- the trainers' steps
+class TrainerStep:
+    """A trainer's own ``train_step`` on its own ``build_models``, driven as its loop drives it:
+    after each update the logs go to the tracker and the fault policy, and every ``log_every``
+    updates a training record is written and the schedule guard and watchdog run."""
 
-
-class _Loop:
-    """What both stages' steps share with their trainers' loops: the training stream, the run
-    log, the fault policy and the cadence of training records."""
-
-    def _start_loop(self, cfg: Config, accelerator: Accelerator, dataset: RadioMapDataset, run_dir: Path,
-                    stage: str) -> None:
-        self.data = training_batches(accelerator, cfg, dataset, 0)
+    def __init__(self, stage: str, cfg: Config, accelerator: Accelerator, dataset: RadioMapDataset,
+                 run_dir: Path) -> None:
+        self.stage, self.cfg, self.acc = stage, cfg, accelerator
+        self.train_cfg = getattr(cfg, stage).train
+        set_seed(cfg.seed)
+        if stage == "vae":
+            self.m = train_vae.build_models(cfg, accelerator)
+            self.train_step, self.watched = train_vae.train_step, "rec_loss"
+            self.lrs = {"lr": self.m.opt_g, "lr_disc": self.m.opt_d}
+        else:
+            vae = build_vae(cfg.vae.model, cfg.data.image_size).requires_grad_(False).eval()
+            self.m = train_unified_prior.build_models(cfg, accelerator, vae, 2 ** (len(cfg.vae.model.block_out_channels) - 1))
+            self.train_step, self.watched = train_unified_prior.train_step, "loss"
+            self.lrs = {"lr": self.m.opt}
+        set_seed(cfg.seed + accelerator.process_index)
+        self.data = train_batches(dataset, cfg.data.batch_size, cfg.seed, rank=accelerator.process_index,
+                                  world_size=accelerator.num_processes, num_workers=cfg.data.num_workers)
         self.log = RunLog(run_dir, accelerator.is_main_process)
-        self.sup = Supervisor(accelerator, getattr(cfg, stage).train, stage, self.log, run_dir / "checkpoints")
-        self.cadence = Cadence(getattr(cfg, stage).train, bar=tqdm(disable=True))
+        self.faults = FaultPolicy(accelerator, self.train_cfg, stage, self.log, run_dir / "checkpoints")
         self.tracker = MeanTracker()
         self.steps = 0
+        self.log.start_clock(0)
 
-    def _after_update(self, applied: bool, values: dict[str, torch.Tensor], keys: list[str],
-                      optimizers: dict[str, torch.optim.Optimizer], watched: str) -> None:
-        if applied:
-            self.steps += 1
-            self.cadence.stepped()
-        self.sup.update_done(applied, self.steps, values)
-        if applied and self.cadence.log_due(self.steps):
-            self.sup.log_train(self.steps, self.tracker, keys, optimizers, self.cadence, watched=watched)
+    def step(self, t: "PhaseTimer", *args: Any) -> None:
+        applied, logs = self.train_step(self.m, self.data, self.acc, self.cfg, *args, phase=t)
+        with t("logging"):
+            self.tracker.add(logs)
+            self.faults.after_update(self.steps, applied, logs)
+            self.steps += int(applied)
+            if applied and self.steps % self.train_cfg.log_every == 0:
+                record = self.log.train_record(self.steps, self.tracker, self.lrs)
+                check_schedules(self.train_cfg, self.steps, self.lrs)
+                self.faults.after_record(self.steps, record[self.watched], self.watched)
 
     def close(self) -> None:
         self.log.close()
-
-
-class ToolkitVAE(_Loop):
-    """``train_vae.py``'s models and optimizer step, through the same lib calls in the same order
-    (tests/test_bench.py checks that its losses equal the trainer's)."""
-
-    def __init__(self, cfg: Config, accelerator: Accelerator, dataset: RadioMapDataset, run_dir: Path) -> None:
-        from diffusers.training_utils import EMAModel
-        self.cfg, self.acc = cfg, accelerator
-        tcfg, lcfg = cfg.vae.train, cfg.vae.loss
-        set_seed(cfg.seed)
-        gen = VAEWithLogvar(cfg.vae.model, cfg.data.image_size, lcfg.logvar_init)
-        disc = build_discriminator(cfg.vae.model, lcfg)
-        self.perceptual = load_perceptual(lcfg)
-        gen, disc = prepare_model(gen, tcfg), prepare_model(disc, tcfg)
-        opt_g, opt_d = adamw(gen.parameters(), tcfg), adamw(disc.parameters(), tcfg)
-        sched_g, sched_d = build_scheduler(opt_g, tcfg), build_scheduler(opt_d, tcfg)
-        (self.gen, self.disc, self.opt_g, self.opt_d, self.sched_g,
-         self.sched_d) = accelerator.prepare(gen, disc, opt_g, opt_d, sched_g, sched_d)
-        self.gen_raw, self.disc_raw = accelerator.unwrap_model(self.gen), accelerator.unwrap_model(self.disc)
-        self.ema = EMAModel(self.gen_raw.vae.parameters(), decay=tcfg.ema_decay) if tcfg.ema else None
-        if self.ema is not None:
-            self.ema.to(accelerator.device)
-        set_seed(cfg.seed + accelerator.process_index)
-        if self.perceptual is not None:
-            self.perceptual.to(accelerator.device)
-        self._start_loop(cfg, accelerator, dataset, run_dir, "vae")
-
-    def step(self, t: PhaseTimer, disc_active: bool) -> None:
-        acc, tcfg, lcfg = self.acc, self.cfg.vae.train, self.cfg.vae.loss
-        for _ in range(tcfg.gradient_accumulation_steps):
-            with t("data"):
-                x = next(self.data)["image"].to(acc.device, non_blocking=True)
-            with acc.accumulate(self.gen, self.disc):
-                with t("forward"), acc.autocast():
-                    rec, kl = self.gen(x)
-                    with frozen(self.disc_raw):
-                        g = generator_loss(x, rec, kl, self.gen_raw.logvar, lcfg, disc_active,
-                                           self.disc_raw, self.gen_raw.last_layer, self.perceptual)
-                with t("backward"):
-                    acc.backward(g.total)
-                logs, losses = dict(g.logs), [g.total]
-                if disc_active:
-                    with t("forward"), acc.autocast():
-                        d_loss, d_logs = discriminator_loss(self.disc, x, rec)
-                    with t("backward"):
-                        acc.backward(d_loss)
-                    logs.update(d_logs)
-                    losses.append(d_loss)
-                with t("logging"):
-                    self.tracker.add(logs)
-        with t("optimizer"):
-            opts = [self.opt_g, self.opt_d] if disc_active else [self.opt_g]
-            norms = clip_grad_norms(acc, opts, tcfg.grad_clip)
-            finite = all_finite(acc, losses + norms)
-            if disc_active:
-                applied = apply_updates(acc, opts, [self.sched_g, self.sched_d], finite)
-            else:
-                self.opt_d.zero_grad(set_to_none=True)
-                applied = apply_updates(acc, opts, [self.sched_g], finite)
-                if applied:
-                    self.sched_d.step()
-            if applied and self.ema is not None:
-                self.ema.step(self.gen_raw.vae.parameters())
-        with t("logging"):
-            self.tracker.add({"grad_norm": norms[0], "grad_norm_disc": norms[1] if disc_active else None})
-            self._after_update(applied, dict(zip(["total_loss", "disc_loss"], losses)) |
-                               dict(zip(["grad_norm", "grad_norm_disc"], norms)),
-                               TRAIN_KEYS, {"lr": self.opt_g, "lr_disc": self.opt_d}, watched="rec_loss")
-
-
-class ReferenceVAE:
-    """The reference trainer's step (see the module docstring), fp32 and eager."""
-
-    def __init__(self, cfg: Config, device: torch.device, dataset: RadioMapDataset) -> None:
-        self.cfg, self.device = cfg, device
-        tcfg, lcfg = cfg.vae.train, cfg.vae.loss
-        set_seed(cfg.seed)
-        self.gen = VAEWithLogvar(cfg.vae.model, cfg.data.image_size, lcfg.logvar_init).to(device)
-        self.disc = build_discriminator(cfg.vae.model, lcfg).to(device)
-        self.perceptual = load_perceptual(lcfg)
-        if self.perceptual is not None:
-            self.perceptual.to(device)
-        # the reference's generator optimizer held the VAE only (its logvar stayed 0)
-        self.opt_g, self.opt_d = adamw(self.gen.vae.parameters(), tcfg), adamw(self.disc.parameters(), tcfg)
-        self.sched_g, self.sched_d = build_scheduler(self.opt_g, tcfg), build_scheduler(self.opt_d, tcfg)
-        self.params = list(self.gen.parameters()) + list(self.disc.parameters())
-        self.data = train_batches(dataset, cfg.data.batch_size, cfg.seed, num_workers=cfg.data.num_workers)
-
-    def step(self, t: PhaseTimer, disc_active: bool) -> None:
-        lcfg = self.cfg.vae.loss
-        disc_factor = 1.0 if disc_active else 0.0          # the reference's adopt_weight
-        with t("data"):
-            x = next(self.data)["image"].to(self.device)
-        # generator update
-        with t("forward"):
-            rec, kl = self.gen(x)
-            base = generator_loss(x, rec, kl, self.gen.logvar, lcfg, False, perceptual=self.perceptual)
-            g_loss = -self.disc(rec).mean()             # the discriminator is not frozen here
-            # base.total = nll + kl_weight * kl; the KL has no gradient at the decoder's last
-            # layer, so this is the reference's adaptive weight of the NLL.
-            d_weight = adaptive_weight(base.total, g_loss, self.gen.last_layer, lcfg.disc_weight)
-            total = base.total + d_weight * disc_factor * g_loss
-        with t("logging"):
-            total.item()
-        with t("optimizer"):
-            self.opt_g.zero_grad()
-            self.opt_d.zero_grad()
-        with t("backward"):
-            total.backward()
-        with t("optimizer"):
-            self.opt_g.step()
-        # discriminator update: a second full VAE forward of the same batch
-        with t("forward"):
-            rec, _ = self.gen(x)
-            d_loss, d_logs = discriminator_loss(self.disc, x, rec)
-            d_loss = disc_factor * d_loss
-        with t("logging"):
-            d_loss.item()
-        with t("optimizer"):
-            self.opt_d.zero_grad()
-        with t("backward"):
-            d_loss.backward()
-        with t("optimizer"):
-            self.opt_d.step()
-            torch.nn.utils.clip_grad_norm_(self.params, 1.0)     # after the steps: no effect
-            self.sched_g.step()
-            self.sched_d.step()
-        with t("logging"):
-            for v in list(base.logs.values()) + list(d_logs.values()) + [d_weight, g_loss]:
-                if v is not None:
-                    float(v.detach())
 
 
 def phase_weights(cfg: Config, phases: list[str]) -> dict[str, float]:
@@ -350,7 +230,7 @@ def weighted(results: dict[str, dict], weights: dict[str, float]) -> tuple[float
     """Run-weighted seconds per step and time split."""
     sec = sum(weights[p] * results[p]["seconds_per_step"] for p in weights)
     split = {k: round(sum(weights[p] * results[p]["time_split"][k] for p in weights), 6)
-             for k in list(PHASES) + ["other"]}
+             for k in list(PHASES["vae"]) + ["other"]}
     return sec, split
 
 
@@ -366,7 +246,7 @@ def memory_probe(cfg: Config, variant: str, phases: list[str], work: Path) -> di
     reference = variant == "reference"
     data_cfg = replace(cfg.data, cache="off") if reference else cfg.data
     dataset = build_datasets(data_cfg, cfg.seed, ("train",), log=lambda m: None)["train"]
-    model = ReferenceVAE(cfg, device, dataset) if reference else ToolkitVAE(cfg, accelerator, dataset, work)
+    model = ReferenceVAE(cfg, device, dataset) if reference else TrainerStep("vae", cfg, accelerator, dataset, work)
     for p in phases:
         model.step(PhaseTimer(device), PHASE_DISC[p])
     return peak_memory_mb(device)
@@ -392,7 +272,7 @@ def bench_vae(cfg: Config, steps: int, warmup: int, phases: list[str], reference
     accelerator = make_accelerator(cfg.vae.train)
     device = accelerator.device
     data, datasets = measure_data(cfg, log, data_seconds)
-    variants: dict[str, Any] = {"toolkit": ToolkitVAE(cfg, accelerator, datasets["configured"], work / "toolkit")}
+    variants: dict[str, Any] = {"toolkit": TrainerStep("vae", cfg, accelerator, datasets["configured"], work / "toolkit")}
     if reference:
         variants["reference"] = ReferenceVAE(cfg, device, datasets["png"])
     out: dict[str, Any] = {"phases": {}}
@@ -427,114 +307,41 @@ def bench_vae(cfg: Config, steps: int, warmup: int, phases: list[str], reference
 
 def trainer_overhead(config: str, overrides: list[str], until_step: int, work: Path) -> dict[str, Any]:
     """Run ``train_vae.py`` in this process for ``until_step`` steps (into a temporary
-    output_dir) and time what its loop spends outside the training steps, by wrapping the lib
-    calls it makes for them: training records (``Supervisor.log_train``), validation and
-    checkpoints (``Supervisor.periodic``; checkpoint writing is ``save_checkpoint``)."""
-    import train_vae
-    spent = {"periodic": 0.0, "checkpoint_s": 0.0, "logging_s": 0.0}
-
-    def timed(fn, key):
-        def wrapper(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                spent[key] += time.perf_counter() - t0
-        return wrapper
-
-    originals = {(Supervisor, "periodic"): Supervisor.periodic, (Supervisor, "log_train"): Supervisor.log_train,
-                 (train_vae, "save_checkpoint"): train_vae.save_checkpoint}
-    keys = {"periodic": "periodic", "log_train": "logging_s", "save_checkpoint": "checkpoint_s"}
+    output_dir) and read from its records what its loop spent outside the training steps: the
+    seconds of every validation (``val`` records), of every checkpoint write (``checkpoint``
+    events) and of writing records and events (the closing event's ``logging_seconds``)."""
     out_dir = work / "trainer-run"
     argv = sys.argv
     sys.argv = ["train_vae.py", "--config", config, "--until-step", str(until_step),
                 "--set", f"output_dir={out_dir}"] + [x for o in overrides for x in ("--set", o)]
     try:
-        for (owner, name), fn in originals.items():
-            setattr(owner, name, timed(fn, keys[name]))
         code = train_vae.main()
     finally:
         sys.argv = argv
-        for (owner, name), fn in originals.items():
-            setattr(owner, name, fn)
     if code:
         raise UserError(f"--trainer-run: train_vae.py stopped with exit code {code}")
     records = [json.loads(line) for line in (out_dir / "vae" / "metrics.jsonl").read_text().splitlines()]
-    times = {r["event"]: r["time"] for r in records if r["split"] == "event"}
-    total = times.get("paused", times.get("end")) - times["start"]
-    out = {"steps": until_step, "total_s": round(total, 3),
-           "validation_s": round(spent["periodic"] - spent["checkpoint_s"], 3),
-           "checkpoint_s": round(spent["checkpoint_s"], 3), "logging_s": round(spent["logging_s"], 3)}
-    out["overhead_share"] = round((spent["periodic"] + spent["logging_s"]) / total, 4)
+    events = {r["event"]: r for r in records if r["split"] == "event"}
+    closing = events.get("paused", events.get("end"))
+    total = closing["time"] - events["start"]["time"]
+    validation = sum(r["seconds"] for r in records if r["split"] == "val")
+    checkpoint = sum(r["seconds"] for r in records if r.get("event") == "checkpoint")
+    logging = closing["logging_seconds"]
+    out = {"steps": until_step, "total_s": round(total, 3), "validation_s": round(validation, 3),
+           "checkpoint_s": round(checkpoint, 3), "logging_s": round(logging, 3)}
+    out["overhead_share"] = round((validation + checkpoint + logging) / total, 4)
     out["steps_per_sec_with_overhead"] = round(until_step / total, 4)
     return out
 
 
 # --------------------------------------------------------------------------- stage 2
-class ToolkitPrior(_Loop):
-    """``train_unified_prior.py``'s models and optimizer step through lib/prior.py."""
-
-    def __init__(self, cfg: Config, accelerator: Accelerator, dataset: RadioMapDataset, run_dir: Path) -> None:
-        from diffusers.training_utils import EMAModel
-
-        from lib.models import build_vae
-        from lib.prior import LatentPrior, train_scheduler
-        from lib.vae_io import LoadedVAE
-        from train_unified_prior import TRAIN_KEYS as keys
-        self.cfg, self.acc, self.keys = cfg, accelerator, keys
-        tcfg = cfg.prior.train
-        set_seed(cfg.seed)
-        loaded = LoadedVAE(build_vae(cfg.vae.model, cfg.data.image_size), Path("."), False)
-        self.vae = loaded.vae.requires_grad_(False).eval().to(accelerator.device)
-        prior = LatentPrior(cfg.prior.model, cfg.vae.model.latent_channels, cfg.data.image_size,
-                            loaded.downsample, len(cfg.data.simulation))
-        prior = prepare_model(prior, tcfg)
-        opt = adamw(prior.parameters(), tcfg)
-        self.prior, self.opt, self.sched = accelerator.prepare(prior, opt, build_scheduler(opt, tcfg))
-        self.prior_raw = accelerator.unwrap_model(self.prior)
-        self.ema = EMAModel(self.prior_raw.parameters(), decay=tcfg.ema_decay) if tcfg.ema else None
-        if self.ema is not None:
-            self.ema.to(accelerator.device)
-        set_seed(cfg.seed + accelerator.process_index)
-        self.noise = train_scheduler(cfg.prior.diffusion)
-        self.latent_scale = 1.0              # measured on real latents in the trainer; timing-neutral
-        self._start_loop(cfg, accelerator, dataset, run_dir, "prior")
-
-    def step(self, t: PhaseTimer) -> None:
-        from lib.prior import diffusion_loss
-        from lib.vae_io import encode_latents
-        acc, tcfg, dev = self.acc, self.cfg.prior.train, self.acc.device
-        for _ in range(tcfg.gradient_accumulation_steps):
-            with t("data"):
-                batch = next(self.data)
-                x, cond = batch["image"].to(dev, non_blocking=True), batch["cond"].to(dev, non_blocking=True)
-                sim_id = batch["sim_id"].to(dev, non_blocking=True)
-            with acc.accumulate(self.prior):
-                with t("forward"), acc.autocast():
-                    latents = encode_latents(self.vae, x).float() * self.latent_scale
-                    loss = diffusion_loss(self.prior, self.noise, latents, cond, sim_id)
-                with t("backward"):
-                    acc.backward(loss)
-                with t("logging"):
-                    self.tracker.add({"loss": loss})
-        with t("optimizer"):
-            norms = clip_grad_norms(acc, [self.opt], tcfg.grad_clip)
-            applied = apply_updates(acc, [self.opt], [self.sched], all_finite(acc, [loss] + norms))
-            if applied and self.ema is not None:
-                self.ema.step(self.prior_raw.parameters())
-        with t("logging"):
-            self.tracker.add({"grad_norm": norms[0]})
-            self._after_update(applied, {"loss": loss, "grad_norm": norms[0]}, self.keys, {"lr": self.opt},
-                               watched="loss")
-
-
 def bench_prior(cfg: Config, steps: int, warmup: int, work: Path, log,
                 data_seconds: float = 0.5) -> dict[str, Any]:
     accelerator = make_accelerator(cfg.prior.train)
     device = accelerator.device
     data, datasets = measure_data(cfg, log, data_seconds)
-    tk = ToolkitPrior(cfg, accelerator, datasets["configured"], work / "prior")
-    res = time_steps({"toolkit": tk.step}, steps, warmup, device)["toolkit"]
+    tk = TrainerStep("prior", cfg, accelerator, datasets["configured"], work / "prior")
+    res = time_steps({"toolkit": tk.step}, steps, warmup, device, PHASES["prior"])["toolkit"]
     tk.close()
     bs = cfg.data.batch_size * cfg.prior.train.gradient_accumulation_steps
     return {"steps_per_sec": round(res["steps_per_sec"], 4),

@@ -17,23 +17,26 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Subset
 
-from lib import checkpoint as ckpt
 from lib.baselines import fit_distance_baseline
+from lib.batching import eval_batches
 from lib.config import load_config
-from lib.data import build_datasets, eval_batches
-from lib.errors import CheckpointError, UserError, run_cli
+from lib.dataset import build_datasets
+from lib.diffusion import generate_maps
+from lib.errors import UserError, run_cli
+from lib.evaluation import score_methods
 from lib.images import save_grid
+from lib.latents import decode_latents, encode_latents
 from lib.metrics import METRIC_NAMES, MetricAccumulator, summarize, summarize_groups
-from lib.prior import MODEL_KEYS, LatentPrior, generate_maps, load_prior_weights
-from lib.runlog import fmt
-from lib.training import check_compatible
-from lib.vae_io import decode_latents, encode_latents, load_vae
+from lib.numfmt import fmt
+from lib.prior import MODEL_KEYS
+from lib.resume import check_compatible
+from lib.weights import load_prior, load_vae, resolve_trained
 
 METHODS = {"model": "model (prior + VAE decode)", "vae_ceiling": "VAE round trip (ceiling)",
            "distance_baseline": "distance only (log-distance fit)"}
@@ -54,25 +57,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--baseline-samples", type=int, default=4000, metavar="N",
                    help="training samples (spread evenly) the distance baseline is fitted on")
     return p.parse_args()
-
-
-def resolve_prior_checkpoint(spec: str, output_dir: str, config_path: str) -> ckpt.CheckpointInfo:
-    ckpt_dir = Path(output_dir) / "prior" / "checkpoints"
-    if spec in ("best", "latest") and not ckpt.list_checkpoints(ckpt_dir, lambda m: None):
-        raise CheckpointError(f"no stage-2 checkpoint under {ckpt_dir}; run `python "
-                              f"train_unified_prior.py --config {config_path}` first")
-    return ckpt.resolve(spec, ckpt_dir)
-
-
-def timed(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[torch.Tensor, float]:
-    """``fn()`` and its wall time (waiting for the GPU to finish)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return out, time.perf_counter() - t0
 
 
 def method_summary(acc: MetricAccumulator, seconds: float) -> dict[str, Any]:
@@ -123,7 +107,7 @@ def main() -> int:
     torch.manual_seed(cfg.seed)
 
     # ------------------------------------------------------------------ checkpoints
-    info = resolve_prior_checkpoint(args.checkpoint, cfg.output_dir, args.config)
+    info = resolve_trained("prior", args.checkpoint, cfg.output_dir, args.config)
     check_compatible(info, cfg, MODEL_KEYS)
     state = info.state
     trained_sims = list(state["simulations"])
@@ -133,10 +117,7 @@ def main() -> int:
                         f"{trained_sims} only")
     loaded = load_vae(Path(state["vae_checkpoint"]), cfg, device)
     vae, latent_scale = loaded.vae, float(state["latent_scale"])
-    prior = LatentPrior(cfg.prior.model, cfg.vae.model.latent_channels, cfg.data.image_size,
-                        loaded.downsample, len(trained_sims))
-    prior_ema = load_prior_weights(prior, info.path)
-    prior.requires_grad_(False).eval().to(device)
+    prior, prior_ema = load_prior(info.path, cfg, loaded.downsample, len(trained_sims), device)
     print(f"prior {info.path} ({'EMA' if prior_ema else 'raw'} weights), VAE {loaded.path}, "
           f"latent scale {latent_scale:.6g}")
 
@@ -144,7 +125,7 @@ def main() -> int:
     data = build_datasets(cfg.data, cfg.seed, ("train", args.split))
     train_ds, eval_ds = data["train"], data[args.split]
     sims = list(cfg.data.simulation)                  # the datasets' sim_id indexes this list
-    to_model_id = torch.tensor([trained_sims.index(s) for s in sims])
+    to_model_id = torch.tensor([trained_sims.index(s) for s in sims], device=device)
     n_fit = min(len(train_ds), args.baseline_samples)
     fit_idx = np.linspace(0, len(train_ds) - 1, n_fit).round().astype(int).tolist()
     t0 = time.perf_counter()
@@ -153,29 +134,16 @@ def main() -> int:
           + ", ".join(f"{s}: {a:.3f} {b:+.3f} log10(d px)" for s, (a, b) in sorted(baseline.lines.items())))
 
     # ------------------------------------------------------------------ the maps
-    accs = {k: MetricAccumulator() for k in METHODS}
-    seconds = dict.fromkeys(METHODS, 0.0)
     gen = torch.Generator().manual_seed(cfg.seed)      # the same sampling noise every evaluation
-    grid = None
+    methods = {
+        "model": lambda b: generate_maps(prior, vae, latent_scale, b["cond"], to_model_id[b["sim_id"]], dcfg,
+                                         steps, sampler, gen),
+        "vae_ceiling": lambda b: decode_latents(vae, encode_latents(vae, b["image"])),
+        "distance_baseline": lambda b: baseline.predict(b["cond"], [sims[i] for i in b["sim_id"].tolist()]),
+    }
     with torch.no_grad():
-        for batch in eval_batches(eval_ds, cfg.data.batch_size):
-            x, cond = batch["image"].to(device), batch["cond"].to(device)
-            names = [sims[i] for i in batch["sim_id"].tolist()]
-            model_ids = to_model_id[batch["sim_id"]].to(device)
-            preds = {}
-            preds["model"], dt = timed(lambda: generate_maps(prior, vae, latent_scale, cond, model_ids, dcfg,
-                                                             steps, sampler, gen), device)
-            seconds["model"] += dt
-            preds["vae_ceiling"], dt = timed(lambda: decode_latents(vae, encode_latents(vae, x)), device)
-            seconds["vae_ceiling"] += dt
-            preds["distance_baseline"], dt = timed(lambda: baseline.predict(cond, names), device)
-            seconds["distance_baseline"] += dt
-            for k, p in preds.items():
-                accs[k].update(p, x, names)
-            if grid is None:
-                grid = [("buildings+tx", cond.cpu(), "cond"), ("ground truth", x.cpu(), "map")]
-                grid += [(k.replace("_", " "), p.cpu(), "map") for k, p in preds.items()]
-                grid.append(("|model error|", (preds["model"] - x).abs().cpu() / 2, "error"))
+        scores = score_methods(eval_batches(eval_ds, cfg.data.batch_size), methods, device, sims)
+    accs, seconds = scores.accs, scores.seconds
 
     # ------------------------------------------------------------------ report
     result: dict[str, Any] = {
@@ -193,8 +161,12 @@ def main() -> int:
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     table = markdown(result)
     (out_dir / "metrics.md").write_text(table, encoding="utf-8")
-    if grid is not None:
-        save_grid(out_dir / "samples.png", grid)
+    if scores.first is not None:
+        f = scores.first
+        save_grid(out_dir / "samples.png",
+                  [("buildings+tx", f["cond"], "cond"), ("ground truth", f["image"], "map")]
+                  + [(k.replace("_", " "), f[k], "map") for k in METHODS]
+                  + [("|model error|", (f["model"] - f["image"]).abs() / 2, "error")])
     print(table)
     print(f"wrote {out_dir / 'metrics.json'}, {out_dir / 'metrics.md'} and {out_dir / 'samples.png'}")
     return 0

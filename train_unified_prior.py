@@ -4,68 +4,141 @@
     accelerate launch train_unified_prior.py --config configs/m.yaml --resume latest
     python train_unified_prior.py --config configs/m.yaml --dry-run        # schedule at its key points
 
-Reads top to bottom like train_vae.py: config, data, models, optimizer and schedule,
-accelerator.prepare, resume, loop, save, with the same lib/ helpers. The frozen stage-1 VAE
-(``prior.vae_checkpoint``) maps radio maps to latents, scaled to unit variance by a factor
-measured on the training data at the start (and restored, not re-measured, on resume). A
-diffusers UNet2DModel denoises them, conditioned on the encoded condition maps and on the
-simulator as a class embedding: one model for every simulator in ``data.simulation``.
-Outputs go to ``{output_dir}/prior/``.
+Reads top to bottom like train_vae.py: the models (``build_models``) and one optimizer update
+(``train_step``, which bench.py times), then ``main``: config, the frozen stage-1 VAE, data,
+models, resume, and the loop with its ``if`` triggers. The VAE (``prior.vae_checkpoint``) maps
+radio maps to latents, scaled to unit variance by a factor measured on the training data at the
+start (restored, not re-measured, on resume). A diffusers UNet2DModel denoises them,
+conditioned on the encoded condition maps (lib/condition.py) and on the simulator as a class
+embedding: one model for every simulator in ``data.simulation``. Outputs go to
+``{output_dir}/prior/``.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, ContextManager, Iterator, Optional
 
 import torch
-from accelerate.utils import gather_object, set_seed
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers import AutoencoderKL, DDPMScheduler
 from diffusers.training_utils import EMAModel
+from tqdm import tqdm
 
 from lib import checkpoint as ckpt
 from lib.accel import prepare_model
+from lib.batching import eval_batches, train_batches
 from lib.cli import trainer_parser
-from lib.config import load_config
-from lib.data import build_datasets, eval_batches
+from lib.config import Config, load_config
+from lib.dataset import build_datasets
+from lib.diffusion import diffusion_loss, generate_maps, train_scheduler
+from lib.ema import EMA_FILE, ema_state_dict, ema_weights, make_ema
 from lib.errors import CheckpointError, run_cli
+from lib.evaluation import gather_accumulator, gather_values, score_methods
+from lib.faults import FaultPolicy
 from lib.images import save_grid
-from lib.metrics import MetricAccumulator, summarize, summarize_groups
+from lib.latents import encode_latents, measure_latent_scale
 from lib.models import count_parameters
-from lib.prior import (MODEL_KEYS, LatentPrior, diffusion_loss, generate_maps, save_prior,
-                       train_scheduler)
-from lib.runlog import MeanTracker, update_run_json
-from lib.schedule import build_scheduler
-from lib.training import (BestValidation, Supervisor, all_finite, apply_updates, clip_grad_norms,
-                          ema_weights, open_run, print_dry_run, restore_run, save_checkpoint, save_ema,
-                          training_batches)
-from lib.vae_io import encode_latents, load_vae, measure_latent_scale, resolve_vae_checkpoint
+from lib.numfmt import fmt, fmt_lr
+from lib.optim import build_optimizer, update
+from lib.prior import MODEL_KEYS, LatentPrior, prior_files
+from lib.resume import restore_run
+from lib.run import close_run, open_run, print_dry_run
+from lib.runlog import MeanTracker, mean_logs, update_run_json
+from lib.schedule import build_scheduler, check_schedules
+from lib.weights import load_vae, resolve_trained
 
-TRAIN_KEYS = ["loss", "grad_norm"]
+Phase = Callable[[str], ContextManager]              # bench.py passes a timer of the step's parts
+
+
+@dataclass
+class Stage2:
+    """What one stage-2 update touches: the prior as prepared by Accelerate (``prior``; a DDP
+    wrapper on N processes) and plain (``prior_raw``), its optimizer, schedule and EMA, the
+    frozen VAE with the latent scale factor, and the training noise schedule."""
+    prior: torch.nn.Module
+    prior_raw: LatentPrior
+    opt: torch.optim.Optimizer
+    sched: Any
+    ema: Optional[EMAModel]
+    vae: AutoencoderKL
+    latent_scale: float
+    noise: DDPMScheduler
+
+
+def build_models(cfg: Config, accelerator: Accelerator, vae: AutoencoderKL, downsample: int) -> Stage2:
+    train_cfg = cfg.prior.train
+    prior = LatentPrior(cfg.prior.model, cfg.vae.model.latent_channels, cfg.data.image_size,
+                        downsample, len(cfg.data.simulation))
+    prior = prepare_model(prior, train_cfg)                # channels_last, compile
+    opt = build_optimizer(prior.parameters(), train_cfg)
+    sched = build_scheduler(opt, train_cfg)                # sets the LR, every step
+    prior, opt, sched = accelerator.prepare(prior, opt, sched)
+    prior_raw = accelerator.unwrap_model(prior)
+    return Stage2(prior, prior_raw, opt, sched, make_ema(prior_raw, train_cfg, accelerator.device),
+                  vae.to(accelerator.device), 1.0, train_scheduler(cfg.prior.diffusion))
+
+
+def train_step(m: Stage2, batches: Iterator[dict], accelerator: Accelerator, cfg: Config,
+               phase: Phase = lambda name: nullcontext()) -> tuple[bool, dict]:
+    """One optimizer update: ``gradient_accumulation_steps`` micro-batches, each encoded by the
+    frozen VAE (scaled latents), noised at random timesteps and denoised by the prior given its
+    condition (lib/diffusion.py), with the backward of that loss; then clip, check and step
+    (lib/optim.py) and the EMA. Returns whether the update was applied and the loss and
+    gradient norm (detached)."""
+    train_cfg, device = cfg.prior.train, accelerator.device
+    logs = []
+    for _ in range(train_cfg.gradient_accumulation_steps):
+        with phase("data"):
+            batch = next(batches)
+            x = batch["image"].to(device, non_blocking=True)
+            cond = batch["cond"].to(device, non_blocking=True)   # buildings, transmitter, cars
+            sim_id = batch["sim_id"].to(device, non_blocking=True)
+        with accelerator.accumulate(m.prior):
+            with phase("encode"), accelerator.autocast():
+                latents = encode_latents(m.vae, x).float() * m.latent_scale     # frozen, no grad
+            with phase("forward"), accelerator.autocast():
+                loss = diffusion_loss(m.prior, m.noise, latents, cond, sim_id)
+            with phase("backward"):
+                accelerator.backward(loss)
+            logs.append({"loss": loss.detach()})
+    with phase("optimizer"):
+        logs = mean_logs(logs)
+        result = update(accelerator, [m.opt], [m.sched], train_cfg.grad_clip, [logs["loss"]])
+        if result.applied and m.ema is not None:
+            m.ema.step(m.prior_raw.parameters())
+    logs["grad_norm"] = result.grad_norms[0]
+    return result.applied, logs
 
 
 def main() -> int:
     # ------------------------------------------------------------------ config
     args = trainer_parser(__doc__.splitlines()[0]).parse_args()
     cfg = load_config(args.config, args.set)
-    tcfg, dcfg = cfg.prior.train, cfg.prior.diffusion
+    train_cfg, diffusion_cfg = cfg.prior.train, cfg.prior.diffusion
     if args.dry_run:
         return print_dry_run(cfg, "prior")
-
     run_dir = Path(cfg.output_dir) / "prior"
     ckpt_dir = run_dir / "checkpoints"
     warnings = list(cfg.warnings)      # logged once the run log exists
     resume = ckpt.resolve(args.resume, ckpt_dir, warnings.append) if args.resume else None
-    # The VAE is loaded before anything is written: a resumed run keeps the VAE it was trained on.
+
+    # ------------------------------------------------------------------ the frozen stage-1 VAE
+    # Loaded before anything is written; a resumed run keeps the VAE it was trained on.
     if resume is not None:
         vae_path = Path(resume.state["vae_checkpoint"])
         if not vae_path.is_dir():
             raise CheckpointError(f"{resume.path} was trained on the VAE checkpoint {vae_path}, "
                                   f"which is gone; the prior cannot continue without it")
     else:
-        vae_path = resolve_vae_checkpoint(cfg.prior.vae_checkpoint, cfg.output_dir, args.config).path
-    loaded = load_vae(vae_path, cfg)                     # frozen, eval mode; a mismatch is an error
-    accelerator, log = open_run(cfg, "prior", run_dir, ckpt_dir, resume is not None, warnings)
+        vae_path = resolve_trained("vae", cfg.prior.vae_checkpoint, cfg.output_dir, args.config,
+                                   "prior.vae_checkpoint").path
+    loaded = load_vae(vae_path, cfg)                      # frozen, eval mode; a mismatch is an error
+    accelerator, log = open_run(cfg, "prior", run_dir, resume is not None, warnings)
 
     # ------------------------------------------------------------------ data
     with accelerator.main_process_first():      # the synthetic default is generated once
@@ -73,154 +146,121 @@ def main() -> int:
     train_ds, val_ds = data["train"], data["val"]
     sims = list(cfg.data.simulation)                      # sim_id i is sims[i]
     log.info(f"data: {len(train_ds)} training and {len(val_ds)} validation samples of "
-             f"{len(sims)} simulation(s) {sims} ({cfg.data.source}, {cfg.data.root}, "
-             f"{cfg.data.image_size} px)")
+             f"{len(sims)} simulation(s) {sims} ({cfg.data.source}, {cfg.data.root}, {cfg.data.image_size} px)")
 
-    # ------------------------------------------------------------------ models
-    vae = loaded.vae.to(accelerator.device)
-    prior = LatentPrior(cfg.prior.model, cfg.vae.model.latent_channels, cfg.data.image_size,
-                        loaded.downsample, len(sims))
-    prior = prepare_model(prior, tcfg)                   # channels_last, compile
-    noise_sched = train_scheduler(dcfg)
-    log.info(f"VAE {vae_path}{' (EMA weights)' if loaded.ema else ''}; prior {count_parameters(prior) / 1e6:.2f}M "
-             f"parameters on {prior.latent_channels}x{prior.latent_size}x{prior.latent_size} latents")
+    # ------------------------------------------------------------------ models, optimizer, schedule
+    m = build_models(cfg, accelerator, loaded.vae, loaded.downsample)
+    set_seed(cfg.seed + accelerator.process_index)   # same init everywhere, own noise and timesteps per process
+    log.info(f"VAE {vae_path}{' (EMA weights)' if loaded.ema else ''}; prior {count_parameters(m.prior_raw) / 1e6:.2f}M "
+             f"parameters on {m.prior_raw.latent_channels}x{m.prior_raw.latent_size}x{m.prior_raw.latent_size} latents")
 
-    # ------------------------------------------------------------------ optimizer and schedule
-    opt = torch.optim.AdamW(prior.parameters(), lr=tcfg.lr, betas=tuple(tcfg.adam_betas),
-                            weight_decay=tcfg.weight_decay)
-    sched = build_scheduler(opt, tcfg)
-    prior, opt, sched = accelerator.prepare(prior, opt, sched)
-    prior_raw = accelerator.unwrap_model(prior)
-    # EMA of the prepared (on N processes: rank-0-synchronised) weights.
-    ema = EMAModel(prior_raw.parameters(), decay=tcfg.ema_decay) if tcfg.ema else None
-    if ema is not None:
-        ema.to(accelerator.device)
-    # Same init everywhere (above), different diffusion noise and timesteps per process from here on.
-    set_seed(cfg.seed + accelerator.process_index)
-
-    # ------------------------------------------------------------------ resume
+    # ------------------------------------------------------------------ resume, latent scale
     step, batches, best_val = 0, 0, math.inf
-    sup = Supervisor(accelerator, tcfg, "prior", log, ckpt_dir)   # non-finite, divergence, preemption
+    faults = FaultPolicy(accelerator, train_cfg, "prior", log, ckpt_dir)   # non-finite, divergence, signals
     resume_note = None
     if resume is not None:
         # data.simulation too: sim_id i must keep meaning the same simulator.
         state, resume_note = restore_run(accelerator, resume, cfg, "prior", MODEL_KEYS + ["data.simulation"],
-                                         sup, log, {"prior": sched}, ema, prior_raw)
+                                         log, {"prior": m.sched}, m.ema, m.prior_raw)
         step, batches = state["step"], state["batches"]
         best_val = state.get("best_val_loss") or math.inf
-        latent_scale = float(state["latent_scale"])
-        log.info(f"latent scale factor {latent_scale:.6g} (from the checkpoint)")
+        faults.load_state_dict(state)
+        m.latent_scale = float(state["latent_scale"])
+        log.info(f"latent scale factor {m.latent_scale:.6g} (from the checkpoint)")
     else:
         t0 = time.perf_counter()
-        latent_scale = measure_latent_scale(vae, train_ds, cfg.data.batch_size,
-                                            cfg.prior.latent_scale_batches, accelerator.device)
-        log.info(f"latent scale factor {latent_scale:.6g} = 1 / std of the latents of "
+        m.latent_scale = measure_latent_scale(m.vae, train_ds, cfg.data.batch_size,
+                                              cfg.prior.latent_scale_batches, accelerator.device)
+        log.info(f"latent scale factor {m.latent_scale:.6g} = 1 / std of the latents of "
                  f"{min(len(train_ds), cfg.data.batch_size * cfg.prior.latent_scale_batches)} "
                  f"training samples ({time.perf_counter() - t0:.1f} s)")
     if accelerator.is_main_process:
         update_run_json(run_dir, "prior", resume_note, {"vae_checkpoint": str(vae_path),
-                                                        "latent_scale": latent_scale})
-    log.event("start", step, f"training to step {tcfg.max_steps}, {len(sims)} simulation(s), "
-              f"{dcfg.prediction_type} prediction, {accelerator.num_processes} process(es), "
-              f"mixed precision {tcfg.mixed_precision}", level="INFO")
+                                                        "latent_scale": m.latent_scale})
+    log.event("start", step, f"training to step {train_cfg.max_steps}, {len(sims)} simulation(s), "
+              f"{diffusion_cfg.prediction_type} prediction, {accelerator.num_processes} process(es), "
+              f"mixed precision {train_cfg.mixed_precision}", level="INFO")
 
     def validate(step: int) -> float:
-        """The fixed validation maps with the EMA weights: the denoising loss (returned; it
-        picks the "best" checkpoint, a smooth measure where early sample metrics are noise)
-        and NMSE, RMSE, SSIM, PSNR of sampled maps, overall and NMSE per simulator.
+        """The validation maps with the EMA weights: the denoising loss (returned; it picks the
+        "best" checkpoint, a smooth measure where early sample metrics are noise) and the
+        metrics of sampled maps, overall and NMSE per simulator. Noise and timesteps come from
+        a generator seeded the same at every validation, never from the global RNG: a resumed
+        run must draw the same training noise as a straight one."""
+        nonlocal best_val
+        t0, losses = time.perf_counter(), []
+        rng = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)
 
-        Noise and timesteps come from a generator seeded the same at every validation, never
-        from the global RNG: a resumed run must draw the same training noise as a straight one.
-        """
-        gen = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)
-        acc, losses, grid = MetricAccumulator(), [], None
-        with ema_weights(ema, prior_raw.parameters()), torch.no_grad():
-            prior_raw.eval()
-            for batch in eval_batches(val_ds, cfg.data.batch_size, tcfg.val_batches,
-                                      accelerator.process_index, accelerator.num_processes):
-                x, cond = batch["image"].to(accelerator.device), batch["cond"].to(accelerator.device)
-                sim_id = batch["sim_id"].to(accelerator.device)
-                with accelerator.autocast():
-                    latents = encode_latents(vae, x).float() * latent_scale
-                    losses.append(diffusion_loss(prior_raw, noise_sched, latents, cond, sim_id, gen).reshape(1))
-                    pred = generate_maps(prior_raw, vae, latent_scale, cond, sim_id, dcfg, generator=gen)
-                acc.update(pred, x, [sims[i] for i in sim_id.tolist()])
-                if grid is None:
-                    grid = (cond.cpu(), x.cpu(), pred.cpu())
-            prior_raw.train()
-        per_rank = gather_object([(torch.cat(losses).cpu() if losses else torch.zeros(0), acc.state())])
-        values = {k: torch.cat([s["values"][k] for _, s in per_rank]) for k in acc.values()}
-        groups = [g for _, s in per_rank for g in (s["groups"] or [])]
-        metrics = summarize(values)
-        by_sim = summarize_groups(values, groups)
-        val_loss = float(torch.cat([l for l, _ in per_rank]).mean())
-        log.record("val", step, {"loss": val_loss,
-                                 **{k: metrics[k] for k in ("nmse", "rmse", "ssim", "psnr")},
-                                 **{f"nmse_{s}": m["nmse"] for s, m in by_sim.items()},
-                                 "num_maps": metrics["num_maps"]})
-        if accelerator.is_main_process and grid is not None:
-            cond, x, pred = grid
+        def sample(batch: dict) -> torch.Tensor:
+            with accelerator.autocast():
+                latents = encode_latents(m.vae, batch["image"]).float() * m.latent_scale
+                losses.append(diffusion_loss(m.prior_raw, m.noise, latents, batch["cond"], batch["sim_id"], rng).reshape(1))
+                return generate_maps(m.prior_raw, m.vae, m.latent_scale, batch["cond"], batch["sim_id"],
+                                     diffusion_cfg, generator=rng)
+
+        with ema_weights(m.ema, m.prior_raw.parameters()), torch.no_grad():
+            m.prior_raw.eval()
+            scores = score_methods(eval_batches(val_ds, cfg.data.batch_size, train_cfg.val_batches,
+                                                accelerator.process_index, accelerator.num_processes),
+                                   {"prediction": sample}, accelerator.device, sims)
+            m.prior_raw.train()
+        acc = gather_accumulator(accelerator, scores.accs["prediction"])
+        metrics, by_sim = acc.compute(), acc.compute_groups()
+        val_loss = float(gather_values(accelerator, torch.cat(losses).cpu()).mean())
+        best_val = min(best_val, val_loss)
+        log.record("val", step, {"loss": val_loss, **{k: metrics[k] for k in ("nmse", "rmse", "ssim", "psnr")},
+                                 **{f"nmse_{s}": v["nmse"] for s, v in by_sim.items()},
+                                 "num_maps": metrics["num_maps"], "seconds": time.perf_counter() - t0})
+        if accelerator.is_main_process and scores.first is not None:
+            f = scores.first
             save_grid(run_dir / "samples" / f"step-{step:07d}.png",
-                      [("buildings+tx", cond, "cond"), ("ground truth", x, "map"),
-                       ("prediction", pred, "map"), ("|error|", (pred - x).abs() / 2, "error")])
+                      [("buildings+tx", f["cond"], "cond"), ("ground truth", f["image"], "map"),
+                       ("prediction", f["prediction"], "map"),
+                       ("|error|", (f["prediction"] - f["image"]).abs() / 2, "error")])
         return val_loss
 
-    validated = BestValidation(validate, best_val)
-
-    def save(step: int) -> None:
-        val_loss = validated(step)
-        if val_loss is None:
-            return
-        scale_info = {"latent_scale": latent_scale, "vae_checkpoint": str(vae_path), "simulations": sims}
-
-        def write_files(folder: Path) -> None:
-            save_prior(prior_raw, folder)
-            if ema is not None:
-                save_ema(ema, prior_raw, folder / "ema.safetensors")
-            (folder / "latent_scale.json").write_text(json.dumps(scale_info, indent=1) + "\n")
-
-        save_checkpoint(accelerator, ckpt_dir, step, cfg, {
-            "stage": "prior", "batches": batches, "val_loss": val_loss,
-            "best_val_loss": validated.best, **scale_info, "vae_ema": loaded.ema, **sup.state_dict(),
-            "ema_step": ema.optimization_step if ema is not None else None,
-        }, write_files, tcfg.keep_last, log)
+    def save(step: int, val_loss: Optional[float]) -> None:
+        """Everything needed to continue, as ``checkpoints/step-N`` (lib/checkpoint.py)."""
+        scale_info = {"latent_scale": m.latent_scale, "vae_checkpoint": str(vae_path), "simulations": sims}
+        files = {**prior_files(m.prior_raw), "latent_scale.json": scale_info}
+        if m.ema is not None:
+            files[EMA_FILE] = ema_state_dict(m.ema, m.prior_raw)
+        ckpt.save_checkpoint(accelerator, ckpt_dir, step, cfg, {
+            "stage": "prior", "batches": batches, "val_loss": val_loss, "best_val_loss": best_val,
+            **scale_info, "vae_ema": loaded.ema, **faults.state_dict(),
+            "ema_step": m.ema.optimization_step if m.ema is not None else None,
+        }, files, train_cfg.keep_last, log)
 
     # ------------------------------------------------------------------ loop
-    tracker = MeanTracker()
-    data_iter = training_batches(accelerator, cfg, train_ds, batches)
-    with sup.running(step, args.until_step) as cadence:
-        while step < cadence.stop_at:
-            # One optimizer step = gradient_accumulation_steps micro-batches.
-            for _ in range(tcfg.gradient_accumulation_steps):
-                batch = next(data_iter)
-                batches += 1
-                x = batch["image"].to(accelerator.device, non_blocking=True)
-                cond = batch["cond"].to(accelerator.device, non_blocking=True)
-                sim_id = batch["sim_id"].to(accelerator.device, non_blocking=True)
-                with accelerator.accumulate(prior):
-                    with accelerator.autocast():
-                        latents = encode_latents(vae, x).float() * latent_scale   # frozen, no grad
-                        loss = diffusion_loss(prior, noise_sched, latents, cond, sim_id)
-                    accelerator.backward(loss)
-                    tracker.add({"loss": loss})
-            norms = clip_grad_norms(accelerator, [opt], tcfg.grad_clip)
-            applied = apply_updates(accelerator, [opt], [sched], all_finite(accelerator, [loss] + norms))
-            tracker.add({"grad_norm": norms[0]})
+    stop_at = min(train_cfg.max_steps, args.until_step or train_cfg.max_steps)      # --until-step
+    data_iter = train_batches(train_ds, cfg.data.batch_size, cfg.seed, start_batch=batches,
+                              rank=accelerator.process_index, world_size=accelerator.num_processes,
+                              num_workers=cfg.data.num_workers, pin_memory=cfg.data.pin_memory)
+    reduce = (lambda t: accelerator.reduce(t, "mean")) if accelerator.num_processes > 1 else None
+    tracker, lrs = MeanTracker(), {"lr": m.opt}
+    log.start_clock(step)
+    with faults.signals(), tqdm(total=train_cfg.max_steps, initial=step, desc="prior", dynamic_ncols=True,
+                                disable=not accelerator.is_main_process) as bar:   # SIGTERM/SIGINT: checkpoint, exit 3
+        while step < stop_at and not faults.stopping:
+            applied, logs = train_step(m, data_iter, accelerator, cfg)
+            batches += train_cfg.gradient_accumulation_steps
+            tracker.add(logs)
+            faults.after_update(step, applied, logs)       # a skipped update; stops after max_nonfinite
             if applied:
                 step += 1
-                if ema is not None:
-                    ema.step(prior_raw.parameters())
-                cadence.stepped()
-            if sup.update_done(applied, step, {"loss": loss, "grad_norm": norms[0]}):
-                save(step)
-                break
-            if applied and cadence.log_due(step) and sup.log_train(step, tracker, TRAIN_KEYS, {"lr": opt},
-                                                                   cadence, watched="loss"):
-                break
-            if sup.periodic(step, applied, cadence, validate, save):
-                break
-        sup.finish(step)
-    return sup.exit_code
+                bar.update(1)
+            if applied and (step % train_cfg.log_every == 0 or step == stop_at):
+                record = log.train_record(step, tracker, lrs, reduce, {"nonfinite_skipped": faults.nonfinite.total})
+                check_schedules(train_cfg, step, lrs)      # the schedule guard: LR == lr_at(step)
+                bar.set_postfix_str(f"loss {fmt(record['loss'])} lr {fmt_lr(record['lr'])}")
+                faults.after_record(step, record["loss"], "loss")   # the divergence watchdog
+            faults.check_preemption(step)
+            if faults.stopping or (applied and (step % train_cfg.checkpoint_every == 0 or step == stop_at)):
+                save(step, None if faults.stopping else validate(step))
+            elif applied and step % train_cfg.val_every == 0:
+                validate(step)
+    close_run(accelerator, log, step, train_cfg.max_steps, faults.exit_code, ckpt_dir)
+    return faults.exit_code
 
 
 if __name__ == "__main__":

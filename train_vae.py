@@ -4,52 +4,140 @@
     accelerate launch train_vae.py --config configs/m.yaml --resume latest
     python train_vae.py --config configs/m.yaml --dry-run       # schedule at its key points
 
-Reads top to bottom: config, data, models, optimizers and schedules, accelerator.prepare,
-resume, loop, save. Shared pieces live in lib/. Outputs go to ``{output_dir}/vae/``.
+Reads top to bottom: the models (``build_models``) and one optimizer update (``train_step``,
+which bench.py times as it is), then ``main``: config, data, models, resume, and the loop,
+whose log, validation and checkpoint triggers are the ``if`` lines at its end. Shared pieces
+live in lib/ (README, "Layout"). Outputs go to ``{output_dir}/vae/``.
 """
 from __future__ import annotations
 
 import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, ContextManager, Iterator, Optional
 
 import torch
-from accelerate.utils import gather_object, set_seed
+from accelerate import Accelerator
+from accelerate.utils import set_seed
 from diffusers.training_utils import EMAModel
-from safetensors.torch import save_file
+from tqdm import tqdm
 
 from lib import checkpoint as ckpt
 from lib.accel import prepare_model
+from lib.batching import eval_batches, train_batches
 from lib.cli import trainer_parser
-from lib.config import load_config
-from lib.data import build_datasets, eval_batches
+from lib.config import Config, load_config
+from lib.dataset import build_datasets
+from lib.ema import EMA_FILE, ema_state_dict, ema_weights, make_ema
 from lib.errors import run_cli
+from lib.evaluation import gather_accumulator, gather_values, score_methods
+from lib.faults import FaultPolicy
 from lib.images import save_grid
 from lib.losses import discriminator_loss, generator_loss, load_perceptual, reconstruction_map
-from lib.metrics import MetricAccumulator, summarize
-from lib.models import VAEWithLogvar, build_discriminator, count_parameters, frozen
-from lib.runlog import MeanTracker, update_run_json
-from lib.schedule import build_scheduler
-from lib.training import (BestValidation, Supervisor, all_finite, apply_updates, clip_grad_norms,
-                          ema_weights, open_run, print_dry_run, restore_run, save_checkpoint, save_ema,
-                          training_batches)
+from lib.models import PatchDiscriminator, VAEWithLogvar, build_discriminator, count_parameters, frozen
+from lib.numfmt import fmt, fmt_lr
+from lib.optim import build_optimizer, update
+from lib.resume import restore_run
+from lib.run import close_run, open_run, print_dry_run
+from lib.runlog import MeanTracker, mean_logs, update_run_json
+from lib.schedule import build_scheduler, check_schedules
 
-TRAIN_KEYS = ["total_loss", "rec_loss", "nll_loss", "kl_loss", "g_loss", "disc_loss", "d_weight",
-              "disc_factor", "logvar", "logits_real", "logits_fake", "grad_norm", "grad_norm_disc"]
+MODEL_KEYS = ["vae.model", "data.image_size"]       # a checkpoint with other values is another model
+Phase = Callable[[str], ContextManager]              # bench.py passes a timer of the step's parts
+
+
+@dataclass
+class VAEGAN:
+    """What one stage-1 update touches: ``vae`` and ``disc`` as prepared by Accelerate (DDP
+    wrappers on N processes: forward passes go through them), ``vae_raw`` / ``disc_raw`` the
+    plain modules, the two optimizers and schedules, the EMA of the VAE, the perceptual net."""
+    vae: torch.nn.Module
+    disc: torch.nn.Module
+    vae_raw: VAEWithLogvar
+    disc_raw: PatchDiscriminator
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    sched_g: Any
+    sched_d: Any
+    ema: Optional[EMAModel]
+    perceptual: Optional[torch.nn.Module]
+
+
+def build_models(cfg: Config, accelerator: Accelerator) -> VAEGAN:
+    train_cfg, loss_cfg = cfg.vae.train, cfg.vae.loss
+    vae = VAEWithLogvar(cfg.vae.model, cfg.data.image_size, loss_cfg.logvar_init)
+    disc = build_discriminator(cfg.vae.model, loss_cfg)
+    vae, disc = prepare_model(vae, train_cfg), prepare_model(disc, train_cfg)   # channels_last, compile
+    opt_g = build_optimizer(vae.parameters(), train_cfg)      # the learned logvar is in it
+    opt_d = build_optimizer(disc.parameters(), train_cfg)
+    sched_g, sched_d = build_scheduler(opt_g, train_cfg), build_scheduler(opt_d, train_cfg)   # sets the LR
+    vae, disc, opt_g, opt_d, sched_g, sched_d = accelerator.prepare(vae, disc, opt_g, opt_d, sched_g, sched_d)
+    vae_raw = accelerator.unwrap_model(vae)
+    perceptual = load_perceptual(loss_cfg)
+    if perceptual is not None:
+        perceptual.to(accelerator.device)
+    return VAEGAN(vae, disc, vae_raw, accelerator.unwrap_model(disc), opt_g, opt_d, sched_g, sched_d,
+                  make_ema(vae_raw.vae, train_cfg, accelerator.device), perceptual)
+
+
+def train_step(m: VAEGAN, batches: Iterator[dict], accelerator: Accelerator, cfg: Config,
+               disc_active: bool, phase: Phase = lambda name: nullcontext()) -> tuple[bool, dict]:
+    """One optimizer update: ``gradient_accumulation_steps`` micro-batches, each one VAE forward,
+    the generator loss and its backward and, once the discriminator is active, its hinge loss
+    on the same forward's detached reconstruction and its backward; then clip, check and step
+    (lib/optim.py) and the EMA. Returns whether the update was applied (False: a non-finite
+    loss or gradient, nothing changed) and the losses and gradient norms (detached)."""
+    loss_cfg, train_cfg = cfg.vae.loss, cfg.vae.train
+    logs = []
+    for _ in range(train_cfg.gradient_accumulation_steps):
+        with phase("data"):
+            x = next(batches)["image"].to(accelerator.device, non_blocking=True)
+        with accelerator.accumulate(m.vae, m.disc):
+            with phase("forward"), accelerator.autocast():
+                rec, kl = m.vae(x)
+                # The discriminator is called unwrapped and frozen: this backward puts no
+                # gradient into it (it is trained by its own loss below).
+                with frozen(m.disc_raw):
+                    g = generator_loss(x, rec, kl, m.vae_raw.logvar, loss_cfg, disc_active, m.disc_raw,
+                                       m.vae_raw.last_layer, m.perceptual)
+            with phase("backward"):
+                accelerator.backward(g.total)
+            micro = dict(g.logs)
+            if disc_active:
+                with phase("forward"), accelerator.autocast():
+                    d_loss, d_logs = discriminator_loss(m.disc, x, rec)     # rec is detached inside
+                with phase("backward"):
+                    accelerator.backward(d_loss)
+                micro.update(d_logs)
+            logs.append(micro)
+    with phase("optimizer"):
+        # Accelerate has synchronised the gradients. Before disc_start only the generator steps;
+        # the discriminator's schedule follows the step count all the same.
+        logs = mean_logs(logs)
+        result = update(accelerator, [m.opt_g, m.opt_d] if disc_active else [m.opt_g],
+                        [m.sched_g, m.sched_d], train_cfg.grad_clip, list(logs.values()))
+        if result.applied and m.ema is not None:
+            m.ema.step(m.vae_raw.vae.parameters())
+    logs["grad_norm"] = result.grad_norms[0]
+    if disc_active:
+        logs["grad_norm_disc"] = result.grad_norms[1]
+    return result.applied, logs
 
 
 def main() -> int:
     # ------------------------------------------------------------------ config
     args = trainer_parser(__doc__.splitlines()[0]).parse_args()
     cfg = load_config(args.config, args.set)
-    tcfg, lcfg = cfg.vae.train, cfg.vae.loss
+    train_cfg, loss_cfg = cfg.vae.train, cfg.vae.loss
     if args.dry_run:
-        return print_dry_run(cfg, "vae", {"disc_start": lcfg.disc_start})
-
+        return print_dry_run(cfg, "vae", {"disc_start": loss_cfg.disc_start})
     run_dir = Path(cfg.output_dir) / "vae"
     ckpt_dir = run_dir / "checkpoints"
     warnings = list(cfg.warnings)      # logged once the run log exists
     resume = ckpt.resolve(args.resume, ckpt_dir, warnings.append) if args.resume else None
-    accelerator, log = open_run(cfg, "vae", run_dir, ckpt_dir, resume is not None, warnings)
+    accelerator, log = open_run(cfg, "vae", run_dir, resume is not None, warnings)
 
     # ------------------------------------------------------------------ data
     with accelerator.main_process_first():      # the synthetic default is generated once
@@ -58,160 +146,102 @@ def main() -> int:
     log.info(f"data: {len(train_ds)} training and {len(val_ds)} validation samples "
              f"({cfg.data.source}, {cfg.data.root}, {cfg.data.image_size} px)")
 
-    # ------------------------------------------------------------------ models
-    gen = VAEWithLogvar(cfg.vae.model, cfg.data.image_size, lcfg.logvar_init)
-    disc = build_discriminator(cfg.vae.model, lcfg)
-    perceptual = load_perceptual(lcfg)
-    gen, disc = prepare_model(gen, tcfg), prepare_model(disc, tcfg)   # channels_last, compile
-    log.info(f"VAE {count_parameters(gen.vae) / 1e6:.2f}M parameters, "
-             f"discriminator {count_parameters(disc) / 1e6:.2f}M")
-
-    # ------------------------------------------------------------------ optimizers and schedules
-    def adamw(params):
-        return torch.optim.AdamW(params, lr=tcfg.lr, betas=tuple(tcfg.adam_betas),
-                                 weight_decay=tcfg.weight_decay)
-    opt_g, opt_d = adamw(gen.parameters()), adamw(disc.parameters())   # logvar is in opt_g
-    sched_g, sched_d = build_scheduler(opt_g, tcfg), build_scheduler(opt_d, tcfg)
-
-    gen, disc, opt_g, opt_d, sched_g, sched_d = accelerator.prepare(gen, disc, opt_g, opt_d, sched_g, sched_d)
-    gen_raw, disc_raw = accelerator.unwrap_model(gen), accelerator.unwrap_model(disc)
-    # EMA of the prepared (on N processes: rank-0-synchronised) weights.
-    ema = EMAModel(gen_raw.vae.parameters(), decay=tcfg.ema_decay) if tcfg.ema else None
-    if ema is not None:
-        ema.to(accelerator.device)
-    # Same init everywhere (above), different posterior noise per process (from here on).
-    set_seed(cfg.seed + accelerator.process_index)
-    if perceptual is not None:
-        perceptual.to(accelerator.device)
+    # ------------------------------------------------------------------ models, optimizers, schedules
+    m = build_models(cfg, accelerator)
+    set_seed(cfg.seed + accelerator.process_index)   # same init everywhere, own posterior noise per process
+    log.info(f"VAE {count_parameters(m.vae_raw.vae) / 1e6:.2f}M parameters, "
+             f"discriminator {count_parameters(m.disc_raw) / 1e6:.2f}M")
 
     # ------------------------------------------------------------------ resume
     step, batches, best_val = 0, 0, math.inf
-    sup = Supervisor(accelerator, tcfg, "vae", log, ckpt_dir)   # non-finite, divergence, preemption
+    faults = FaultPolicy(accelerator, train_cfg, "vae", log, ckpt_dir)   # non-finite, divergence, signals
     resume_note = None
     if resume is not None:
-        state, resume_note = restore_run(accelerator, resume, cfg, "vae", ["vae.model", "data.image_size"],
-                                         sup, log, {"g": sched_g, "d": sched_d}, ema, gen_raw.vae)
+        state, resume_note = restore_run(accelerator, resume, cfg, "vae", MODEL_KEYS, log,
+                                         {"g": m.sched_g, "d": m.sched_d}, m.ema, m.vae_raw.vae)
         step, batches = state["step"], state["batches"]
         best_val = state.get("best_val_loss") or math.inf
+        faults.load_state_dict(state)
     if accelerator.is_main_process:
         update_run_json(run_dir, "vae", resume_note)
-    log.event("start", step, f"training to step {tcfg.max_steps}, disc_start {lcfg.disc_start}, "
-              f"{accelerator.num_processes} process(es), mixed precision {tcfg.mixed_precision}",
+    log.event("start", step, f"training to step {train_cfg.max_steps}, disc_start {loss_cfg.disc_start}, "
+              f"{accelerator.num_processes} process(es), mixed precision {train_cfg.mixed_precision}",
               level="INFO")
 
     def validate(step: int) -> float:
-        """Validation loss and metrics on the held-back maps (EMA weights when enabled)."""
-        acc, rec_losses, grid = MetricAccumulator(), [], None
-        with ema_weights(ema, gen_raw.vae.parameters()), torch.no_grad():
-            gen_raw.eval()
-            for batch in eval_batches(val_ds, cfg.data.batch_size, tcfg.val_batches,
-                                      accelerator.process_index, accelerator.num_processes):
-                x = batch["image"].to(accelerator.device)
-                with accelerator.autocast():
-                    rec, _ = gen_raw(x, sample_posterior=False)
-                rec = rec.float().clamp(-1, 1)
-                rec_losses.append(reconstruction_map(x, rec, lcfg).mean(dim=(1, 2, 3)).cpu())
-                acc.update(rec, x)
-                if grid is None:
-                    grid = (x.cpu(), rec.cpu())
-            gen_raw.train()
-        # Per-map values from every process, then one summary (gather_object: ranks may hold
-        # different numbers of maps).
-        per_rank = gather_object([(torch.cat(rec_losses) if rec_losses else torch.zeros(0), acc.values())])
-        rec_all = torch.cat([r for r, _ in per_rank])
-        metrics = summarize({k: torch.cat([v[k] for _, v in per_rank]) for k in per_rank[0][1]})
-        val_loss = float(rec_all.mean())
-        log.record("val", step, {"rec_loss": val_loss, **{k: metrics[k] for k in
-                                 ("psnr", "ssim", "nmse", "rmse")}, "num_maps": int(rec_all.numel())})
-        if accelerator.is_main_process and grid is not None:
-            x, rec = grid
+        """Reconstruction loss and metrics of the held-back maps (EMA weights when enabled)."""
+        nonlocal best_val
+        t0, rec_losses = time.perf_counter(), []
+
+        def reconstruct(batch: dict) -> torch.Tensor:
+            with accelerator.autocast():
+                rec, _ = m.vae_raw(batch["image"], sample_posterior=False)
+            rec = rec.float().clamp(-1, 1)
+            rec_losses.append(reconstruction_map(batch["image"], rec, loss_cfg).mean(dim=(1, 2, 3)).cpu())
+            return rec
+
+        with ema_weights(m.ema, m.vae_raw.vae.parameters()), torch.no_grad():
+            m.vae_raw.eval()
+            scores = score_methods(eval_batches(val_ds, cfg.data.batch_size, train_cfg.val_batches,
+                                                accelerator.process_index, accelerator.num_processes),
+                                   {"reconstruction": reconstruct}, accelerator.device, val_ds.simulations)
+            m.vae_raw.train()
+        metrics = gather_accumulator(accelerator, scores.accs["reconstruction"]).compute()
+        val_loss = float(gather_values(accelerator, torch.cat(rec_losses)).mean())
+        best_val = min(best_val, val_loss)
+        log.record("val", step, {"rec_loss": val_loss, **{k: metrics[k] for k in ("psnr", "ssim", "nmse", "rmse")},
+                                 "num_maps": metrics["num_maps"], "seconds": time.perf_counter() - t0})
+        if accelerator.is_main_process and scores.first is not None:
+            x, rec = scores.first["image"], scores.first["reconstruction"]
             save_grid(run_dir / "samples" / f"step-{step:07d}.png",
-                      [("input", x, "map"), ("reconstruction", rec, "map"),
-                       ("|error|", (rec - x).abs() / 2, "error")])
+                      [("input", x, "map"), ("reconstruction", rec, "map"), ("|error|", (rec - x).abs() / 2, "error")])
         return val_loss
 
-    validated = BestValidation(validate, best_val)
-
-    def save(step: int) -> None:
-        val_loss = validated(step)
-        if val_loss is None:
-            return
-
-        def write_files(folder: Path) -> None:
-            gen_raw.vae.save_pretrained(folder / "vae", safe_serialization=True)
-            save_file({k: v.contiguous() for k, v in disc_raw.state_dict().items()},
-                      str(folder / "discriminator.safetensors"))
-            if ema is not None:
-                save_ema(ema, gen_raw.vae, folder / "ema.safetensors")
-
-        save_checkpoint(accelerator, ckpt_dir, step, cfg, {
-            "stage": "vae", "batches": batches, "val_loss": val_loss, "best_val_loss": validated.best,
-            **sup.state_dict(),
-            "ema_step": ema.optimization_step if ema is not None else None,
-        }, write_files, tcfg.keep_last, log)
+    def save(step: int, val_loss: Optional[float]) -> None:
+        """Everything needed to continue, as ``checkpoints/step-N`` (lib/checkpoint.py)."""
+        files = {"vae": m.vae_raw.vae, "discriminator.safetensors": m.disc_raw}
+        if m.ema is not None:
+            files[EMA_FILE] = ema_state_dict(m.ema, m.vae_raw.vae)
+        ckpt.save_checkpoint(accelerator, ckpt_dir, step, cfg, {
+            "stage": "vae", "batches": batches, "val_loss": val_loss, "best_val_loss": best_val,
+            **faults.state_dict(), "ema_step": m.ema.optimization_step if m.ema is not None else None,
+        }, files, train_cfg.keep_last, log)
 
     # ------------------------------------------------------------------ loop
-    tracker = MeanTracker()
-    data_iter = training_batches(accelerator, cfg, train_ds, batches)
-    disc_started_logged = step > lcfg.disc_start
-    with sup.running(step, args.until_step) as cadence:
-        while step < cadence.stop_at:
-            disc_active = step >= lcfg.disc_start and lcfg.disc_weight > 0
-            if disc_active and not disc_started_logged:
+    stop_at = min(train_cfg.max_steps, args.until_step or train_cfg.max_steps)      # --until-step
+    data_iter = train_batches(train_ds, cfg.data.batch_size, cfg.seed, start_batch=batches,
+                              rank=accelerator.process_index, world_size=accelerator.num_processes,
+                              num_workers=cfg.data.num_workers, pin_memory=cfg.data.pin_memory)
+    reduce = (lambda t: accelerator.reduce(t, "mean")) if accelerator.num_processes > 1 else None
+    tracker, lrs = MeanTracker(), {"lr": m.opt_g, "lr_disc": m.opt_d}
+    disc_started = step > loss_cfg.disc_start
+    log.start_clock(step)
+    with faults.signals(), tqdm(total=train_cfg.max_steps, initial=step, desc="vae", dynamic_ncols=True,
+                                disable=not accelerator.is_main_process) as bar:   # SIGTERM/SIGINT: checkpoint, exit 3
+        while step < stop_at and not faults.stopping:
+            disc_active = step >= loss_cfg.disc_start and loss_cfg.disc_weight > 0
+            if disc_active and not disc_started:
                 log.event("disc_start", step, "discriminator starts training (disc_factor 0 -> 1)", level="INFO")
-                disc_started_logged = True
-            # One optimizer step = gradient_accumulation_steps micro-batches.
-            for _ in range(tcfg.gradient_accumulation_steps):
-                batch = next(data_iter)
-                batches += 1
-                x = batch["image"].to(accelerator.device, non_blocking=True)
-                with accelerator.accumulate(gen, disc):
-                    with accelerator.autocast():
-                        rec, kl = gen(x)          # the one VAE forward of this micro-batch
-                        # Generator: the discriminator is called unwrapped and frozen, so this
-                        # backward puts no gradient into it (it is trained by its own loss below).
-                        with frozen(disc_raw):
-                            g = generator_loss(x, rec, kl, gen_raw.logvar, lcfg, disc_active,
-                                               disc_raw, gen_raw.last_layer, perceptual)
-                    accelerator.backward(g.total)
-                    logs = dict(g.logs)
-                    if disc_active:
-                        with accelerator.autocast():
-                            d_loss, d_logs = discriminator_loss(disc, x, rec)   # rec is detached inside
-                        accelerator.backward(d_loss)
-                        logs.update(d_logs)
-                        losses = [g.total, d_loss]
-                    else:
-                        losses = [g.total]
-                    tracker.add(logs)
-            # accelerate has synchronised the gradients: clip, check, update (all or nothing).
-            norms = clip_grad_norms(accelerator, [opt_g, opt_d] if disc_active else [opt_g], tcfg.grad_clip)
-            finite = all_finite(accelerator, losses + norms)
-            if disc_active:
-                applied = apply_updates(accelerator, [opt_g, opt_d], [sched_g, sched_d], finite)
-            else:
-                opt_d.zero_grad(set_to_none=True)
-                applied = apply_updates(accelerator, [opt_g], [sched_g], finite)
-                if applied:
-                    sched_d.step()            # the discriminator's LR follows the same curve
-            tracker.add({"grad_norm": norms[0], "grad_norm_disc": norms[1] if disc_active else None})
+                disc_started = True
+            applied, logs = train_step(m, data_iter, accelerator, cfg, disc_active)
+            batches += train_cfg.gradient_accumulation_steps
+            tracker.add(logs)
+            faults.after_update(step, applied, logs)       # a skipped update; stops after max_nonfinite
             if applied:
                 step += 1
-                if ema is not None:
-                    ema.step(gen_raw.vae.parameters())
-                cadence.stepped()
-            if sup.update_done(applied, step, dict(zip(["total_loss", "disc_loss"], losses)) |
-                               dict(zip(["grad_norm", "grad_norm_disc"], norms))):
-                save(step)
-                break
-            # The watchdog follows rec_loss: total_loss jumps at disc_start by design.
-            if applied and cadence.log_due(step) and sup.log_train(
-                    step, tracker, TRAIN_KEYS, {"lr": opt_g, "lr_disc": opt_d}, cadence, watched="rec_loss"):
-                break
-            if sup.periodic(step, applied, cadence, validate, save):
-                break
-        sup.finish(step)
-    return sup.exit_code
+                bar.update(1)
+            if applied and (step % train_cfg.log_every == 0 or step == stop_at):
+                record = log.train_record(step, tracker, lrs, reduce, {"nonfinite_skipped": faults.nonfinite.total})
+                check_schedules(train_cfg, step, lrs)      # the schedule guard: LR == lr_at(step)
+                bar.set_postfix_str(f"rec_loss {fmt(record['rec_loss'])} lr {fmt_lr(record['lr'])}")
+                faults.after_record(step, record["rec_loss"], "rec_loss")   # the divergence watchdog
+            faults.check_preemption(step)
+            if faults.stopping or (applied and (step % train_cfg.checkpoint_every == 0 or step == stop_at)):
+                save(step, None if faults.stopping else validate(step))
+            elif applied and step % train_cfg.val_every == 0:
+                validate(step)
+    close_run(accelerator, log, step, train_cfg.max_steps, faults.exit_code, ckpt_dir)
+    return faults.exit_code
 
 
 if __name__ == "__main__":

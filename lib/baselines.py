@@ -20,17 +20,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-
-def log_distance(cond: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) condition maps (channel 1: the transmitter pixel at +1) -> (B, 1, H, W)
-    log10 of the pixel distance to the transmitter, at least 1 px (log10 = 0)."""
-    b, _, h, w = cond.shape
-    flat = cond[:, 1].reshape(b, -1).argmax(dim=1)
-    ty, tx = (flat // w).double(), (flat % w).double()
-    ys = torch.arange(h, dtype=torch.float64, device=cond.device).view(1, h, 1)
-    xs = torch.arange(w, dtype=torch.float64, device=cond.device).view(1, 1, w)
-    d = ((ys - ty.view(b, 1, 1)) ** 2 + (xs - tx.view(b, 1, 1)) ** 2).sqrt().clamp(min=1.0)
-    return d.log10().unsqueeze(1)
+from lib.condition import log_distance
 
 
 @dataclass

@@ -35,13 +35,14 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from lib.data import (ANTENNAS_DIR, BUILDINGS_DIR, CARS_DIR, GAIN_DIR, RadioMapDataset, Sample, SamplePaths,
-                      _BadFile, _read_png, _to_unit, discover_maps, resize_maps, sample_paths, tx_pixel)
 from lib.errors import DataError, run_cli
+from lib.layout import (ANTENNAS_DIR, BUILDINGS_DIR, CARS_DIR, GAIN_DIR, BadFile, Sample, SamplePaths,
+                        discover_maps, is_cars_simulation, list_samples, read_png, relative, resize_maps,
+                        sample_paths, to_unit, tx_pixel)
 
 if TYPE_CHECKING:
     from lib.config import DataConfig
@@ -51,10 +52,6 @@ INDEX = "index.json"
 AUTO_DIR = ".cache/packed"
 VIEW_DONE = "view.json"
 Log = Callable[[str], None]
-
-
-def _quiet(message: str) -> None:
-    pass
 
 
 class CacheError(DataError):
@@ -69,7 +66,7 @@ class CacheError(DataError):
 # --------------------------------------------------------------------------- fingerprints
 def source_folders(simulations: Sequence[str]) -> list[str]:
     """The folders (relative to data.root) whose files a cache of ``simulations`` holds."""
-    cars = any(s.startswith("cars") for s in simulations)
+    cars = any(is_cars_simulation(s) for s in simulations)
     return ([BUILDINGS_DIR, ANTENNAS_DIR] + ([CARS_DIR] if cars else [])
             + [f"{GAIN_DIR}/{s}" for s in simulations])
 
@@ -177,7 +174,7 @@ class PackedMaps:
                 dst = np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=np.float32,
                                                 shape=(len(src), size, size))
                 for i in range(0, len(src), 64):       # the loader's conversion and resize
-                    dst[i:i + 64] = resize_maps(_to_unit(*src[i:i + 64]), size).numpy()
+                    dst[i:i + 64] = resize_maps(to_unit(*src[i:i + 64]), size).numpy()
                 dst.flush()
                 del dst
             (tmp / VIEW_DONE).write_text(json.dumps({"size": size}), encoding="utf-8")
@@ -211,8 +208,9 @@ class PackedMaps:
                                             f"or files were modified)")
             self._checked.add(key)
 
-    def check_dataset(self, dataset: RadioMapDataset) -> None:
-        """Fresh for the dataset's folder and simulations, and holding each of its samples."""
+    def check_dataset(self, dataset: Any) -> None:
+        """Fresh for the folder and simulations of ``dataset`` (a
+        :class:`lib.dataset.RadioMapDataset`), and holding each of its samples."""
         self.check(dataset.root, dataset.simulations)
         maps, txs, _ = dataset.sample_keys()
         for m, t in zip(maps.tolist(), txs.tolist()):
@@ -222,16 +220,16 @@ class PackedMaps:
 
     def read(self, map_id: int, tx: int, simulation: str, cars: bool, size: Optional[int],
              paths: Callable[[], SamplePaths]) -> Sample:
-        """What :func:`lib.data.read_sample` returns for that sample, from the arrays (the maps
+        """What :func:`lib.layout.read_sample` returns for that sample, from the arrays (the maps
         already at ``size``, as float32, when that copy is in use). Files that were unreadable
         when the cache was built raise the loader's error, in the loader's order (``paths``
         gives the sample's files; it is only called for that)."""
         if self.bad:
             p = paths()
             for path in (p.buildings, p.antenna, p.gain, p.cars):
-                reason = self.bad.get(_relative(path)) if path is not None else None
+                reason = self.bad.get(relative(path)) if path is not None else None
                 if reason is not None:
-                    raise _BadFile(path, reason)
+                    raise BadFile(path, reason)
         row, pair = self._map_row[map_id], self.pair_row(map_id, tx)
         a = self.arrays(size if size in self.views else None)
         buildings = a["buildings"][row]
@@ -243,12 +241,6 @@ class PackedMaps:
 
 def _detail(exc: BaseException) -> str:
     return (" ".join(str(exc).split()) or type(exc).__name__)[:200]
-
-
-def _relative(path: Path) -> str:
-    """``png/antennas/3_1.png`` from ``{root}/png/antennas/3_1.png`` (every data file is
-    three levels below data.root: png/<kind>/<file> or gain/<simulation>/<file>)."""
-    return "/".join(path.parts[-3:])
 
 
 # --------------------------------------------------------------------------- building
@@ -263,18 +255,18 @@ def build(root: str | os.PathLike, simulations: Sequence[str], out: str | os.Pat
     sims = list(simulations)
     t0 = time.perf_counter()
     fingerprints = {f: folder_fingerprint(root / f) for f in source_folders(sims)}
-    listed = RadioMapDataset(root, sims, discover_maps(root), 8, on_bad_file="skip", log=_quiet)
-    maps, txs, sim_idx = listed.sample_keys()
+    listed = list_samples(root, sims, discover_maps(root), on_bad_file="skip")
+    maps, txs, sim_idx = listed.maps, listed.txs, listed.sims
     pairs = sorted(set(zip(maps.tolist(), txs.tolist())))
     map_ids = sorted(set(maps.tolist()))
-    cars = any(s.startswith("cars") for s in sims)
+    cars = any(is_cars_simulation(s) for s in sims)
     bad: dict[str, str] = {}
 
     def decode(path: Path, shape: Optional[tuple[int, int]], like: Optional[Path]) -> Optional[np.ndarray]:
         try:
-            return _read_png(path, shape, like)
-        except _BadFile as exc:
-            bad[_relative(path)] = exc.reason
+            return read_png(path, shape, like)
+        except BadFile as exc:
+            bad[relative(path)] = exc.reason
             return None
 
     buildings, size = {}, None

@@ -22,9 +22,15 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from lib.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from lib.config import Config
+    from lib.runlog import RunLog
 
 STATE_FILE = "trainer_state.json"
 KEEP_FILE = "KEEP"          # a checkpoint holding this file is never rotated away
@@ -205,3 +211,52 @@ def rotate(ckpt_dir: Path, keep_last: int, warn: Callable[[str], None] = print) 
             shutil.rmtree(c.path, ignore_errors=True)
             removed.append(c.path)
     return removed
+
+
+# --------------------------------------------------------------------------- writing a checkpoint
+def write_file(folder: Path, name: str, obj: Any) -> None:
+    """Write ``obj`` as ``folder / name``: a diffusers model with ``save_pretrained`` (a folder,
+    safetensors weights), a torch module (its state dict) or a dict of tensors (a safetensors
+    file), or any other dict (a JSON file)."""
+    import torch
+    from safetensors.torch import save_file
+    path = folder / name
+    if hasattr(obj, "save_pretrained"):
+        obj.save_pretrained(path, safe_serialization=True)
+    elif isinstance(obj, torch.nn.Module):
+        save_file({k: v.detach().contiguous() for k, v in obj.state_dict().items()}, str(path))
+    elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        save_file({k: v.detach().contiguous() for k, v in obj.items()}, str(path))
+    elif isinstance(obj, dict):
+        path.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
+    else:
+        raise TypeError(f"cannot write {type(obj).__name__} as {name}")
+
+
+def save_checkpoint(accelerator: "Accelerator", ckpt_dir: Path, step: int, cfg: "Config",
+                    state: dict[str, Any], files: dict[str, Any], keep_last: int,
+                    log: "RunLog") -> Optional[Path]:
+    """Write ``checkpoints/step-{step:07d}``: the Accelerate state (models, optimizers,
+    schedules, every process's RNG) under ``accelerate/``, ``files`` (:func:`write_file`),
+    ``config.yaml`` and ``trainer_state.json`` (``state`` + step + file manifest), atomically;
+    then rotate old checkpoints (:func:`rotate`). Every process calls it; the main one writes
+    the files. Logs a ``checkpoint`` event with the seconds it took; returns the folder."""
+    from lib.config import save_config
+    t0 = time.perf_counter()
+    tmp = ckpt_dir / f"{TMP_PREFIX}{checkpoint_name(step)}"
+    if accelerator.is_main_process:
+        begin(ckpt_dir, step)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp / "accelerate"))
+    accelerator.wait_for_everyone()
+    final = None
+    if accelerator.is_main_process:
+        for name, obj in files.items():
+            write_file(tmp, name, obj)
+        save_config(cfg, tmp / "config.yaml")
+        final = commit(tmp, dict(state, step=step))
+        removed = rotate(ckpt_dir, keep_last, log.warning)
+        log.event("checkpoint", step, f"checkpoint {final}" + (f" (removed {len(removed)} older)" if removed else ""),
+                  level="INFO", path=str(final), seconds=round(time.perf_counter() - t0, 4))
+    accelerator.wait_for_everyone()
+    return final

@@ -1,5 +1,11 @@
 """Surviving faults: preemption signals, non-finite steps, and a divergence watchdog.
 
+:class:`FaultPolicy` is what a training loop asks: after each update (was it skipped?), after
+each training record (is the loss diverging?) and once per iteration (did a signal arrive?).
+It logs each event and says whether the run must stop (:attr:`FaultPolicy.stopping`, with
+:attr:`FaultPolicy.exit_code`); the loop then writes a checkpoint and ends. It never calls
+back into the loop.
+
 Exit codes (distinct so job scripts can tell them apart):
 ``EXIT_PREEMPTED`` after SIGTERM/SIGINT (a checkpoint was written: resume with
 ``--resume latest``); ``EXIT_STOPPED`` when the run stopped itself (too many non-finite
@@ -10,8 +16,19 @@ from __future__ import annotations
 import math
 import os
 import signal
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any, Optional
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Optional
+
+from lib import checkpoint as ckpt
+
+if TYPE_CHECKING:
+    import torch
+    from accelerate import Accelerator
+
+    from lib.config import TrainConfig
+    from lib.runlog import RunLog
 
 EXIT_PREEMPTED = 3
 EXIT_STOPPED = 4
@@ -124,3 +141,93 @@ class DivergenceWatchdog:
             if k in ("factor", "window"):
                 continue  # taken from the current config
             setattr(self, k, math.inf if (k == "best" and v is None) else v)
+
+
+class FaultPolicy:
+    """One run's fault policy, the same for both stages (see the module docstring)."""
+
+    def __init__(self, accelerator: "Accelerator", cfg: "TrainConfig", stage: str, log: "RunLog",
+                 ckpt_dir: Path) -> None:
+        self.accelerator, self.cfg, self.stage, self.log, self.ckpt_dir = accelerator, cfg, stage, log, ckpt_dir
+        self.nonfinite = NonfiniteCounter(cfg.max_nonfinite)
+        self.watchdog = DivergenceWatchdog(cfg.divergence_factor, cfg.divergence_window)
+        self.preemption = Preemption()
+        self.exit_code = 0
+
+    @property
+    def stopping(self) -> bool:
+        """The run must stop now (after writing a checkpoint)."""
+        return self.exit_code != 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"nonfinite_total": self.nonfinite.total, "watchdog": self.watchdog.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.nonfinite.total = state.get("nonfinite_total", 0)
+        self.watchdog.load_state_dict(state.get("watchdog", {}))
+
+    @contextmanager
+    def signals(self) -> Iterator["FaultPolicy"]:
+        """SIGTERM/SIGINT are caught inside the block (a second one aborts at once)."""
+        self.preemption.install()
+        try:
+            yield self
+        finally:
+            self.preemption.uninstall()
+
+    def after_update(self, step: int, applied: bool, values: dict[str, "torch.Tensor"]) -> bool:
+        """After an optimizer update; ``applied`` False: it was skipped, ``values`` (the step's
+        losses and gradient norms) say why. True when the run must stop (``max_nonfinite``
+        skips in a row)."""
+        import torch
+        if applied:
+            self.nonfinite.good()
+            return False
+        bad = [k for k, v in values.items() if v is not None and not torch.isfinite(v).all()]
+        self.log.event("nonfinite", step, f"non-finite {', '.join(bad) or 'gradient (fp16 scaler)'}: "
+                       f"update skipped, weights unchanged ({self.nonfinite.consecutive + 1} in a row)",
+                       terms=bad)
+        if not self.nonfinite.bad():
+            return False
+        self.log.event("stopped", step, f"{self.nonfinite.consecutive} non-finite updates in a row; "
+                       f"checkpointing the last good state (step {step}). Try a lower "
+                       f"{self.stage}.train.lr or grad_clip, or bf16 instead of fp16, then --resume latest")
+        self.exit_code = EXIT_STOPPED
+        return True
+
+    def after_record(self, step: int, value: Optional[float], name: str) -> bool:
+        """After a training record: the divergence watchdog on its ``name`` value. True when
+        the run must stop (``on_divergence: stop``)."""
+        div = self.watchdog.update(step, value)
+        if div is None:
+            return False
+        before = [c for c in ckpt.list_checkpoints(self.ckpt_dir, self.log.warning) if c.step <= div.best_step]
+        best = ckpt.best_of(before) or (before[-1] if before else None)
+        if best is not None and self.accelerator.is_main_process:
+            (best.path / ckpt.KEEP_FILE).write_text(f"kept: last good checkpoint before the divergence "
+                                                    f"that began at step {div.began}\n")
+        where = f"best checkpoint before it: {best.path}" if best else "no checkpoint before it"
+        self.log.event("divergence", step, f"smoothed {name} {div.value:.4g} > "
+                       f"{self.cfg.divergence_factor:g} x best {div.best:.4g} (step {div.best_step}) "
+                       f"since step {div.began}; {where}", began=div.began, best_step=div.best_step,
+                       best_checkpoint=str(best.path) if best else None)
+        if self.cfg.on_divergence != "stop":
+            return False
+        hint = (f"resume from it with a lower LR: --resume {best.path} --set "
+                f"{self.stage}.train.lr={self.cfg.lr / 10:.3e}") if best else f"lower {self.stage}.train.lr"
+        self.log.event("stopped", step, f"stopping on divergence; {hint}")
+        self.exit_code = EXIT_STOPPED
+        return True
+
+    def check_preemption(self, step: int) -> bool:
+        """True (on every process) once SIGTERM/SIGINT reached any process. A collective on N
+        processes: every process calls it at the same point of the loop."""
+        from lib.optim import any_process
+        if self.exit_code == EXIT_PREEMPTED:
+            return True
+        if not any_process(self.accelerator, self.preemption.requested):
+            return False
+        self.log.event("preempted", step, f"{self.preemption.signal_name or 'signal'}: writing a "
+                       f"checkpoint at step {step}; continue with --resume latest")
+        self.exit_code = EXIT_PREEMPTED
+        return True

@@ -1,41 +1,30 @@
-"""Stage-2 model and diffusion: a conditional latent prior over the stage-1 VAE latents.
+"""The stage-2 network: a conditional prior over the stage-1 VAE's latents.
 
-- :class:`ConditionEncoder`: a small conv net that brings the condition maps (buildings,
-  transmitter, cars-or-buildings; (3, S, S) in [-1, 1]), plus with ``distance_channel`` the
-  log-distance to the transmitter computed from its map, down to the latent resolution.
+- :class:`ConditionEncoder`: a small conv net that brings the condition maps
+  (:mod:`lib.condition`: buildings, transmitter, cars-or-buildings; (3, S, S) in [-1, 1]),
+  plus with ``distance_channel`` the log-distance to the transmitter computed from its map,
+  down to the latent resolution.
 - :class:`LatentPrior`: a diffusers ``UNet2DModel`` on ``concat(noisy latent, condition
   features)``, with the simulator id as its class embedding (``num_class_embeds`` = number
   of simulations), so one model serves every simulator and is asked for one at sampling time.
-- The noise schedule: ``DDPMScheduler`` for training; DDIM or DPM-Solver++ for sampling,
-  both with "trailing" timestep spacing so that even one step starts from the last
-  training timestep (pure noise) rather than from t = 0.
 
-Latents are scaled by the factor measured on the training data (:mod:`lib.vae_io`) before
-the diffusion sees them; :func:`generate_maps` divides it out before decoding.
+What it is trained to predict, and how maps are sampled from it, is :mod:`lib.diffusion`.
 """
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional
 
 import torch
-import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
-from diffusers.utils.torch_utils import randn_tensor
-from safetensors.torch import load_file
+from diffusers import UNet2DModel
 from torch import nn
 
-from lib.baselines import log_distance
-from lib.config import DiffusionConfig, PriorModelConfig
-from lib.training import load_weights
-from lib.vae_io import decode_latents
+from lib.condition import CHANNELS, distance_map
+from lib.config import PriorModelConfig
 
-COND_CHANNELS = 3          # buildings, transmitter, cars (or buildings again)
+COND_CHANNELS = len(CHANNELS)
 UNET_DIR = "unet"
 COND_ENCODER_FILE = "cond_encoder.safetensors"
-EMA_FILE = "ema.safetensors"
-Sampler = DDIMScheduler | DPMSolverMultistepScheduler
 # Config keys that make a checkpoint another model: resume and evaluate refuse a difference.
 MODEL_KEYS = ["prior.model", "prior.diffusion.num_train_timesteps", "prior.diffusion.beta_schedule",
               "prior.diffusion.prediction_type", "vae.model", "data.image_size"]
@@ -65,14 +54,6 @@ class ConditionEncoder(nn.Module):
 
     def forward(self, cond: torch.Tensor) -> torch.Tensor:
         return self.net(cond)
-
-
-def distance_map(cond: torch.Tensor) -> torch.Tensor:
-    """(B, 1, S, S) log-distance to the transmitter scaled to [-1, 1] (0 at the transmitter,
-    1 at the far corner of the map): the transmitter pixel spread over the whole map, which
-    a few convolutions would otherwise take many steps to learn to do."""
-    size = cond.shape[-1]
-    return (log_distance(cond) / math.log10(size * math.sqrt(2)) * 2.0 - 1.0).to(cond.dtype)
 
 
 def build_unet(cfg: PriorModelConfig, latent_channels: int, latent_size: int,
@@ -128,97 +109,7 @@ class LatentPrior(nn.Module):
         return self.denoise(z, t, self.encode_cond(cond), sim_id)
 
 
-def save_prior(prior: LatentPrior, folder: Path) -> None:
-    """``unet/`` (save_pretrained, safetensors) and ``cond_encoder.safetensors``."""
-    from safetensors.torch import save_file
-    prior.unet.save_pretrained(folder / UNET_DIR, safe_serialization=True)
-    save_file({k: v.contiguous() for k, v in prior.cond_encoder.state_dict().items()},
-              str(folder / COND_ENCODER_FILE))
-
-
-def load_prior_weights(prior: LatentPrior, folder: Path, use_ema: bool = True) -> bool:
-    """Load a checkpoint's weights into ``prior`` (its EMA weights when present and
-    ``use_ema``); returns whether EMA weights were used. Mismatches are one-line errors."""
-    tensors = {f"unet.{k}": v for k, v in
-               load_file(str(folder / UNET_DIR / "diffusion_pytorch_model.safetensors")).items()}
-    tensors.update({f"cond_encoder.{k}": v for k, v in
-                    load_file(str(folder / COND_ENCODER_FILE)).items()})
-    ema = use_ema and (folder / EMA_FILE).is_file()
-    if ema:
-        tensors.update(load_file(str(folder / EMA_FILE)))
-    load_weights(prior, tensors, str(folder), "set prior.model as in that checkpoint's config.yaml")
-    return ema
-
-
-# --------------------------------------------------------------------------- noise schedules
-def train_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
-    # clip_sample off: scaled latents have unit variance, not a [-1, 1] range.
-    return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
-                         prediction_type=cfg.prediction_type, clip_sample=False)
-
-
-def sampling_scheduler(cfg: DiffusionConfig, sampler: Optional[str] = None) -> Sampler:
-    """A fresh sampler (they keep per-run state) on the training noise schedule."""
-    base = train_scheduler(cfg).config
-    name = sampler or cfg.sampler
-    if name == "ddim":
-        return DDIMScheduler.from_config(base, timestep_spacing="trailing", clip_sample=False,
-                                         set_alpha_to_one=True, steps_offset=0)
-    if name == "dpm":
-        return DPMSolverMultistepScheduler.from_config(base, algorithm_type="dpmsolver++",
-                                                       solver_order=2, timestep_spacing="trailing")
-    raise ValueError(f"unknown sampler {name!r}; expected ddim or dpm")
-
-
-def training_target(sched: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor,
-                    t: torch.Tensor) -> torch.Tensor:
-    kind = sched.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return sched.get_velocity(latents, noise, t)
-    return latents                                     # "sample"
-
-
-def diffusion_loss(prior: nn.Module, sched: DDPMScheduler, latents: torch.Tensor, cond: torch.Tensor,
-                   sim_id: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Mean squared error of the prediction at uniformly drawn timesteps.
-
-    Training passes no ``generator`` (noise and timesteps come from the global RNG, which the
-    checkpoint restores); validation passes a fixed CPU one so it draws nothing globally.
-    """
-    b, device = latents.shape[0], latents.device
-    noise = randn_tensor(latents.shape, generator=generator, device=device, dtype=latents.dtype)
-    t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=generator,
-                      device=generator.device if generator is not None else device).to(device)
-    noisy = sched.add_noise(latents, noise, t)
-    pred = prior(noisy, t, cond, sim_id)
-    return F.mse_loss(pred.float(), training_target(sched, latents, noise, t).float())
-
-
-# --------------------------------------------------------------------------- sampling
-@torch.no_grad()
-def sample_latents(prior: LatentPrior, sampler: Sampler, cond: torch.Tensor, sim_id: torch.Tensor,
-                   num_inference_steps: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Scaled latents for ``cond`` / ``sim_id`` after ``num_inference_steps`` sampler steps."""
-    shape = (cond.shape[0], prior.latent_channels, prior.latent_size, prior.latent_size)
-    sampler.set_timesteps(num_inference_steps, device=cond.device)
-    z = randn_tensor(shape, generator=generator, device=cond.device, dtype=cond.dtype)
-    z = z * sampler.init_noise_sigma
-    features = prior.encode_cond(cond)                # once, not per step
-    for t in sampler.timesteps:
-        zin = sampler.scale_model_input(z, t)
-        out = prior.denoise(zin, t.expand(z.shape[0]), features, sim_id)
-        z = sampler.step(out, t, z, generator=generator).prev_sample
-    return z
-
-
-@torch.no_grad()
-def generate_maps(prior: LatentPrior, vae, latent_scale: float, cond: torch.Tensor, sim_id: torch.Tensor,
-                  cfg: DiffusionConfig, num_inference_steps: Optional[int] = None,
-                  sampler: Optional[str] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """The full stage-2 pipeline: condition -> sampled latent -> VAE decode; maps in [-1, 1]."""
-    sched = sampling_scheduler(cfg, sampler)
-    z = sample_latents(prior, sched, cond, sim_id, num_inference_steps or cfg.num_inference_steps,
-                       generator)
-    return decode_latents(vae, z / latent_scale)
+def prior_files(prior: LatentPrior) -> dict[str, nn.Module]:
+    """What a checkpoint holds of the prior (:func:`lib.checkpoint.write_file`): ``unet/``
+    (diffusers ``save_pretrained``, safetensors) and ``cond_encoder.safetensors``."""
+    return {UNET_DIR: prior.unet, COND_ENCODER_FILE: prior.cond_encoder}

@@ -1,9 +1,11 @@
 """The run folder and everything a run logs: ``metrics.jsonl``, TensorBoard, ``train.log``, ``run.json``.
 
 One helper (:meth:`RunLog.record`) writes every record, to all three sinks, so the JSON, the
-TensorBoard scalars and the human log always agree. Numbers are printed with significant
-digits (``5.000e-06``), never a fixed number of decimals: the reference trainer's ``{:.5f}``
-printed every LR below 5e-6 as ``0.00000`` for a whole run.
+TensorBoard scalars and the human log always agree; :meth:`RunLog.train_record` builds the
+training record (the interval means of every logged value, the LR of every optimizer, the
+throughput). Numbers are printed with significant digits (:mod:`lib.numfmt`), never a fixed
+number of decimals: the reference trainer's ``{:.5f}`` printed every LR below 5e-6 as
+``0.00000`` for a whole run.
 
 Records in ``metrics.jsonl`` have ``step`` (optimizer steps done), ``split`` (``train``,
 ``val`` or ``event``) and ``time`` (unix seconds); event records have ``event`` and
@@ -20,38 +22,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
-from lib.errors import UserError
-
-RUN_MARKERS = ("metrics.jsonl", "checkpoints", "run.json")
-
-
-def fmt(value: Any) -> str:
-    """A number with 4 significant digits (``1.234e-05``, ``0.5``, ``1234``); others as str."""
-    if isinstance(value, bool) or value is None:
-        return str(value)
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return str(value)
-        if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
-            return f"{value:.3e}"
-        return f"{value:.4g}"
-    return str(value)
-
-
-def check_new_run_dir(run_dir: Path, resuming: bool) -> None:
-    """Refuse to start a fresh run in a folder that already holds one (nothing is wiped)."""
-    if resuming or not run_dir.exists():
-        return
-    found = [m for m in RUN_MARKERS if (run_dir / m).exists()]
-    if found:
-        raise UserError(f"{run_dir} already holds a run ({', '.join(found)}); continue it with "
-                        f"--resume latest, or start elsewhere with --set output_dir=NEW_DIR")
+from lib.numfmt import fmt, fmt_lr
 
 
 def _git_commit() -> Optional[str]:
@@ -116,6 +91,8 @@ class RunLog:
         self._jsonl = None
         self._text = None
         self._tb = None
+        self.seconds = 0.0                      # spent writing records and events
+        self._last_train: Optional[tuple[float, int]] = None   # (time, step) of the last train record
         if not is_main:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -147,6 +124,7 @@ class RunLog:
     # -- records
     def record(self, split: str, step: int, values: dict[str, Any], echo: bool = True) -> dict[str, Any]:
         """Write one record (``split`` = train | val) to metrics.jsonl, TensorBoard and train.log."""
+        t0 = time.perf_counter()
         rec = {"step": int(step), "split": split, "time": time.time()}
         rec.update({k: _plain(v) for k, v in values.items()})
         if not self.is_main:
@@ -157,24 +135,49 @@ class RunLog:
             for k, v in rec.items():
                 if k not in ("step", "time", "split") and isinstance(v, (int, float)) and not isinstance(v, bool):
                     self._tb.add_scalar(f"{split}/{k}", v, step)
-        text = ", ".join(f"{k}: {fmt(v)}" for k, v in rec.items() if k not in ("step", "split", "time"))
+        text = ", ".join(f"{k}: {fmt_lr(v) if k.startswith('lr') else fmt(v)}" for k, v in rec.items()
+                         if k not in ("step", "split", "time") and v is not None)
         if echo:
             self._line("INFO", f"[{split} {step}] {text}")
         else:
             self._text.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} INFO [{split} {step}] {text}\n")
             self._text.flush()
+        self.seconds += time.perf_counter() - t0
         return rec
+
+    def train_record(self, step: int, tracker: "MeanTracker", optimizers: dict[str, torch.optim.Optimizer],
+                     reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                     extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+        """The training record at ``step``, written (not echoed: the progress bar shows it):
+        the LR of every optimizer (read from its param groups after the update: the LR the next
+        update uses), the interval means of everything ``tracker`` holds (averaged across
+        processes by ``reduce``), optimizer steps per second since the previous record, and
+        ``extra``. Every process must call it (``reduce`` is a collective)."""
+        values: dict[str, Any] = {name: opt.param_groups[0]["lr"] for name, opt in optimizers.items()}
+        values.update(tracker.result(reduce))
+        now = time.perf_counter()
+        if self._last_train is not None and step > self._last_train[1]:
+            values["steps_per_sec"] = (step - self._last_train[1]) / max(now - self._last_train[0], 1e-9)
+        self._last_train = (now, step)
+        values.update(extra or {})
+        return self.record("train", step, values, echo=False)
+
+    def start_clock(self, step: int) -> None:
+        """Measure the next record's ``steps_per_sec`` from now, at ``step``."""
+        self._last_train = (time.perf_counter(), step)
 
     def event(self, name: str, step: int, message: str, level: str = "WARNING", **extra: Any) -> None:
         """An event record (start, resume, preempted, nonfinite, divergence, ...) plus a log line."""
         if not self.is_main:
             return
+        t0 = time.perf_counter()
         rec = {"step": int(step), "split": "event", "time": time.time(), "event": name,
                "message": message}
         rec.update({k: _plain(v) for k, v in extra.items()})
         self._jsonl.write(json.dumps(rec) + "\n")
         self._jsonl.flush()
         self._line(level, f"[{name} at step {step}] {message}")
+        self.seconds += time.perf_counter() - t0
 
     def flush(self) -> None:
         if self._tb is not None:
@@ -201,7 +204,8 @@ def _plain(v: Any) -> Any:
 
 
 class MeanTracker:
-    """Running means of detached loss tensors over a log interval, synchronised only when read."""
+    """Running means of detached tensors over a log interval, synchronised only when read.
+    Every key that is added is in the result; None values are not added."""
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
@@ -215,17 +219,26 @@ class MeanTracker:
             self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
             self.counts[k] = self.counts.get(k, 0) + 1
 
-    def result(self, keys: list[str], reduce=None) -> dict[str, Optional[float]]:
-        """Mean of each key (None where nothing was added); ``reduce`` averages a tensor across
-        processes (e.g. ``lambda t: accelerator.reduce(t, 'mean')``)."""
-        present = [k for k in keys if k in self.sums]
-        out: dict[str, Optional[float]] = {k: None for k in keys}
-        if present:
-            means = torch.stack([self.sums[k] / self.counts[k] for k in present])
+    def result(self, reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> dict[str, float]:
+        """Mean of each key since the last call, then forget them; ``reduce`` averages the means
+        across processes (e.g. ``lambda t: accelerator.reduce(t, 'mean')``; every process adds
+        the same keys in the same order)."""
+        keys = list(self.sums)
+        out: dict[str, float] = {}
+        if keys:
+            means = torch.stack([self.sums[k] / self.counts[k] for k in keys])
             if reduce is not None:
                 means = reduce(means)
-            for k, v in zip(present, means.tolist()):
-                out[k] = v
+            out = dict(zip(keys, means.tolist()))
         self.sums.clear()
         self.counts.clear()
         return out
+
+
+def mean_logs(logs: list[dict[str, Optional[torch.Tensor]]]) -> dict[str, torch.Tensor]:
+    """Per key, the mean of the (detached) tensors of several micro-batches; keys whose value
+    is None are left out."""
+    if len(logs) == 1:
+        return {k: v.detach() for k, v in logs[0].items() if v is not None}
+    keys = [k for k, v in logs[0].items() if v is not None]
+    return {k: torch.stack([d[k].detach().float() for d in logs]).mean() for k in keys}

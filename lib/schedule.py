@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Callable
 
 from lib.config import TrainConfig
 from lib.errors import UserError
+from lib.numfmt import fmt_lr
 
 if TYPE_CHECKING:                    # torch and diffusers are imported where a scheduler is built
     import torch
@@ -146,8 +147,8 @@ def check_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: int
     actual = optimizer.param_groups[0]["lr"]
     if not math.isclose(actual, expected, rel_tol=rtol, abs_tol=1e-20):
         raise ScheduleMismatch(
-            f"schedule guard: {name} LR at step {step} is {format_lr(actual)} but the configured "
-            f"{cfg.lr_scheduler} schedule says {format_lr(expected)} (is the scheduler stepped "
+            f"schedule guard: {name} LR at step {step} is {fmt_lr(actual)} but the configured "
+            f"{cfg.lr_scheduler} schedule says {fmt_lr(expected)} (is the scheduler stepped "
             f"exactly once per optimizer step?)")
 
 
@@ -165,6 +166,7 @@ def key_points(cfg: TrainConfig, extra: dict[str, int] | None = None) -> list[tu
     return [(label, step, lr_at(cfg, step)) for label, step in points]
 
 
-def format_lr(value: float) -> str:
-    """Significant digits, never fixed decimals (``5.000e-06``, not ``0.00001``)."""
-    return f"{value:.3e}"
+def check_schedules(cfg: TrainConfig, step: int, optimizers: dict[str, "torch.optim.Optimizer"]) -> None:
+    """The schedule guard: :func:`check_schedule` for every optimizer (named by its record key)."""
+    for name, opt in optimizers.items():
+        check_schedule(opt, cfg, step, name)

@@ -95,8 +95,8 @@ class TrainerSpec:
     """How the shared trainer tests drive one trainer (see tests/test_faults.py)."""
     module_name: str
     subdir: str                      # run folder under output_dir
-    loss_fn: str                     # module-level loss function the tests wrap
-    poison: Callable[[Any], None]    # make that function's result NaN
+    model: str                       # "module:Class" of the trained model whose forward the tests wrap
+    poison: Callable[[Any], Any]     # that forward's output made NaN
     spike_lr: float                  # an LR that makes the tiny model diverge
     shape_override: str              # a --set that changes the model shape
     watched: str = "rec_loss"        # the training loss to compare between runs
@@ -109,8 +109,9 @@ class TrainerSpec:
         return importlib.import_module(self.module_name)
 
 
-def _poison_generator_loss(out) -> None:
-    out.total = out.total * float("nan")
+def _poison_vae_output(out):
+    rec, kl = out
+    return rec * float("nan"), kl
 
 
 # Stage 2 on top of a tiny stage-1 VAE: a UNet of two levels on 16x16x2 latents, 2 sampling steps.
@@ -144,14 +145,30 @@ def tiny_prior_sections(data_root: Path) -> dict:
     return {"prior": dict(copy.deepcopy(TINY_PRIOR), vae_checkpoint=str(tiny_vae_checkpoint(data_root)))}
 
 
-def _poison_tensor(loss: torch.Tensor) -> None:
-    loss.data.fill_(float("nan"))
+def _poison_tensor(out: torch.Tensor) -> torch.Tensor:
+    return out * float("nan")
+
+
+def poison_training_forward(monkeypatch: pytest.MonkeyPatch, trainer: "TrainerSpec", bad: Callable[[int], bool]) -> None:
+    """Make the trained model's output NaN in the training forward passes ``n`` (1, 2, ...) for
+    which ``bad(n)``; forwards without gradients (validation, sampling) are left alone."""
+    module_name, cls_name = trainer.model.split(":")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    orig, calls = cls.forward, {"n": 0}
+
+    def forward(self, *args, **kwargs):
+        out = orig(self, *args, **kwargs)
+        if not torch.is_grad_enabled():
+            return out
+        calls["n"] += 1
+        return trainer.poison(out) if bad(calls["n"]) else out
+    monkeypatch.setattr(cls, "forward", forward)
 
 
 TRAINERS: dict[str, TrainerSpec] = {
-    "vae": TrainerSpec("train_vae", "vae", "generator_loss", _poison_generator_loss, spike_lr=5.0,
+    "vae": TrainerSpec("train_vae", "vae", "lib.models:VAEWithLogvar", _poison_vae_output, spike_lr=5.0,
                        shape_override="vae.model.latent_channels=3"),
-    "prior": TrainerSpec("train_unified_prior", "prior", "diffusion_loss", _poison_tensor, spike_lr=5.0,
+    "prior": TrainerSpec("train_unified_prior", "prior", "lib.prior:LatentPrior", _poison_tensor, spike_lr=5.0,
                          shape_override="prior.model.cond_channels=16", watched="loss",
                          setup=tiny_prior_sections),
 }

@@ -14,7 +14,8 @@ from PIL import Image
 
 from lib import cache
 from lib.config import load_config
-from lib.data import RadioMapDataset, build_datasets, train_batches
+from lib.batching import train_batches
+from lib.dataset import RadioMapDataset, build_datasets
 from lib.errors import ConfigError, DataError
 from tests.helpers import tiny_config
 

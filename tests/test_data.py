@@ -1,4 +1,5 @@
-"""lib.data: discovery, splits, samples, bad-file handling and deterministic batching."""
+"""The data layer (lib.layout, lib.splits, lib.dataset, lib.batching): discovery, splits, samples,
+bad-file handling and deterministic batching."""
 from __future__ import annotations
 
 import shutil
@@ -11,8 +12,10 @@ from PIL import Image
 
 from lib import synthetic
 from lib.config import DataConfig, SyntheticConfig
-from lib.data import (RadioMapDataset, batches_per_epoch, build_datasets, discover_maps,
-                      eval_batches, split_maps, train_batches)
+from lib.batching import batches_per_epoch, eval_batches, train_batches
+from lib.dataset import RadioMapDataset, build_datasets
+from lib.layout import discover_maps
+from lib.splits import split_maps
 from lib.errors import DataError
 
 N_MAPS, N_TX, SIZE = 6, 3, 32
@@ -357,10 +360,10 @@ def test_build_datasets_real_source_does_not_generate(tmp_path):
 
 def test_pixel_conversion_is_exact_float32_arithmetic():
     """uint8 -> [-1, 1]: float32(pixel) * float32(2/255) - 1 for every value, as torch computes it."""
-    from lib.data import _to_unit
+    from lib.layout import to_unit
     pixels = np.arange(256, dtype=np.uint8).reshape(16, 16)
     expected = torch.from_numpy(pixels.copy()).float().mul_(2.0 / 255.0).sub_(1.0)
-    got = _to_unit(pixels, pixels[::-1].copy())
+    got = to_unit(pixels, pixels[::-1].copy())
     assert got.dtype == torch.float32 and got.shape == (2, 16, 16)
     assert torch.equal(got[0], expected) and torch.equal(got[1], expected.flip(0))
     assert got[0, 0, 0] == -1.0 and got[0, -1, -1] == 1.0

@@ -18,7 +18,8 @@ import torch
 from accelerate.utils import gather
 from pathlib import Path
 OUT = Path(os.environ["PROBE_DIR"])
-orig_apply, orig_clip = trainer.apply_updates, trainer.clip_grad_norms
+import lib.optim as optim
+orig_apply, orig_clip = optim.apply_updates, optim.clip_grad_norms
 state = {"n": 0}
 def clip(accelerator, optimizers, max_norm):
     if state["n"] == 0 and accelerator.is_main_process:
@@ -35,7 +36,7 @@ def apply(accelerator, optimizers, schedulers, finite):
     with open(OUT / f"replicas-{accelerator.num_processes}-{accelerator.process_index}.txt", "a") as f:
         f.write(f"{diff}\\n")
     return applied
-trainer.apply_updates, trainer.clip_grad_norms = apply, clip
+optim.apply_updates, optim.clip_grad_norms = apply, clip
 """
 DETERMINISTIC = """
 import lib.models as models

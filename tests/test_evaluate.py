@@ -11,11 +11,14 @@ import torch
 
 import evaluate
 import train_unified_prior
-from lib.baselines import DistanceBaseline, fit_distance_baseline, log_distance
+from lib.baselines import DistanceBaseline, fit_distance_baseline
+from lib.condition import log_distance
 from lib.config import load_config
-from lib.data import build_datasets, eval_batches
+from lib.batching import eval_batches
+from lib.dataset import build_datasets
 from lib.metrics import MetricAccumulator
-from lib.vae_io import decode_latents, encode_latents, load_vae
+from lib.latents import decode_latents, encode_latents
+from lib.weights import load_vae
 from tests.helpers import TRAINERS, run_main, trainer_config
 
 SIMS = ["DPM", "IRT2"]

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lib.faults import EXIT_PREEMPTED, EXIT_STOPPED
-from tests.helpers import (TRAINERS, checkpoint_tensors, max_abs_diff, read_records, run_injected, run_main,
-                           trainer_config)
+from tests.helpers import (TRAINERS, checkpoint_tensors, max_abs_diff, poison_training_forward, read_records,
+                           run_injected, run_main, trainer_config)
 
 pytestmark = pytest.mark.parametrize("trainer", list(TRAINERS), indirect=True)
 
@@ -65,18 +65,10 @@ def test_sigterm_then_resume_equals_uninterrupted(tmp_path, trainer, monkeypatch
 
 
 def test_nan_loss_skips_update_and_logs(tmp_path, trainer, monkeypatch):
-    from lib import training
-    calls, snapshots = {"n": 0}, []
-    orig_loss = getattr(trainer.module, trainer.loss_fn)
-
-    def poisoned(*a, **k):
-        out = orig_loss(*a, **k)
-        calls["n"] += 1
-        if calls["n"] == 3:                      # the 3rd micro-batch's loss is NaN
-            trainer.poison(out)
-        return out
-    monkeypatch.setattr(trainer.module, trainer.loss_fn, poisoned)
-    orig_apply = training.apply_updates
+    from lib import optim
+    snapshots = []
+    poison_training_forward(monkeypatch, trainer, lambda n: n == 3)   # the 3rd micro-batch's loss is NaN
+    orig_apply = optim.apply_updates
 
     def spy(accelerator, optimizers, schedulers, finite):
         params = [p for o in optimizers for g in o.param_groups for p in g["params"]]
@@ -86,7 +78,7 @@ def test_nan_loss_skips_update_and_logs(tmp_path, trainer, monkeypatch):
         same = all(torch.equal(a, p) for a, p in zip(before, params))
         snapshots.append((applied, same, lrs == [o.param_groups[0]["lr"] for o in optimizers], lrs[0]))
         return applied
-    monkeypatch.setattr(trainer.module, "apply_updates", spy)
+    monkeypatch.setattr(optim, "apply_updates", spy)
     cfg = trainer_config(tmp_path, trainer)
     assert run_main(trainer.module, ["--config", cfg], monkeypatch) == 0
     assert [s[0] for s in snapshots] == [True, True, False, True, True, True, True]
@@ -100,16 +92,7 @@ def test_nan_loss_skips_update_and_logs(tmp_path, trainer, monkeypatch):
 
 
 def test_persistent_nan_stops_with_checkpoint(tmp_path, trainer, monkeypatch, capsys):
-    orig_loss = getattr(trainer.module, trainer.loss_fn)
-    calls = {"n": 0}
-
-    def poisoned(*a, **k):
-        out = orig_loss(*a, **k)
-        calls["n"] += 1
-        if calls["n"] > 2:
-            trainer.poison(out)
-        return out
-    monkeypatch.setattr(trainer.module, trainer.loss_fn, poisoned)
+    poison_training_forward(monkeypatch, trainer, lambda n: n > 2)
     cfg = trainer_config(tmp_path, trainer, **{f"{trainer.subdir}.train": {"max_nonfinite": 3}})
     assert run_main(trainer.module, ["--config", cfg], monkeypatch) == EXIT_STOPPED
     run_dir = tmp_path / "run" / trainer.subdir
@@ -138,11 +121,10 @@ def test_lr_spike_divergence_is_detected_and_stops(tmp_path, trainer, monkeypatc
 
 
 def test_unstepped_schedule_is_caught_by_the_guard(tmp_path, trainer, monkeypatch, capsys):
-    from lib import training
-    orig = training.apply_updates
+    from lib import optim
+    orig = optim.apply_updates
     # the seeds' unified-prior bug: optimizers step, the schedule never does
-    monkeypatch.setattr(trainer.module, "apply_updates",
-                        lambda acc, opts, scheds, finite: orig(acc, opts, [], finite))
+    monkeypatch.setattr(optim, "apply_updates", lambda acc, opts, scheds, finite: orig(acc, opts, [], finite))
     cfg = trainer_config(tmp_path, trainer)
     assert run_main(trainer.module, ["--config", cfg], monkeypatch) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]

@@ -11,11 +11,13 @@ import torch
 
 import train_unified_prior
 from lib.config import load_config
-from lib.data import build_datasets
-from lib.prior import (LatentPrior, diffusion_loss, distance_map, generate_maps, sampling_scheduler,
-                       train_scheduler)
+from lib.condition import distance_map
+from lib.dataset import build_datasets
+from lib.diffusion import diffusion_loss, generate_maps, sampling_scheduler, train_scheduler
+from lib.prior import LatentPrior
 from lib.schedule import lr_at
-from lib.vae_io import encode_latents, load_vae, measure_latent_scale
+from lib.latents import encode_latents, measure_latent_scale
+from lib.weights import load_vae
 from tests.helpers import (TRAINERS, checkpoint_tensors, max_abs_diff, read_records, run_main, tiny_config,
                            tiny_prior_sections, trainer_config)
 
@@ -135,11 +137,11 @@ def test_lr_every_step_and_resume_equals_straight_run(tmp_path, prior_trainer, m
 
     split = trainer_config(tmp_path, prior_trainer, "b.yaml", output_dir=str(tmp_path / "b"), **two_sims)
     assert run(monkeypatch, split, "--until-step", "3") == 0
-    measured = []
-    monkeypatch.setattr(train_unified_prior, "measure_latent_scale", lambda *a, **k: measured.append(1) or 1.0)
     assert run(monkeypatch, split, "--resume", "latest") == 0
-    assert measured == []                                   # restored with the checkpoint, not re-measured
     b = tmp_path / "b" / "prior"
+    log = (b / "train.log").read_text()                     # restored with the checkpoint, not re-measured
+    assert log.count("= 1 / std of the latents of") == 1 and log.count("(from the checkpoint)") == 1
+    assert log.index("= 1 / std of the latents of") < log.index("(from the checkpoint)")
     final = lambda d: checkpoint_tensors(d / "checkpoints" / "step-0000006")
     assert max_abs_diff(final(a), final(b)) <= 1e-6
     lrs = lambda d: [(r["step"], r["lr"]) for r in read_records(d, "train")]

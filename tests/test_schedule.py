@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from lib.config import TrainConfig
-from lib.schedule import (ScheduleMismatch, build_scheduler, check_schedule, format_lr, key_points, lr_at,
+from lib.numfmt import fmt_lr
+from lib.schedule import (ScheduleMismatch, build_scheduler, check_schedule, key_points, lr_at,
                           rebase_scheduler)
 
 
@@ -95,7 +96,7 @@ def test_key_points_and_format():
     labels = [p[0] for p in pts]
     assert labels == ["start", "end of warmup", "25%", "50%", "disc_start", "75%", "100%"]
     assert pts[-1][2] == pytest.approx(c.min_lr)
-    assert format_lr(5e-6) == "5.000e-06"
+    assert fmt_lr(5e-6) == "5.000e-06"
 
 
 def test_lr_at_needs_no_torch():

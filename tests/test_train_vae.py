@@ -88,7 +88,7 @@ def test_discriminator_phases_and_logvar(tmp_path, tiny_data, monkeypatch):
     for r in recs:
         active = r["step"] > 3
         assert r["disc_factor"] == (1.0 if active else 0.0)
-        assert (r["disc_loss"] is not None) == active and (r["g_loss"] is not None) == active
+        assert ("disc_loss" in r) == active and ("g_loss" in r) == active      # logged once it exists
         if active:
             assert r["d_weight"] > 0 and r["logits_real"] is not None
     # logvar is trained (the reference left it out of every optimizer)
@@ -121,7 +121,6 @@ def test_checkpoint_layout_and_rotation(tmp_path, tiny_data, monkeypatch):
 
 
 def test_gradient_clipping_bounds_the_norm(tmp_path, tiny_data, monkeypatch):
-    from lib import training
     seen = []
     orig = torch.nn.utils.clip_grad_norm_
 
@@ -131,7 +130,7 @@ def test_gradient_clipping_bounds_the_norm(tmp_path, tiny_data, monkeypatch):
         after = torch.norm(torch.stack([p.grad.norm() for p in params]))
         seen.append((float(norm), float(after), max_norm))
         return norm
-    monkeypatch.setattr(training.torch.nn.utils, "clip_grad_norm_", spy)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
     cfg = tiny_config(tmp_path, tiny_data, **{"vae.train": {"grad_clip": 1e-3, "max_steps": 4,
                                                             "checkpoint_every": 4, "val_every": 4}})
     assert run(monkeypatch, cfg) == 0

@@ -1,0 +1,171 @@
+"""The radio-map dataset: one sample per (map, transmitter, simulation) of a RadioMapSeer-layout
+folder, as float32 arrays in [-1, 1].
+
+A sample is ``image`` (1, S, S), the gain map, and ``cond`` (3, S, S), the stage-2 condition
+(:mod:`lib.condition`: buildings, transmitter, cars-or-buildings), plus ``sim_id`` (index into
+the dataset's simulations), ``map_id`` and ``tx``. Maps whose files are not ``image_size``
+square are resized (:func:`lib.layout.resize_maps`).
+
+Which samples exist comes from the folder listing (:func:`lib.layout.list_samples`); the
+pixels come from the PNGs, or with ``data.cache`` from the memory-mapped arrays of
+:mod:`lib.cache` (the same values). Bad files: ``on_bad_file="error"`` raises a one-line
+:class:`DataError` naming the file; ``"skip"`` drops the affected samples (listing) or
+substitutes the next readable sample (reading), and records ``(path, reason)`` in
+``dataset.skipped``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from lib.cache import PackedMaps, open_configured_cache
+from lib.condition import assemble_condition, scale_pixel
+from lib.errors import DataError
+from lib.layout import (NO_TX_PIXEL, BadFile, SamplePaths, discover_maps, is_cars_simulation, list_samples,
+                        read_sample, resize_maps, sample_paths, to_unit, unit_into)
+from lib.splits import split_maps
+from lib.synthetic import ensure_synthetic
+
+Log = Callable[[str], None]
+
+
+class RadioMapDataset(Dataset):
+    """(map, transmitter, simulation) samples of a RadioMapSeer-layout folder.
+
+    ``map_ids``: the maps of this split. ``tx_per_map=K`` keeps each map's K lowest
+    transmitter ids. Sample index order is map, then transmitter, then simulation (in the
+    order given). ``cache``: a :class:`lib.cache.PackedMaps` of this folder, read instead of
+    the PNGs (the folder listing still decides which samples exist).
+    """
+
+    def __init__(self, root: str | os.PathLike, simulations: Sequence[str],
+                 map_ids: Sequence[int], image_size: int, tx_per_map: int | None = None,
+                 on_bad_file: str = "error", log: Log = print,
+                 cache: Optional[PackedMaps] = None) -> None:
+        if on_bad_file not in ("error", "skip"):
+            raise ValueError(f"on_bad_file must be 'error' or 'skip', not {on_bad_file!r}")
+        if not simulations:
+            raise ValueError("simulations must name at least one gain/<simulation> folder")
+        self.root = Path(root)
+        self.simulations = list(simulations)
+        self.image_size = int(image_size)
+        self.on_bad_file = on_bad_file
+        self.log = log
+        self._bad: set[int] = set()
+        self._cars = np.array([is_cars_simulation(s) for s in self.simulations])
+        listing = list_samples(self.root, self.simulations, map_ids, tx_per_map, on_bad_file)
+        self._map, self._tx, self._sim = listing.maps, listing.txs, listing.sims
+        self.skipped: list[tuple[str, str]] = listing.skipped
+        self.map_ids = sorted(set(self._map.tolist()))
+        if self.skipped:
+            path, reason = self.skipped[0]
+            log(f"data.root {root}: skipped {len(self.skipped)} bad or missing file(s) "
+                f"(on_bad_file: skip), {len(self)} samples left; first: {path}: {reason}")
+        if len(self) == 0:
+            raise DataError(f"data.root {root}: no samples for {len(map_ids)} map(s) and "
+                            f"simulation(s) {self.simulations}")
+        self.cache = cache
+        if cache is not None:
+            cache.check_dataset(self)       # fresh, and holds every sample: else a DataError
+
+    def __len__(self) -> int:
+        return len(self._map)
+
+    def sample_key(self, index: int) -> tuple[int, int, str]:
+        """(map, tx, simulation) of ``index`` (without reading any file)."""
+        return int(self._map[index]), int(self._tx[index]), self.simulations[self._sim[index]]
+
+    def sample_keys(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(map ids, transmitter ids, simulation indices) of every sample, in index order."""
+        return self._map, self._tx, self._sim
+
+    def sample_paths(self, index: int) -> SamplePaths:
+        """The files sample ``index`` is made of (without reading them)."""
+        m, tx, s = int(self._map[index]), int(self._tx[index]), int(self._sim[index])
+        return sample_paths(self.root, m, tx, self.simulations[s], bool(self._cars[s]))
+
+    def __getitem__(self, index: int) -> dict:
+        size = self.image_size
+        image = np.empty((1, size, size), dtype=np.float32)
+        cond = np.empty((3, size, size), dtype=np.float32)
+        s, map_id, tx = self._read_into(index, image, cond)
+        return {"image": torch.from_numpy(image), "cond": torch.from_numpy(cond), "sim_id": s,
+                "map_id": map_id, "tx": tx}
+
+    def __getitems__(self, indices: list[int]) -> dict:
+        """A whole batch, each sample written in place into the batch's arrays: what
+        ``__getitem__`` and collation give, with one allocation per batch and no copy.
+        (:class:`torch.utils.data.DataLoader` calls it; :func:`lib.batching.collate` passes it
+        through.)"""
+        size = self.image_size
+        image = np.empty((len(indices), 1, size, size), dtype=np.float32)
+        cond = np.empty((len(indices), 3, size, size), dtype=np.float32)
+        keys = [self._read_into(i, image[k], cond[k]) for k, i in enumerate(indices)]
+        sims, maps, txs = torch.tensor(keys, dtype=torch.int64).reshape(-1, 3).T.contiguous()
+        return {"image": torch.from_numpy(image), "cond": torch.from_numpy(cond), "sim_id": sims,
+                "map_id": maps, "tx": txs}
+
+    def _read_into(self, index: int, image: np.ndarray, cond: np.ndarray) -> tuple[int, int, int]:
+        """Sample ``index`` (or, with ``on_bad_file: skip``, the next readable one) into
+        ``image`` (1, S, S) and ``cond`` (3, S, S); returns its (simulation index, map, tx)."""
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(index)
+        index %= n
+        if self.on_bad_file == "error":
+            return self._load(index, image, cond)
+        for k in range(n):
+            j = (index + k) % n
+            if j in self._bad:
+                continue
+            try:
+                return self._load(j, image, cond)
+            except BadFile as exc:
+                self._bad.add(j)
+                if all(exc.path != p for p, _ in self.skipped):   # report each file once
+                    self.skipped.append((exc.path, exc.reason))
+                    self.log(f"data: skipping {exc.path}: {exc.reason} (sample {j}; the next "
+                             f"readable sample is used instead, on_bad_file: skip)")
+        raise DataError(f"data.root {self.root}: no readable sample left (every file was bad)")
+
+    def _load(self, index: int, image: np.ndarray, cond: np.ndarray) -> tuple[int, int, int]:
+        """Write sample ``index`` into ``image`` (gain) and ``cond`` (the condition), float32
+        in [-1, 1] at ``image_size``."""
+        size = self.image_size
+        map_id, tx, s = int(self._map[index]), int(self._tx[index]), int(self._sim[index])
+        if self.cache is None:
+            layers, shape, pixel = read_sample(self.sample_paths(index))
+        else:                      # the file paths are only needed for files recorded as bad
+            layers, shape, pixel = self.cache.read(map_id, tx, self.simulations[s], bool(self._cars[s]),
+                                                   size, lambda: self.sample_paths(index))
+        if pixel is None:
+            raise BadFile(self.sample_paths(index).antenna, NO_TX_PIXEL)
+        if layers[0].shape != (size, size):
+            layers = resize_maps(to_unit(*layers), size).numpy()
+        gain, buildings, third = layers
+        unit_into(image[0], gain)
+        assemble_condition(cond, buildings, third, scale_pixel(pixel, shape, size))
+        return s, map_id, tx
+
+
+def build_datasets(data_cfg, seed: int, splits: Sequence[str] = ("train", "val"),
+                   log: Log = print) -> dict[str, RadioMapDataset]:
+    """Generate the synthetic data if needed, split the maps and build the requested splits
+    (reading through the packed cache when ``data_cfg.cache`` is not ``off``)."""
+    unknown = [s for s in splits if s not in ("train", "val", "test")]
+    if unknown:
+        raise ValueError(f"unknown split(s) {unknown}; expected train, val, test")
+    if data_cfg.source == "synthetic":
+        ensure_synthetic(data_cfg, seed, log=log)
+    ids = discover_maps(data_cfg.root)
+    parts = split_maps(ids, data_cfg.train_maps, data_cfg.val_maps, data_cfg.test_maps, seed)
+    cache = open_configured_cache(data_cfg, log=log)
+    return {name: RadioMapDataset(data_cfg.root, list(data_cfg.simulation), parts[name],
+                                  data_cfg.image_size, tx_per_map=data_cfg.tx_per_map,
+                                  on_bad_file=data_cfg.on_bad_file, log=log, cache=cache)
+            for name in splits}
