@@ -1,6 +1,6 @@
 """What went wrong (or what happened) in a training run, from its parsed log.
 
-:func:`analyze` turns a :class:`lib.runlog_parse.ParsedRun` into findings, each with an id,
+:func:`lib.analysis.analyze` turns a :class:`lib.runtable.ParsedRun` into findings, each with an id,
 a step range and the evidence (the measured values), plus the run statistics the report
 shows (duration, throughput, ETA, final and best values). Findings state values; they never
 grade a run.
@@ -42,13 +42,13 @@ Finding ids and their rules (thresholds are the constants below):
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 import numpy as np
 
-from lib.runlog_parse import JUMP_FACTOR, ParsedRun, Schedule, resume_history, schedule_for
+from lib.numfmt import fmt, fmt_step
+from lib.runtable import ParsedRun, Schedule
 
 ZERO_ATOL = 1e-12          # |x| below this is zero
 FLAT_RTOL = 1e-4           # peak-to-peak below this x |median| is flat
@@ -88,39 +88,8 @@ class Analysis:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-# --------------------------------------------------------------------------- formatting
-def num(x: Optional[float]) -> str:
-    """4 significant digits: 5.000e-06, 0.0213, 1234, -433.3; 'nan' / 'inf' as such."""
-    if x is None:
-        return "n/a"
-    x = float(x)
-    if not math.isfinite(x):
-        return str(x)
-    if x != 0 and (abs(x) < 1e-3 or abs(x) >= 1e5):
-        return f"{x:.3e}"
-    return f"{x:.4g}"
-
-
-def st(s: int) -> str:
-    return f"{int(s):,}"
-
-
-def span(a: int, b: int) -> str:
-    return f"step {st(a)}" if a == b else f"steps {st(a)}-{st(b)}"
-
-
-def hours(seconds: float) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "n/a"
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 2 * 3600:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.2f} h"
-
-
-def _list_steps(steps: np.ndarray, limit: int = 5) -> str:
-    shown = ", ".join(st(s) for s in steps[:limit])
+def list_steps(steps: np.ndarray, limit: int = 5) -> str:
+    shown = ", ".join(fmt_step(s) for s in steps[:limit])
     return shown + (f", ... ({len(steps)} in all)" if len(steps) > limit else "")
 
 
@@ -146,7 +115,7 @@ def smoothing_window(n: int) -> int:
     return int(max(5, min(200, n // 100)))
 
 
-def _runs_of_true(mask: np.ndarray, min_len: int) -> Optional[tuple[int, int]]:
+def runs_of_true(mask: np.ndarray, min_len: int) -> Optional[tuple[int, int]]:
     """(start, end inclusive) of the first run of at least ``min_len`` consecutive True."""
     if len(mask) < min_len:
         return None
@@ -160,7 +129,7 @@ def _runs_of_true(mask: np.ndarray, min_len: int) -> Optional[tuple[int, int]]:
     return int(starts[ok[0]]), int(ends[ok[0]] - 1)
 
 
-def _train_steps(run: ParsedRun) -> np.ndarray:
+def train_steps(run: ParsedRun) -> np.ndarray:
     """Steps of rows that hold a train record (not only validation)."""
     if not run.columns:
         return np.zeros(0, np.int64)
@@ -171,10 +140,10 @@ def _train_steps(run: ParsedRun) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- rules
-def _disc_phase(run: ParsedRun, a: Analysis, out: list[Finding]) -> None:
+def disc_phase(run: ParsedRun, a: Analysis, out: list[Finding]) -> None:
     steps, df = run.series("disc_factor")
     cfg_start = run.disc_start
-    cfg_note = f" (configured disc_start = {st(cfg_start)})" if cfg_start is not None else ""
+    cfg_note = f" (configured disc_start = {fmt_step(cfg_start)})" if cfg_start is not None else ""
     if len(df):
         on = df > ZERO_ATOL
         if on.any():
@@ -183,7 +152,7 @@ def _disc_phase(run: ParsedRun, a: Analysis, out: list[Finding]) -> None:
             if i == 0:
                 out.append(Finding("disc_start", "Discriminator phase already on at the first record",
                                    [int(steps[0]), int(steps[0])],
-                                   f"disc_factor = {num(df[0])} at the first record (step {st(steps[0])})"
+                                   f"disc_factor = {fmt(df[0])} at the first record (step {fmt_step(steps[0])})"
                                    f"{cfg_note}; the start itself is not in the log", "info"))
                 return
             prev = int(steps[i - 1])
@@ -192,20 +161,20 @@ def _disc_phase(run: ParsedRun, a: Analysis, out: list[Finding]) -> None:
             # once s > disc_start) or the state at s (the reference: on once s >= disc_start)
             if cfg_start is not None and not (prev <= cfg_start <= int(steps[i])):
                 sev = "warning"
-                extra = f"; this does not match the configured disc_start = {st(cfg_start)}"
+                extra = f"; this does not match the configured disc_start = {fmt_step(cfg_start)}"
             events = [e for e in run.events if e.get("event") == "disc_start"]
-            ev = f"; trainer event disc_start at step {st(events[0]['step'])}" if events else ""
+            ev = f"; trainer event disc_start at step {fmt_step(events[0]['step'])}" if events else ""
             out.append(Finding("disc_start", "Discriminator start",
                                [prev, int(steps[i])],
-                               f"disc_factor is 0 at step {st(prev)} and {num(df[i])} from step "
-                               f"{st(steps[i])} on{cfg_note if not extra else ''}{extra}{ev}", sev))
+                               f"disc_factor is 0 at step {fmt_step(prev)} and {fmt(df[i])} from step "
+                               f"{fmt_step(steps[i])} on{cfg_note if not extra else ''}{extra}{ev}", sev))
             return
         gan_off = run.config is not None and run.config.vae.loss.disc_weight == 0
         if cfg_start is not None and steps[-1] >= cfg_start and run.stage != "prior" and not gan_off:
             out.append(Finding("disc_inactive", "disc_factor stays 0 past the configured disc_start",
                                [int(cfg_start), int(steps[-1])],
-                               f"disc_factor is 0 at all {len(df)} records up to step {st(steps[-1])} "
-                               f"although disc_start = {st(cfg_start)}: the adversarial term never "
+                               f"disc_factor is 0 at all {len(df)} records up to step {fmt_step(steps[-1])} "
+                               f"although disc_start = {fmt_step(cfg_start)}: the adversarial term never "
                                f"entered the loss", "error"))
         return
     gan_off = run.config is not None and run.config.vae.loss.disc_weight == 0
@@ -214,15 +183,15 @@ def _disc_phase(run: ParsedRun, a: Analysis, out: list[Finding]) -> None:
         a.disc_phase_start, a.disc_phase_source = int(cfg_start), "config"
 
 
-def _disc_inactive(run: ParsedRun, a: Analysis, out: list[Finding]) -> None:
+def disc_inactive(run: ParsedRun, a: Analysis, out: list[Finding]) -> None:
     start = a.disc_phase_start
     if start is None:
         return
-    gen_steps = _train_steps(run)
+    gen_steps = train_steps(run)
     post = gen_steps[gen_steps >= start]
     if len(post) < MIN_RECORDS:
         return
-    where = f"from step {st(start)} ({'disc_factor' if a.disc_phase_source == 'disc_factor' else 'configured disc_start'})"
+    where = f"from step {fmt_step(start)} ({'disc_factor' if a.disc_phase_source == 'disc_factor' else 'configured disc_start'})"
     d_steps, d = run.series("disc_loss", finite=False)
     keep = d_steps >= start
     d_steps, d = d_steps[keep], d[keep]
@@ -230,7 +199,7 @@ def _disc_inactive(run: ParsedRun, a: Analysis, out: list[Finding]) -> None:
     problems = []
     if len(d) == 0:
         msg = (f"no disc_loss in any of the {len(post)} train records {where} to step "
-               f"{st(post[-1])}")
+               f"{fmt_step(post[-1])}")
         if run.kind == "original":
             msg += (": the log has no discriminator lines at all after the start, so the "
                     "discriminator step never ran (in the reference trainer it runs only when "
@@ -241,10 +210,10 @@ def _disc_inactive(run: ParsedRun, a: Analysis, out: list[Finding]) -> None:
         ptp = float(np.ptp(d_fin))
         res = 0.5 * 10.0 ** -run.lr_decimals if (run.kind == "original" and run.lr_decimals) else 0.0
         if np.all(np.abs(d_fin) <= max(ZERO_ATOL, res)):
-            problems.append(f"disc_loss is 0 at all {len(d_fin)} records {where} to step {st(d_steps[-1])}")
+            problems.append(f"disc_loss is 0 at all {len(d_fin)} records {where} to step {fmt_step(d_steps[-1])}")
         elif ptp <= max(FLAT_RTOL * abs(med), res, ZERO_ATOL):
-            problems.append(f"disc_loss is flat at {num(med)} (peak-to-peak {num(ptp)}) over "
-                            f"{len(d_fin)} records {where} to step {st(d_steps[-1])}")
+            problems.append(f"disc_loss is flat at {fmt(med)} (peak-to-peak {fmt(ptp)}) over "
+                            f"{len(d_fin)} records {where} to step {fmt_step(d_steps[-1])}")
     g_steps, g = run.series("grad_norm_disc")
     g = g[g_steps >= start]
     if len(g) >= MIN_RECORDS and np.all(np.abs(g) <= ZERO_ATOL):
@@ -255,176 +224,12 @@ def _disc_inactive(run: ParsedRun, a: Analysis, out: list[Finding]) -> None:
         s, v = run.series(name)
         v = v[s >= start]
         if len(v) >= MIN_RECORDS and np.ptp(v) <= max(FLAT_RTOL * abs(float(np.median(v))), ZERO_ATOL):
-            problems.append(f"{name} is constant at {num(float(np.median(v)))}")
+            problems.append(f"{name} is constant at {fmt(float(np.median(v)))}")
     out.append(Finding("disc_inactive", "Discriminator not training after its start",
                        [int(start), int(post[-1])], "; ".join(problems), "error"))
 
 
-def _resumes(run: ParsedRun, a: Analysis, out: list[Finding]) -> None:
-    history = resume_history(run)
-    matched: set[int] = set()
-    med = run.median_interval or 0.0
-    preempted = [e for e in run.events if e.get("event") == "preempted"]
-    segs = run.segments
-    if segs and med and segs[0].first_step > JUMP_FACTOR * med:
-        s0 = segs[0]
-        out.append(Finding("resume", "Log starts after step 0",
-                           [s0.first_step, s0.first_step],
-                           f"the first train record ({s0.source}) is at step {st(s0.first_step)}, "
-                           f"{s0.first_step / med:.0f} typical intervals ({num(med)} steps) after "
-                           f"step 0: the run was resumed from a checkpoint, and the logs before it "
-                           f"are not among the inputs", "info"))
-        a.resume_marks.append((s0.first_step, "start of log"))
-    for prev, seg in zip(segs, segs[1:]):
-        parts = []
-        severity = "info"
-        if seg.reason == "new log file":
-            parts.append(f"{seg.source} starts at step {st(seg.first_step)}; the previous file "
-                         f"({prev.source}) ended at step {st(prev.last_step)}")
-        elif seg.reason == "resume event":
-            info = seg.info
-            parts.append(f"resume event: {info.get('message') or 'resumed'}"
-                         if info.get("message") else
-                         f"resume event from {info.get('from_checkpoint')}")
-        elif seg.reason == "step went back":
-            parts.append(f"in {seg.source} the step goes back from {st(prev.last_step)} to "
-                         f"{st(seg.first_step)}")
-        elif seg.reason == "step jump":
-            parts.append(f"in {seg.source} the step jumps from {st(prev.last_step)} to "
-                         f"{st(seg.first_step)} ({(seg.first_step - prev.last_step) / med:.0f} typical "
-                         f"intervals of {num(med)} steps)")
-        if seg.first_step <= prev.last_step:
-            parts.append(f"steps {st(seg.first_step)}-{st(prev.last_step)} were trained again from "
-                         f"a checkpoint; the table keeps the later records")
-        elif med and seg.first_step - prev.last_step > JUMP_FACTOR * med:
-            parts.append(f"no records between steps {st(prev.last_step)} and {st(seg.first_step)}")
-            severity = "warning"
-        if math.isfinite(prev.last_time) and math.isfinite(seg.first_time):
-            gap = seg.first_time - prev.last_time
-            if gap >= 0:
-                parts.append(f"{hours(gap)} between the last record before and the first after")
-        for p in preempted:
-            if prev.first_step <= p["step"] <= prev.last_step + max(med, 1):
-                parts.append(f"preempted at step {st(p['step'])}")
-        for h in history:
-            if h["step"] not in matched and abs(h["step"] - seg.first_step) <= max(med, 1) * 1.5:
-                matched.add(h["step"])
-                desc = f"{h['source']}: resumed at step {st(h['step'])} from {h.get('from_checkpoint')}"
-                if h.get("changes"):
-                    desc += f", changed {h['changes']}"
-                parts.append(desc)
-        lo, hi = sorted((seg.first_step, prev.last_step))
-        title = {"new log file": "Resume (new log file)", "resume event": "Resume",
-                 "step went back": "Resume (step went back)",
-                 "step jump": "Step jump (records missing or unrecorded resume)"}[seg.reason]
-        if seg.reason == "step jump":
-            severity = "warning"
-        out.append(Finding("resume", title, [lo, hi], "; ".join(parts), severity))
-        a.resume_marks.append((seg.first_step, "resume" if seg.reason != "step jump" else "step jump"))
-    for h in history:
-        if h["step"] in matched:
-            continue
-        desc = f"{h['source']} records a resume at step {st(h['step'])} from {h.get('from_checkpoint')}"
-        if h.get("changes"):
-            desc += f" that changed {h['changes']}"
-        desc += " (no train records after it in the log)" if not any(
-            s.first_step >= h["step"] for s in segs[1:]) else ""
-        out.append(Finding("resume", "Resume", [h["step"], h["step"]], desc, "info"))
-        a.resume_marks.append((h["step"], "resume"))
-
-
-def _lr_rules(run: ParsedRun, a: Analysis, out: list[Finding]) -> None:
-    sched = a.schedule
-    steps, lr = run.series("lr")
-    if len(lr) == 0:
-        return
-    a.lr_steps = steps
-    dec = run.lr_decimals
-    zeros = np.abs(lr) <= ZERO_ATOL
-    if sched is None:
-        if dec is not None and zeros.any():
-            zs = steps[zeros]
-            out.append(Finding(
-                "lr_display_rounding", "LR printed as 0 (fixed decimals)", [int(zs[0]), int(zs[-1])],
-                f"lr is printed with {dec} decimals and reads {0:.{dec}f} at {int(zeros.sum())} of "
-                f"{len(lr)} records ({span(int(zs[0]), int(zs[-1]))}); any LR below "
-                f"{0.5 * 10 ** -dec:.0e} prints like this. No config is known to compare with "
-                f"(pass --config), so the real LR cannot be read from this log", "warning"))
-        return
-    exp = sched.lr_at_steps(steps)
-    a.lr_expected = exp
-    if dec is not None:
-        tol = 0.5 * 10.0 ** -dec * (1 + 1e-6) + 1e-15
-        consistent = np.abs(lr - exp) <= tol
-    else:
-        consistent = np.abs(lr - exp) <= LR_RTOL * np.abs(exp) + 1e-15
-    if not consistent.all():        # allow the LR of the step before / after (logging convention)
-        bad = np.nonzero(~consistent)[0]
-        for off in (-1, 1):
-            e2 = sched.lr_at_steps(steps[bad] + off)
-            ok = (np.abs(lr[bad] - e2) <= (tol if dec is not None else LR_RTOL * np.abs(e2) + 1e-15))
-            consistent[bad[ok]] = True
-            bad = bad[~ok]
-    explained = np.zeros(len(lr), dtype=bool)
-
-    # display rounding: zeros the schedule explains
-    if dec is not None and sched.decaying:
-        zr = zeros & consistent & (exp > 0)
-        if zr.any():
-            zs = steps[zr]
-            i0, i1 = np.nonzero(zr)[0][[0, -1]]
-            out.append(Finding(
-                "lr_display_rounding", "LR printed as 0: display rounding", [int(zs[0]), int(zs[-1])],
-                f"lr reads {0:.{dec}f} at {int(zr.sum())} of {len(lr)} records "
-                f"({span(int(zs[0]), int(zs[-1]))}); the configured schedule ({sched.description}; "
-                f"from {sched.source}) gives {num(exp[i0])} at step {st(steps[i0])} and "
-                f"{num(exp[i1])} at step {st(steps[i1])}, below {0.5 * 10 ** -dec:.0e}, which "
-                f"'{{:.{dec}f}}' prints as {0:.{dec}f}: the LR was applied, the log cannot show it "
-                f"(figure 3 plots the schedule)", "warning"))
-            explained |= zr
-
-    # a schedule that was never applied: constant logged LR while the schedule moves
-    if len(lr) >= MIN_RECORDS and sched.decaying:
-        ptp = float(np.ptp(lr))
-        const = (ptp == 0.0 and abs(lr[0]) > ZERO_ATOL) if dec is not None else (
-            ptp <= 1e-9 * max(abs(float(lr[0])), 1e-300))
-        if dec is not None:
-            moves = len(np.unique(np.round(exp, dec))) > 1
-        else:
-            lo, hi = float(np.min(exp)), float(np.max(exp))
-            moves = hi - lo > LR_RTOL * max(abs(hi), 1e-300)
-        if const and moves and not consistent.all():
-            bad = np.nonzero(~consistent)[0]
-            j_lo, j_hi = int(np.argmin(exp)), int(np.argmax(exp))
-            base = ""
-            if run.train_config is not None and math.isclose(float(lr[0]), run.train_config.lr, rel_tol=1e-6):
-                base = " (the configured base LR: the optimizer kept its initial value)"
-            out.append(Finding(
-                "lr_not_applied", "LR constant: the configured schedule was not applied",
-                [int(steps[bad[0]]), int(steps[bad[-1]])],
-                f"lr is {num(lr[0])} at all {len(lr)} records ({span(int(steps[0]), int(steps[-1]))}){base}; "
-                f"the configured schedule ({sched.description}; from {sched.source}) says "
-                f"{num(exp[0])} at step {st(steps[0])}, {num(exp[j_hi])} at step {st(steps[j_hi])} and "
-                f"{num(exp[j_lo])} at step {st(steps[j_lo])}; {len(bad)} records differ from it", "error"))
-            explained |= ~consistent
-
-    rest = ~consistent & ~explained
-    if rest.any():
-        idx = np.nonzero(rest)[0]
-        i = idx[0]
-        ratio = lr[idx] / np.where(exp[idx] == 0, np.nan, exp[idx])
-        ratio_txt = ""
-        if np.isfinite(ratio).any():
-            ratio_txt = (f"; logged/schedule ranges {num(np.nanmin(ratio))}-{num(np.nanmax(ratio))}")
-        out.append(Finding(
-            "lr_mismatch", "Logged LR differs from the configured schedule",
-            [int(steps[idx[0]]), int(steps[idx[-1]])],
-            f"lr differs from the schedule ({sched.description}; from {sched.source}) at {len(idx)} of "
-            f"{len(lr)} records, first at step {st(steps[i])}: logged {num(lr[i])}, schedule "
-            f"{num(exp[i])}{ratio_txt}", "warning"))
-
-
-def _divergence(run: ParsedRun, a: Analysis, out: list[Finding]) -> None:
+def divergence(run: ParsedRun, a: Analysis, out: list[Finding]) -> None:
     name = next((c for c in MAIN_LOSSES if run.has(c)), None)
     if name is None and run.has("total_loss"):
         _, v = run.series("total_loss")
@@ -444,7 +249,7 @@ def _divergence(run: ParsedRun, a: Analysis, out: list[Finding]) -> None:
             ss = steps[w - 1:]
             best = np.minimum.accumulate(sm)
             above = (best > 0) & (sm > factor * best)
-            run_ = _runs_of_true(above, window)
+            run_ = runs_of_true(above, window)
             if run_ is not None:
                 i0, i1 = run_
                 j = int(np.argmin(sm[:i0 + 1]))
@@ -453,12 +258,12 @@ def _divergence(run: ParsedRun, a: Analysis, out: list[Finding]) -> None:
                     "divergence", f"{name} diverged",
                     [int(ss[j]), int(ss[i1])],
                     f"the moving average of {name} over {w} records reaches its minimum "
-                    f"{num(sm[j])} at step {st(ss[j])} (last good step); from step {st(ss[i0])} it "
-                    f"stays above {factor:g} x that ({num(factor * sm[j])}) for {i1 - i0 + 1} records "
-                    f"(to step {st(ss[i1])}); at the last record (step {st(ss[last])}) it is "
-                    f"{num(sm[last])}, {sm[last] / sm[j]:.3g} x the minimum", "error")
+                    f"{fmt(sm[j])} at step {fmt_step(ss[j])} (last good step); from step {fmt_step(ss[i0])} it "
+                    f"stays above {factor:g} x that ({fmt(factor * sm[j])}) for {i1 - i0 + 1} records "
+                    f"(to step {fmt_step(ss[i1])}); at the last record (step {fmt_step(ss[last])}) it is "
+                    f"{fmt(sm[last])}, {sm[last] / sm[j]:.3g} x the minimum", "error")
     if events:
-        ev_txt = "; ".join(f"trainer event at step {st(e['step'])}: {e.get('message', '')}" for e in events[:3])
+        ev_txt = "; ".join(f"trainer event at step {fmt_step(e['step'])}: {e.get('message', '')}" for e in events[:3])
         if found is not None:
             found.evidence += f"; {ev_txt}"
         else:
@@ -468,7 +273,7 @@ def _divergence(run: ParsedRun, a: Analysis, out: list[Finding]) -> None:
         out.append(found)
 
 
-def _nonfinite(run: ParsedRun, a: Analysis, out: list[Finding]) -> None:
+def nonfinite(run: ParsedRun, a: Analysis, out: list[Finding]) -> None:
     parts, all_steps = [], []
     for name in run.columns:
         bad = run.present[name] & ~np.isfinite(run.columns[name])
@@ -482,20 +287,20 @@ def _nonfinite(run: ParsedRun, a: Analysis, out: list[Finding]) -> None:
             kinds.append("nan")
         if np.isinf(vals).any():
             kinds.append("inf")
-        parts.append(f"{'/'.join(kinds)} in {name} at {int(bad.sum())} record(s) (steps {_list_steps(s)})")
+        parts.append(f"{'/'.join(kinds)} in {name} at {int(bad.sum())} record(s) (steps {list_steps(s)})")
     severity = "error" if parts else "warning"
     s_steps, skipped = run.series("nonfinite_skipped")
     if len(skipped) and skipped.max() > 0:
         first = int(np.argmax(skipped > 0))
         parts.append(f"nonfinite_skipped (updates skipped for non-finite values) reaches "
-                     f"{int(skipped.max())} by step {st(s_steps[int(np.argmax(skipped))])}, first > 0 "
-                     f"at step {st(s_steps[first])}")
+                     f"{int(skipped.max())} by step {fmt_step(s_steps[int(np.argmax(skipped))])}, first > 0 "
+                     f"at step {fmt_step(s_steps[first])}")
         all_steps.append(s_steps[first:first + 1])
         all_steps.append(s_steps[int(np.argmax(skipped)):][:1])
     evs = [e for e in run.events if e.get("event") == "nonfinite"]
     if evs:
         ev_steps = np.array([e["step"] for e in evs], dtype=np.int64)
-        parts.append(f"{len(evs)} nonfinite event(s) at steps {_list_steps(ev_steps)}")
+        parts.append(f"{len(evs)} nonfinite event(s) at steps {list_steps(ev_steps)}")
         all_steps.append(ev_steps)
     if not parts:
         return
@@ -504,7 +309,7 @@ def _nonfinite(run: ParsedRun, a: Analysis, out: list[Finding]) -> None:
                        "; ".join(parts), severity))
 
 
-def _total_across_phases(run: ParsedRun, a: Analysis, out: list[Finding]) -> None:
+def total_across_phases(run: ParsedRun, a: Analysis, out: list[Finding]) -> None:
     start = a.disc_phase_start
     if start is None or not run.has("total_loss"):
         return
@@ -512,8 +317,8 @@ def _total_across_phases(run: ParsedRun, a: Analysis, out: list[Finding]) -> Non
     pre, post = tl[steps < start], tl[steps >= start]
     if len(pre) == 0 or len(post) == 0:
         return
-    parts = [f"total_loss median {num(np.median(pre))} before step {st(start)} and "
-             f"{num(np.median(post))} from it on"]
+    parts = [f"total_loss median {fmt(np.median(pre))} before step {fmt_step(start)} and "
+             f"{fmt(np.median(post))} from it on"]
     ds, dw = run.series("d_weight")
     gs, gl = run.series("g_loss")
     if len(dw) and len(gl):
@@ -525,117 +330,25 @@ def _total_across_phases(run: ParsedRun, a: Analysis, out: list[Finding]) -> Non
             fac = fv[np.searchsorted(fs, both)] if len(fv) and np.isin(both, fs).all() else np.ones(len(both))
             term = dwv * fac * glv
             parts.append(f"after the switch it includes the adversarial term d_weight x disc_factor x "
-                         f"g_loss (median d_weight {num(np.median(dwv))}, g_loss {num(np.median(glv))}, "
-                         f"term {num(np.median(term))})")
+                         f"g_loss (median d_weight {fmt(np.median(dwv))}, g_loss {fmt(np.median(glv))}, "
+                         f"term {fmt(np.median(term))})")
     else:
         parts.append("after the switch it includes the adversarial term d_weight x disc_factor x g_loss")
     parts.append("so total_loss is not comparable across the switch")
     rs, rl = run.series("rec_loss")
     if len(rl) and (rs < start).any() and (rs >= start).any():
-        parts.append(f"compare rec_loss instead: median {num(np.median(rl[rs < start]))} before, "
-                     f"{num(np.median(rl[rs >= start]))} after")
+        parts.append(f"compare rec_loss instead: median {fmt(np.median(rl[rs < start]))} before, "
+                     f"{fmt(np.median(rl[rs >= start]))} after")
     last_pre = int(steps[steps < start][-1])
     first_post = int(steps[steps >= start][0])
     out.append(Finding("total_loss_across_phases", "total_loss is not comparable across the discriminator start",
                        [last_pre, first_post], "; ".join(parts), "info"))
 
 
-def _logvar(run: ParsedRun, a: Analysis, out: list[Finding]) -> None:
+def logvar(run: ParsedRun, a: Analysis, out: list[Finding]) -> None:
     steps, v = run.series("logvar")
     if len(v) >= 10 and np.ptp(v) == 0:
         out.append(Finding("logvar_frozen", "Learned log-variance never changes",
                            [int(steps[0]), int(steps[-1])],
-                           f"logvar is {num(v[0])} at all {len(v)} records: the learned output "
+                           f"logvar is {fmt(v[0])} at all {len(v)} records: the learned output "
                            f"log-variance is not being updated (is it in an optimizer?)", "warning"))
-
-
-# --------------------------------------------------------------------------- statistics
-def _stats(run: ParsedRun, a: Analysis) -> dict[str, Any]:
-    s: dict[str, Any] = {}
-    tsteps = _train_steps(run)
-    s["rows"] = int(len(run.steps))
-    s["train_records"] = int(len(tsteps))
-    s["val_records"] = int(np.any([run.present[c] for c in run.val_columns], axis=0).sum()) \
-        if run.val_columns else 0
-    s["first_step"] = int(tsteps[0]) if len(tsteps) else None
-    s["last_step"] = int(tsteps[-1]) if len(tsteps) else None
-    s["max_steps"] = run.max_steps
-    if run.max_steps and s["last_step"] is not None:
-        s["progress"] = s["last_step"] / run.max_steps
-    t = run.time[np.isfinite(run.time)]
-    segs = [g for g in run.segments if math.isfinite(g.first_time) and math.isfinite(g.last_time)]
-    if len(t):
-        s["duration_s"] = float(t.max() - t.min())
-    if segs:
-        active = sum(max(g.last_time - g.first_time, 0.0) for g in segs)
-        trained = sum(max(g.last_step - g.first_step, 0) for g in segs)
-        s["active_s"] = active
-        s["downtime_s"] = max(s.get("duration_s", active) - active, 0.0)
-        if active > 0:
-            s["steps_per_hour"] = trained / active * 3600
-        last = segs[-1]
-        if last.last_time > last.first_time and last.last_step > last.first_step:
-            s["steps_per_hour_last_start"] = (last.last_step - last.first_step) / (last.last_time - last.first_time) * 3600
-    rate = s.get("steps_per_hour_last_start") or s.get("steps_per_hour")
-    if run.max_steps and s["last_step"] is not None:
-        remaining = run.max_steps - s["last_step"]
-        if remaining <= 0:
-            s["eta_s"] = 0.0
-        elif rate:
-            s["eta_s"] = remaining / rate * 3600
-    ps, sps = run.series("steps_per_sec")
-    if len(sps):
-        tail = sps[-max(1, len(sps) // 10):]
-        s["trainer_steps_per_sec_recent"] = float(np.median(tail))
-    s["finished"] = any(e.get("event") == "end" for e in run.events) or (
-        run.max_steps is not None and s["last_step"] is not None and s["last_step"] >= run.max_steps)
-    final, best = {}, {}
-    cols = [c for c in LOSS_COLUMNS if c in run.columns] + [c for c in ("lr",) if c in run.columns] + run.val_columns
-    for c in cols:
-        cs, cv = run.series(c, finite=False)
-        if len(cv):
-            final[c] = {"step": int(cs[-1]), "value": float(cv[-1])}
-        fs, fv = run.series(c)
-        if c in ("lr", "kl_loss", "g_loss", "disc_loss") or len(fv) == 0:
-            continue
-        if c == "total_loss" and a.disc_phase_start is not None:
-            continue     # not comparable across the phase switch
-        higher = any(c.endswith(k) for k in HIGHER_IS_BETTER)
-        i = int(np.argmax(fv) if higher else np.argmin(fv))
-        best[c] = {"step": int(fs[i]), "value": float(fv[i]), "rule": "max" if higher else "min"}
-    if "lr" in final and a.lr_expected is not None and len(a.lr_steps) and \
-            int(a.lr_steps[-1]) == final["lr"]["step"]:
-        final["lr"]["schedule"] = float(a.lr_expected[-1])
-    s["final"] = final
-    s["best"] = best
-    return s
-
-
-# --------------------------------------------------------------------------- entry point
-def analyze(run: ParsedRun) -> Analysis:
-    """All findings and statistics of ``run``."""
-    a = Analysis()
-    out: list[Finding] = []
-    if len(_train_steps(run)) == 0:
-        out.append(Finding("no_records", "No train records parsed", [0, 0],
-                           f"{run.lines_read} non-empty line(s) read, {run.skipped_total} skipped "
-                           f"({', '.join(f'{k}: {v}' for k, v in run.skipped.items()) or 'none'})",
-                           "warning"))
-    a.schedule = schedule_for(run)
-    _disc_phase(run, a, out)
-    _disc_inactive(run, a, out)
-    _resumes(run, a, out)
-    _divergence(run, a, out)
-    _nonfinite(run, a, out)
-    _total_across_phases(run, a, out)
-    _logvar(run, a, out)
-    _lr_rules(run, a, out)
-    a.findings = out
-    _finish(run, a)
-    return a
-
-
-def _finish(run: ParsedRun, a: Analysis) -> None:
-    order = {"error": 0, "warning": 1, "info": 2}
-    a.findings = sorted(a.findings, key=lambda f: (order.get(f.severity, 3), f.steps[0]))
-    a.stats = _stats(run, a)

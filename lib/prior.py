@@ -13,7 +13,6 @@ What it is trained to predict, and how maps are sampled from it, is :mod:`lib.di
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 from diffusers import UNet2DModel

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 import report
-from lib.runlog_parse import load_run, parse_config_line
-from test_report_logs import ORIG_CONFIG, orig_line, original_log, stamp, toolkit_run
+from lib.read_original import parse_config_line
+from lib.read_run import load_run
+from report_logs import ORIG_CONFIG, orig_line, original_log, stamp, toolkit_run
 
 ROOT = Path(__file__).resolve().parent.parent
 PRAISE = ("excellent", "successful", "production-ready", "outstanding", "perfect", "state-of-the-art")
@@ -91,7 +92,9 @@ def test_config_line_is_never_executed(tmp_path):
 
 
 def test_no_eval_exec_in_report_code():
-    for path in ("report.py", "lib/runlog_parse.py", "lib/findings.py"):
+    for path in ("report.py", "lib/runtable.py", "lib/read_original.py", "lib/read_toolkit.py", "lib/read_run.py",
+                 "lib/findings.py", "lib/findings_schedule.py", "lib/analysis.py", "lib/report_text.py",
+                 "lib/report_figures.py"):
         tree = ast.parse((ROOT / path).read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
@@ -236,7 +239,7 @@ def test_bad_config_option_is_a_user_error(tmp_path):
 
 def test_parallel_parse_of_original_logs_equals_sequential(tmp_path, monkeypatch):
     import numpy as np
-    import lib.runlog_parse as rp
+    import lib.read_original as rp
     # 41 lines: the halves split the generator and discriminator lines of step 2,000
     f1 = original_log(tmp_path / "a.log", list(range(1100, 3001, 100)))
     f2 = original_log(tmp_path / "b.log", list(range(2500, 3001, 100)), t0=90000)

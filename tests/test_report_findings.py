@@ -7,9 +7,10 @@ import re
 import numpy as np
 import pytest
 
-from lib.findings import analyze, moving_average
-from lib.runlog_parse import load_run
-from test_report_logs import original_log, toolkit_run
+from lib.analysis import analyze
+from lib.findings import moving_average
+from lib.read_run import load_run
+from report_logs import original_log, toolkit_run
 
 
 def findings(paths, config=None):
