@@ -134,10 +134,10 @@ def main() -> int:
           + ", ".join(f"{s}: {a:.3f} {b:+.3f} log10(d px)" for s, (a, b) in sorted(baseline.lines.items())))
 
     # ------------------------------------------------------------------ the maps
-    gen = torch.Generator().manual_seed(cfg.seed)      # the same sampling noise every evaluation
+    rng = torch.Generator().manual_seed(cfg.seed)      # the same sampling noise every evaluation
     methods = {
         "model": lambda b: generate_maps(prior, vae, latent_scale, b["cond"], to_model_id[b["sim_id"]], dcfg,
-                                         steps, sampler, gen),
+                                         steps, sampler, rng),
         "vae_ceiling": lambda b: decode_latents(vae, encode_latents(vae, b["image"])),
         "distance_baseline": lambda b: baseline.predict(b["cond"], [sims[i] for i in b["sim_id"].tolist()]),
     }

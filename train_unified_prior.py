@@ -4,14 +4,11 @@
     accelerate launch train_unified_prior.py --config configs/m.yaml --resume latest
     python train_unified_prior.py --config configs/m.yaml --dry-run        # schedule at its key points
 
-Reads top to bottom like train_vae.py: the models (``build_models``) and one optimizer update
-(``train_step``, which bench.py times), then ``main``: config, the frozen stage-1 VAE, data,
-models, resume, and the loop with its ``if`` triggers. The VAE (``prior.vae_checkpoint``) maps
-radio maps to latents, scaled to unit variance by a factor measured on the training data at the
-start (restored, not re-measured, on resume). A diffusers UNet2DModel denoises them,
-conditioned on the encoded condition maps (lib/condition.py) and on the simulator as a class
-embedding: one model for every simulator in ``data.simulation``. Outputs go to
-``{output_dir}/prior/``.
+Reads top to bottom like train_vae.py: ``build_models``, ``train_step`` (which bench.py times),
+then ``main``: config, the frozen stage-1 VAE (``prior.vae_checkpoint``), data, models, resume
+and the latent scale (measured on the training data, restored on resume), and the loop with
+its ``if`` triggers. One model for every simulator in ``data.simulation`` (a class embedding).
+Outputs go to ``{output_dir}/prior/``.
 """
 from __future__ import annotations
 
@@ -37,7 +34,7 @@ from lib.config import Config, load_config
 from lib.dataset import build_datasets
 from lib.diffusion import diffusion_loss, generate_maps, train_scheduler
 from lib.ema import EMA_FILE, ema_state_dict, ema_weights, make_ema
-from lib.errors import CheckpointError, run_cli
+from lib.errors import run_cli
 from lib.evaluation import gather_accumulator, gather_values, score_methods
 from lib.faults import FaultPolicy
 from lib.images import save_grid
@@ -50,16 +47,16 @@ from lib.resume import restore_run
 from lib.run import close_run, open_run, print_dry_run
 from lib.runlog import MeanTracker, mean_logs, update_run_json
 from lib.schedule import build_scheduler, check_schedules
-from lib.weights import load_vae, resolve_trained
+from lib.weights import load_vae, stage1_checkpoint
 
 Phase = Callable[[str], ContextManager]              # bench.py passes a timer of the step's parts
 
 
 @dataclass
 class Stage2:
-    """What one stage-2 update touches: the prior as prepared by Accelerate (``prior``; a DDP
-    wrapper on N processes) and plain (``prior_raw``), its optimizer, schedule and EMA, the
-    frozen VAE with the latent scale factor, and the training noise schedule."""
+    """What one stage-2 update touches: the prior as prepared by Accelerate (a DDP wrapper on N
+    processes) and plain, its optimizer, schedule and EMA, the frozen VAE, its latent scale
+    factor, and the training noise schedule."""
     prior: torch.nn.Module
     prior_raw: LatentPrior
     opt: torch.optim.Optimizer
@@ -129,14 +126,7 @@ def main() -> int:
 
     # ------------------------------------------------------------------ the frozen stage-1 VAE
     # Loaded before anything is written; a resumed run keeps the VAE it was trained on.
-    if resume is not None:
-        vae_path = Path(resume.state["vae_checkpoint"])
-        if not vae_path.is_dir():
-            raise CheckpointError(f"{resume.path} was trained on the VAE checkpoint {vae_path}, "
-                                  f"which is gone; the prior cannot continue without it")
-    else:
-        vae_path = resolve_trained("vae", cfg.prior.vae_checkpoint, cfg.output_dir, args.config,
-                                   "prior.vae_checkpoint").path
+    vae_path = stage1_checkpoint(cfg, args.config, resume)
     loaded = load_vae(vae_path, cfg)                      # frozen, eval mode; a mismatch is an error
     accelerator, log = open_run(cfg, "prior", run_dir, resume is not None, warnings)
 

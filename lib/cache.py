@@ -28,219 +28,26 @@ exactly as on the PNG path.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 
+from lib.cache_read import (INDEX, VERSION, VIEW_DONE, CacheError, Log, PackedMaps, detail, folder_fingerprint,
+                            source_folders)
 from lib.errors import DataError, run_cli
-from lib.layout import (ANTENNAS_DIR, BUILDINGS_DIR, CARS_DIR, GAIN_DIR, BadFile, Sample, SamplePaths,
-                        discover_maps, is_cars_simulation, list_samples, read_png, relative, resize_maps,
+from lib.layout import (BadFile, discover_maps, is_cars_simulation, list_samples, read_png, relative, resize_maps,
                         sample_paths, to_unit, tx_pixel)
 
 if TYPE_CHECKING:
     from lib.config import DataConfig
 
-VERSION = 1
-INDEX = "index.json"
 AUTO_DIR = ".cache/packed"
-VIEW_DONE = "view.json"
-Log = Callable[[str], None]
-
-
-class CacheError(DataError):
-    """A cache that cannot be used: missing, damaged, stale, or without a needed sample."""
-
-    def __init__(self, path: Path, reason: str) -> None:
-        self.reason = reason
-        super().__init__(f"data.cache {path}: {reason}; rebuild it with `python -m lib.cache build "
-                         f"--config CONFIG` (or set data.cache: auto)")
-
-
-# --------------------------------------------------------------------------- fingerprints
-def source_folders(simulations: Sequence[str]) -> list[str]:
-    """The folders (relative to data.root) whose files a cache of ``simulations`` holds."""
-    cars = any(is_cars_simulation(s) for s in simulations)
-    return ([BUILDINGS_DIR, ANTENNAS_DIR] + ([CARS_DIR] if cars else [])
-            + [f"{GAIN_DIR}/{s}" for s in simulations])
-
-
-def folder_fingerprint(folder: Path) -> str:
-    """``<files>:<sha1>`` of the (name, size, mtime) of the visible files in ``folder``."""
-    try:
-        with os.scandir(folder) as it:
-            entries = sorted((e.name, e.stat()) for e in it if not e.name.startswith("."))
-    except FileNotFoundError:
-        return "missing"
-    h = hashlib.sha1()
-    for name, st in entries:
-        h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return f"{len(entries)}:{h.hexdigest()}"
-
-
-# --------------------------------------------------------------------------- reading
-class PackedMaps:
-    """An opened cache. The arrays are memory-mapped on first use in each process (a
-    DataLoader worker gets the index, not the arrays, and maps the files itself)."""
-
-    def __init__(self, path: Path, index: dict) -> None:
-        self.path = path
-        self.index = index
-        self.simulations: list[str] = list(index["simulations"])
-        self.size = tuple(index["size"])
-        self.bad: dict[str, str] = dict(index["bad"])        # root-relative path -> reason
-        self.views: set[int] = set()                          # resized copies in use (sizes)
-        self._map_row = {int(m): i for i, m in enumerate(index["maps"])}
-        self._pair_row: Optional[dict[tuple[int, int], int]] = None
-        self._arrays: dict[Optional[int], dict[str, np.ndarray]] = {}   # None: native uint8
-        self._checked: set[tuple[str, str]] = set()           # (root, folder) found fresh
-
-    @classmethod
-    def open(cls, path: str | os.PathLike) -> "PackedMaps":
-        """Open the cache at ``path``; a missing or damaged one is a one-line DataError."""
-        path = Path(path)
-        if not (path / INDEX).is_file():
-            raise CacheError(path, "no cache there")
-        try:
-            index = json.loads((path / INDEX).read_text(encoding="utf-8"))
-            if index.get("version") != VERSION:
-                raise ValueError(f"version {index.get('version')!r}, expected {VERSION}")
-            packed = cls(path, index)
-            packed.arrays()                      # every file there, of the recorded shape
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CacheError(path, f"damaged or not a cache of this toolkit ({_detail(exc)})") from None
-        return packed
-
-    def __getstate__(self) -> dict:
-        return dict(self.__dict__, _arrays={}, _pair_row=None)
-
-    def _map_names(self) -> list[str]:
-        return ["buildings"] + (["cars"] if self.index["cars"] else []) + [f"gain-{s}" for s in self.simulations]
-
-    def arrays(self, size: Optional[int] = None) -> dict[str, np.ndarray]:
-        """The memory-mapped arrays: native uint8 maps, or the float32 copy at ``size``."""
-        if size not in self._arrays:
-            n_maps, n_pairs = len(self.index["maps"]), int(self.index["num_pairs"])
-            hw = tuple(self.size) if size is None else (size, size)
-            shapes = {name: ((n_maps if name in ("buildings", "cars") else n_pairs), *hw)
-                      for name in self._map_names()}
-            if size is None:
-                shapes.update({"pairs": (n_pairs, 2), "tx": (n_pairs, 2)})
-            folder = self.path if size is None else self.path / f"size-{size}"
-            arrays = {}
-            for name, shape in shapes.items():
-                arr = np.load(folder / f"{name}.npy", mmap_mode="r")
-                if arr.shape != shape:
-                    raise ValueError(f"{name}.npy has shape {arr.shape}, expected {shape}")
-                arrays[name] = arr
-            self._arrays[size] = arrays
-        return self._arrays[size]
-
-    def add_view(self, size: int, log: Log = print) -> None:
-        """Use (building it first if needed) a float32 copy of the maps resized to ``size``,
-        so that samples at that size are slices too. It holds exactly the values the loader's
-        resize gives. Where it cannot be written (a read-only cache), samples are resized as
-        they are read."""
-        if (size, size) == tuple(self.size) or size in self.views:
-            return
-        folder = self.path / f"size-{size}"
-        if not (folder / VIEW_DONE).is_file():
-            try:
-                self._build_view(size, folder, log)
-            except OSError as exc:
-                log(f"data.cache {self.path}: cannot write the {size} px copy ({_detail(exc)}); "
-                    f"resizing each sample as it is read instead")
-                return
-        try:
-            self.arrays(size)
-        except (OSError, ValueError) as exc:
-            raise CacheError(self.path, f"damaged {size} px copy ({_detail(exc)})") from None
-        self.views.add(size)
-
-    def _build_view(self, size: int, folder: Path, log: Log) -> None:
-        t0 = time.perf_counter()
-        tmp = folder.parent / f"{folder.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        try:
-            for name in self._map_names():
-                src = self.arrays()[name]
-                dst = np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=np.float32,
-                                                shape=(len(src), size, size))
-                for i in range(0, len(src), 64):       # the loader's conversion and resize
-                    dst[i:i + 64] = resize_maps(to_unit(*src[i:i + 64]), size).numpy()
-                dst.flush()
-                del dst
-            (tmp / VIEW_DONE).write_text(json.dumps({"size": size}), encoding="utf-8")
-            _publish(tmp, folder, VIEW_DONE)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        log(f"data.cache: wrote the {size} px copy of {self.path} in {time.perf_counter() - t0:.1f} s")
-
-    def pair_row(self, map_id: int, tx: int) -> Optional[int]:
-        if self._pair_row is None:
-            pairs = np.asarray(self.arrays()["pairs"])
-            self._pair_row = {(int(m), int(t)): i for i, (m, t) in enumerate(pairs.tolist())}
-        return self._pair_row.get((map_id, tx))
-
-    def check(self, root: Path, simulations: Sequence[str]) -> None:
-        """Raise a one-line DataError unless the cache holds ``simulations`` of ``root`` as
-        its files are now."""
-        missing = [s for s in simulations if s not in self.simulations]
-        if missing:
-            raise CacheError(self.path, f"holds simulations {self.simulations}, not {missing}")
-        for folder in source_folders(simulations):
-            key = (str(Path(root).resolve()), folder)
-            if key in self._checked:
-                continue
-            then = self.index["fingerprints"].get(folder)
-            now = folder_fingerprint(Path(root) / folder)
-            if then != now:
-                count = lambda fp: str(fp).split(":")[0]  # noqa: E731
-                raise CacheError(self.path, f"stale: {Path(root) / folder} changed since the cache "
-                                            f"was built ({count(then)} files then, {count(now)} now; "
-                                            f"or files were modified)")
-            self._checked.add(key)
-
-    def check_dataset(self, dataset: Any) -> None:
-        """Fresh for the folder and simulations of ``dataset`` (a
-        :class:`lib.dataset.RadioMapDataset`), and holding each of its samples."""
-        self.check(dataset.root, dataset.simulations)
-        maps, txs, _ = dataset.sample_keys()
-        for m, t in zip(maps.tolist(), txs.tolist()):
-            if m not in self._map_row or self.pair_row(m, t) is None:
-                raise CacheError(self.path, f"has no sample for map {m}, transmitter {t} of "
-                                            f"{dataset.root}")
-
-    def read(self, map_id: int, tx: int, simulation: str, cars: bool, size: Optional[int],
-             paths: Callable[[], SamplePaths]) -> Sample:
-        """What :func:`lib.layout.read_sample` returns for that sample, from the arrays (the maps
-        already at ``size``, as float32, when that copy is in use). Files that were unreadable
-        when the cache was built raise the loader's error, in the loader's order (``paths``
-        gives the sample's files; it is only called for that)."""
-        if self.bad:
-            p = paths()
-            for path in (p.buildings, p.antenna, p.gain, p.cars):
-                reason = self.bad.get(relative(path)) if path is not None else None
-                if reason is not None:
-                    raise BadFile(path, reason)
-        row, pair = self._map_row[map_id], self.pair_row(map_id, tx)
-        a = self.arrays(size if size in self.views else None)
-        buildings = a["buildings"][row]
-        third = a["cars"][row] if cars else buildings
-        ty, tx_x = self.arrays()["tx"][pair].tolist()
-        return (a[f"gain-{simulation}"][pair], buildings, third), tuple(self.size), \
-            (ty, tx_x) if ty >= 0 else None
-
-
-def _detail(exc: BaseException) -> str:
-    return (" ".join(str(exc).split()) or type(exc).__name__)[:200]
 
 
 # --------------------------------------------------------------------------- building
@@ -332,7 +139,7 @@ def build(root: str | os.PathLike, simulations: Sequence[str], out: str | os.Pat
         (tmp / INDEX).write_text(json.dumps(index, indent=1), encoding="utf-8")
         _publish(tmp, out)
     except OSError as exc:
-        raise DataError(f"data.cache: cannot write {out} ({_detail(exc)}); set data.cache to a "
+        raise DataError(f"data.cache: cannot write {out} ({detail(exc)}); set data.cache to a "
                         f"writable folder, or to \"off\"") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -360,6 +167,49 @@ def _publish(tmp: Path, out: Path, marker: str = INDEX) -> None:
     except OSError:
         if not (out / marker).is_file():     # not a race lost to another complete copy
             raise
+
+
+def use_view(packed: PackedMaps, size: int, log: Log = print) -> None:
+    """Use (building it first if needed) a float32 copy of the maps resized to ``size``, so
+    that samples at that size are slices too. It holds exactly the values the loader's resize
+    gives. Where it cannot be written (a read-only cache), samples are resized as they are
+    read."""
+    if (size, size) == tuple(packed.size) or size in packed.views:
+        return
+    folder = packed.path / f"size-{size}"
+    if not (folder / VIEW_DONE).is_file():
+        try:
+            _build_view(packed, size, folder, log)
+        except OSError as exc:
+            log(f"data.cache {packed.path}: cannot write the {size} px copy ({detail(exc)}); "
+                f"resizing each sample as it is read instead")
+            return
+    try:
+        packed.arrays(size)
+    except (OSError, ValueError) as exc:
+        raise CacheError(packed.path, f"damaged {size} px copy ({detail(exc)})") from None
+    packed.views.add(size)
+
+
+def _build_view(packed: PackedMaps, size: int, folder: Path, log: Log) -> None:
+    t0 = time.perf_counter()
+    tmp = folder.parent / f"{folder.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        for name in packed.map_names():
+            src = packed.arrays()[name]
+            dst = np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=np.float32,
+                                            shape=(len(src), size, size))
+            for i in range(0, len(src), 64):       # the loader's conversion and resize
+                dst[i:i + 64] = resize_maps(to_unit(*src[i:i + 64]), size).numpy()
+            dst.flush()
+            del dst
+        (tmp / VIEW_DONE).write_text(json.dumps({"size": size}), encoding="utf-8")
+        _publish(tmp, folder, VIEW_DONE)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"data.cache: wrote the {size} px copy of {packed.path} in {time.perf_counter() - t0:.1f} s")
 
 
 # --------------------------------------------------------------------------- config
@@ -391,7 +241,7 @@ def open_configured_cache(data_cfg: "DataConfig", log: Log = print) -> Optional[
         if (path / INDEX).is_file():
             log(f"data.cache {path}: {exc.reason}; rebuilding it (data.cache: auto)")
         packed = build(data_cfg.root, sims, path, log=log)
-    packed.add_view(data_cfg.image_size, log=log)
+    use_view(packed, data_cfg.image_size, log=log)
     return packed
 
 
@@ -427,7 +277,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if a.command == "build":
         packed = build(root, sims, out)
         if a.config is not None:
-            packed.add_view(cfg.image_size)
+            use_view(packed, cfg.image_size)
         return 0
     packed = PackedMaps.open(out)
     packed.check(root, sims)

@@ -18,6 +18,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from lib.errors import ConfigError
+from lib.numfmt import fmt
 
 SIMULATIONS = ("DPM", "IRT2", "IRT4", "carsDPM", "carsIRT2", "carsIRT4")
 SCHEDULERS = ("cosine", "linear", "polynomial", "constant", "constant_with_warmup")
@@ -121,7 +122,7 @@ class TrainConfig:
         v.check(self.min_lr >= 0, k + "min_lr", self.min_lr, "a number >= 0")
         if self.lr_scheduler in ("cosine", "linear", "polynomial"):
             v.check(self.min_lr <= self.lr, k + "min_lr", self.min_lr,
-                    f"a number <= {k}lr ({self.lr:.4g})")
+                    f"a number <= {k}lr ({fmt(self.lr)})")
         v.check(self.warmup_steps >= 0, k + "warmup_steps", self.warmup_steps, "an integer >= 0")
         v.check(self.warmup_steps < self.max_steps, k + "warmup_steps", self.warmup_steps,
                 f"less than {k}max_steps ({self.max_steps})")

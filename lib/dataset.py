@@ -23,11 +23,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from lib.cache import PackedMaps, open_configured_cache
+from lib.cache import open_configured_cache
+from lib.cache_read import PackedMaps
 from lib.condition import assemble_condition, scale_pixel
 from lib.errors import DataError
-from lib.layout import (NO_TX_PIXEL, BadFile, SamplePaths, discover_maps, is_cars_simulation, list_samples,
-                        read_sample, resize_maps, sample_paths, to_unit, unit_into)
+from lib.layout import (NO_TX_PIXEL, BadFile, SamplePaths, discover_maps, is_cars_simulation, list_samples, read_sample,
+                        resize_maps, sample_paths, to_unit, unit_into)
 from lib.splits import split_maps
 from lib.synthetic import ensure_synthetic
 
@@ -39,7 +40,7 @@ class RadioMapDataset(Dataset):
 
     ``map_ids``: the maps of this split. ``tx_per_map=K`` keeps each map's K lowest
     transmitter ids. Sample index order is map, then transmitter, then simulation (in the
-    order given). ``cache``: a :class:`lib.cache.PackedMaps` of this folder, read instead of
+    order given). ``cache``: a :class:`lib.cache_read.PackedMaps` of this folder, read instead of
     the PNGs (the folder listing still decides which samples exist).
     """
 

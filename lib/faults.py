@@ -21,10 +21,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
+import torch
+
 from lib import checkpoint as ckpt
+from lib.numfmt import fmt, fmt_lr
+from lib.optim import any_process
 
 if TYPE_CHECKING:
-    import torch
     from accelerate import Accelerator
 
     from lib.config import TrainConfig
@@ -175,11 +178,10 @@ class FaultPolicy:
         finally:
             self.preemption.uninstall()
 
-    def after_update(self, step: int, applied: bool, values: dict[str, "torch.Tensor"]) -> bool:
+    def after_update(self, step: int, applied: bool, values: dict[str, torch.Tensor]) -> bool:
         """After an optimizer update; ``applied`` False: it was skipped, ``values`` (the step's
         losses and gradient norms) say why. True when the run must stop (``max_nonfinite``
         skips in a row)."""
-        import torch
         if applied:
             self.nonfinite.good()
             return False
@@ -207,14 +209,14 @@ class FaultPolicy:
             (best.path / ckpt.KEEP_FILE).write_text(f"kept: last good checkpoint before the divergence "
                                                     f"that began at step {div.began}\n")
         where = f"best checkpoint before it: {best.path}" if best else "no checkpoint before it"
-        self.log.event("divergence", step, f"smoothed {name} {div.value:.4g} > "
-                       f"{self.cfg.divergence_factor:g} x best {div.best:.4g} (step {div.best_step}) "
+        self.log.event("divergence", step, f"smoothed {name} {fmt(div.value)} > "
+                       f"{self.cfg.divergence_factor:g} x best {fmt(div.best)} (step {div.best_step}) "
                        f"since step {div.began}; {where}", began=div.began, best_step=div.best_step,
                        best_checkpoint=str(best.path) if best else None)
         if self.cfg.on_divergence != "stop":
             return False
         hint = (f"resume from it with a lower LR: --resume {best.path} --set "
-                f"{self.stage}.train.lr={self.cfg.lr / 10:.3e}") if best else f"lower {self.stage}.train.lr"
+                f"{self.stage}.train.lr={fmt_lr(self.cfg.lr / 10)}") if best else f"lower {self.stage}.train.lr"
         self.log.event("stopped", step, f"stopping on divergence; {hint}")
         self.exit_code = EXIT_STOPPED
         return True
@@ -222,7 +224,6 @@ class FaultPolicy:
     def check_preemption(self, step: int) -> bool:
         """True (on every process) once SIGTERM/SIGINT reached any process. A collective on N
         processes: every process calls it at the same point of the loop."""
-        from lib.optim import any_process
         if self.exit_code == EXIT_PREEMPTED:
             return True
         if not any_process(self.accelerator, self.preemption.requested):

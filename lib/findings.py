@@ -235,9 +235,9 @@ def divergence(run: ParsedRun, a: Analysis, out: list[Finding]) -> None:
         _, v = run.series("total_loss")
         name = "total_loss" if len(v) and np.all(v > 0) else None
     a.main_loss = name
-    tcfg = run.train_config
-    factor = tcfg.divergence_factor if tcfg is not None else DIVERGENCE_FACTOR
-    window = tcfg.divergence_window if tcfg is not None else DIVERGENCE_WINDOW
+    train_cfg = run.train_config
+    factor = train_cfg.divergence_factor if train_cfg is not None else DIVERGENCE_FACTOR
+    window = train_cfg.divergence_window if train_cfg is not None else DIVERGENCE_WINDOW
     events = [e for e in run.events if e.get("event") == "divergence"]
     found = None
     if name is not None:

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from lib.findings import (LR_RTOL, MIN_RECORDS, ZERO_ATOL, Analysis, Finding)
+from lib.findings import LR_RTOL, MIN_RECORDS, ZERO_ATOL, Analysis, Finding
 from lib.numfmt import fmt, fmt_duration, fmt_span, fmt_step
 from lib.read_toolkit import resume_history
 from lib.runtable import JUMP_FACTOR, ParsedRun

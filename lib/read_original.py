@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from lib.numfmt import fmt_lr
 from lib.runtable import MAX_EXAMPLES, ParsedRun, Rows, Schedule, Skips, build_table, read_lines, split_segments
 
 # The reference trainers' LambdaLR multiplier: max((1 - step / N) ** power, min_lr). Its
@@ -342,8 +343,8 @@ def original_schedule(config: dict[str, Any], stage: Optional[str]) -> Optional[
 
     return Schedule(
         description=(f"reference polynomial schedule lr*max((1-step/{int(n)})**{power}, min_lr) "
-                     f"with lr {lr:.3e}, min_lr {min_lr:.3e} (a floor on the multiplier: "
-                     f"LR floor {lr * min_lr:.3e})"),
+                     f"with lr {fmt_lr(lr)}, min_lr {fmt_lr(min_lr)} (a floor on the multiplier: "
+                     f"LR floor {fmt_lr(lr * min_lr)})"),
         source="config line of the log", decaying=min_lr < 1.0, lr_at_steps=fn)
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import orjson
 
 from lib.errors import UserError
+from lib.numfmt import fmt_lr
 from lib.runtable import ParsedRun, Rows, Schedule, Skips, build_table, read_lines, split_segments
 
 JSON_CHUNK = 20_000      # lines decoded in one json.loads call when they are all valid
@@ -233,13 +234,13 @@ def toolkit_schedule(run: ParsedRun) -> Optional[Schedule]:
     """``lib.schedule.lr_at`` for this run's train config, piecewise over resumes that changed
     the schedule (run.json ``changes``: {key: [old, new]}), so steps before a rebase are
     compared with the schedule that was in force then."""
-    tcfg = run.train_config
-    if tcfg is None:
+    train_cfg = run.train_config
+    if train_cfg is None:
         return None
     import dataclasses
 
     pieces: list[tuple[int, Any]] = []       # (first step, config) in increasing step order
-    current = tcfg
+    current = train_cfg
     for r in reversed(resume_history(run)):
         changes, step = r["changes"], r["step"]
         old = {k: v[0] for k, v in changes.items()
@@ -267,9 +268,9 @@ def toolkit_schedule(run: ParsedRun) -> Optional[Schedule]:
                 out[idx] = _lr_at_steps(cfg, steps[idx])
         return out
 
-    name = tcfg.lr_scheduler
-    desc = (f"{name} (lr {tcfg.lr:.3e}, min_lr {tcfg.min_lr:.3e}, warmup {tcfg.warmup_steps}, "
-            f"max_steps {tcfg.max_steps}" + (f", power {tcfg.lr_power:g}" if name == "polynomial" else "")
+    name = train_cfg.lr_scheduler
+    desc = (f"{name} (lr {fmt_lr(train_cfg.lr)}, min_lr {fmt_lr(train_cfg.min_lr)}, warmup {train_cfg.warmup_steps}, "
+            f"max_steps {train_cfg.max_steps}" + (f", power {train_cfg.lr_power:g}" if name == "polynomial" else "")
             + ")")
     if len(pieces) > 1:
         desc += f"; {len(pieces) - 1} resume(s) changed it (run.json), compared piecewise"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 from diffusers import AutoencoderKL
@@ -52,6 +53,19 @@ def resolve_trained(stage: str, spec: str, output_dir: str | Path, config_path: 
     if reason or not (folder / weights).is_file():
         raise CheckpointError(f"{option} {spec}: not a complete {name} checkpoint ({reason or 'no ' + weights})")
     return ckpt.resolve(spec, ckpt_dir)
+
+
+def stage1_checkpoint(cfg: Config, config_path: str, resume: Optional[ckpt.CheckpointInfo] = None) -> Path:
+    """The stage-1 checkpoint a prior trains on: ``prior.vae_checkpoint``, or for a resumed
+    prior the one it was trained on (which must still be there)."""
+    if resume is None:
+        return resolve_trained("vae", cfg.prior.vae_checkpoint, cfg.output_dir, config_path,
+                               "prior.vae_checkpoint").path
+    path = Path(resume.state["vae_checkpoint"])
+    if not path.is_dir():
+        raise CheckpointError(f"{resume.path} was trained on the VAE checkpoint {path}, which is gone; "
+                              f"the prior cannot continue without it")
+    return path
 
 
 def load_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str,

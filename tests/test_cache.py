@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lib import cache
+from lib import cache, cache_read
 from lib.config import load_config
 from lib.batching import train_batches
 from lib.dataset import RadioMapDataset, build_datasets
@@ -54,7 +54,7 @@ def one_line_error(fn) -> str:
 def test_cached_samples_equal_the_png_path(city, tmp_path, size, resized_copy):
     packed = cache.build(city, SIMS, tmp_path / "packed", log=quiet)
     if resized_copy:                     # samples are then slices of float32 maps at `size`
-        packed.add_view(size, log=quiet)
+        cache.use_view(packed, size, log=quiet)
         assert packed.views == {size} and (tmp_path / f"packed/size-{size}/view.json").is_file()
     png, cached = dataset(city, size=size), dataset(city, packed, size=size)
     assert len(png) == len(cached) == 8 * 2 * 2
@@ -140,24 +140,24 @@ def test_stale_cache_is_refused(city, tmp_path, change):
     else:
         target.unlink()
     # (skip: the PNG listing itself would report the added or missing file first)
-    msg = one_line_error(lambda: dataset(city, cache.PackedMaps.open(out), on_bad_file="skip"))
+    msg = one_line_error(lambda: dataset(city, cache_read.PackedMaps.open(out), on_bad_file="skip"))
     assert msg.startswith(f"data.cache {out}: stale: {city / 'gain/carsIRT2'} changed")
     assert "rebuild it with `python -m lib.cache build" in msg
-    dataset(city, cache.PackedMaps.open(out), sims=["DPM"])        # the folders it uses are unchanged
+    dataset(city, cache_read.PackedMaps.open(out), sims=["DPM"])        # the folders it uses are unchanged
 
 
 def test_bad_caches_are_one_line_errors(city, tmp_path):
     out = tmp_path / "packed"
     cache.build(city, ["DPM"], out, log=quiet)
-    msg = one_line_error(lambda: dataset(city, cache.PackedMaps.open(out)))          # lacks carsIRT2
+    msg = one_line_error(lambda: dataset(city, cache_read.PackedMaps.open(out)))          # lacks carsIRT2
     assert "holds simulations ['DPM'], not ['carsIRT2']" in msg
     np.save(out / "gain-DPM.npy", np.zeros((3, 32, 32), np.uint8))                  # wrong shape
-    msg = one_line_error(lambda: cache.PackedMaps.open(out))
+    msg = one_line_error(lambda: cache_read.PackedMaps.open(out))
     assert "damaged or not a cache of this toolkit (gain-DPM.npy has shape (3, 32, 32)" in msg
     (out / "index.json").write_text("{not json")
-    assert "damaged" in one_line_error(lambda: cache.PackedMaps.open(out))
+    assert "damaged" in one_line_error(lambda: cache_read.PackedMaps.open(out))
     (out / "index.json").write_text(json.dumps({"version": 99}))
-    assert "version 99, expected 1" in one_line_error(lambda: cache.PackedMaps.open(out))
+    assert "version 99, expected 1" in one_line_error(lambda: cache_read.PackedMaps.open(out))
 
 
 # ------------------------------------------------------------------ command line
@@ -168,7 +168,7 @@ def test_command_line_build_and_check(city, tmp_path, capsys):
     assert "fresh" in capsys.readouterr().out
     cfg = tiny_config(tmp_path, city, data={"cache": str(tmp_path / "from-config")})
     assert cache.main(["build", "--config", str(cfg)]) == 0
-    assert cache.PackedMaps.open(tmp_path / "from-config").simulations == ["DPM"]
+    assert cache_read.PackedMaps.open(tmp_path / "from-config").simulations == ["DPM"]
 
 
 def test_unwritable_cache_location(city, tmp_path):
