@@ -199,14 +199,19 @@ def write_markdown(run: ParsedRun, a: Analysis, figures: list[str], path: Path) 
     md.append("- `metrics.csv`: one row per step (the later record when a resumed run logged a step "
               "twice); empty cell = not logged; `time` in unix seconds (original logs: their local "
               "time read as UTC)")
-    if run.events:
+    events = [e for e in run.events if e.get("event") != "checkpoint"]
+    saved = [e["step"] for e in run.events if e.get("event") == "checkpoint"]
+    if events or saved:
         md.append("")
         md.append("## Events")
         md.append("")
-        for e in run.events[:50]:
+        if saved:
+            md.append(f"- checkpoints written: {len(saved)} (steps "
+                      f"{', '.join(fmt_step(s) for s in saved[:12])}{', ...' if len(saved) > 12 else ''})")
+        for e in events[:50]:
             md.append(f"- step {fmt_step(e['step'])}: {e.get('event')}: {e.get('message', '')}")
-        if len(run.events) > 50:
-            md.append(f"- ... {len(run.events) - 50} more in summary.json")
+        if len(events) > 50:
+            md.append(f"- ... {len(events) - 50} more in summary.json")
     path.write_text("\n".join(md) + "\n", encoding="utf-8")
 
 

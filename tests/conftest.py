@@ -18,3 +18,12 @@ def trainer(request, tiny_data):
 
     from tests.helpers import TRAINERS
     return replace(TRAINERS[request.param], data_root=tiny_data)
+
+
+@pytest.fixture(scope="session")
+def city(tmp_path_factory):
+    """A tiny read-only dataset: 6 maps x 3 transmitters x 6 simulations, 32 px."""
+    from tests.helpers import CITY_MAPS, CITY_SIZE, CITY_TX, quiet
+    root = tmp_path_factory.mktemp("data") / "city6"
+    generate(root, CITY_MAPS, CITY_TX, seed=0, size=CITY_SIZE, log=quiet)
+    return root

@@ -14,6 +14,23 @@ import yaml
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
+CITY_MAPS, CITY_TX, CITY_SIZE = 6, 3, 32      # the ``city`` fixture (conftest.py)
+
+
+def quiet(message: str) -> None:
+    pass
+
+
+def dataset(root: Path, sims=("DPM",), maps=range(CITY_MAPS), size: int = CITY_SIZE, **kw):
+    """A RadioMapDataset of ``root`` (the ``city`` fixture by default shape), quiet."""
+    from lib.dataset import RadioMapDataset
+    kw.setdefault("log", quiet)
+    return RadioMapDataset(root, list(sims), list(maps), size, **kw)
+
+
+def batch_keys(batch: dict) -> list[tuple[int, int, int]]:
+    """(map, tx, sim_id) of every sample of a batch."""
+    return list(zip(batch["map_id"].tolist(), batch["tx"].tolist(), batch["sim_id"].tolist()))
 
 
 def tiny_config(tmp_path: Path, data_root: Path, name: str = "tiny.yaml", **sections) -> Path:
