@@ -2,18 +2,23 @@
 
     python evaluate.py --config configs/demo.yaml                   # test maps, best prior checkpoint
     python evaluate.py --config configs/m.yaml --steps 10 --sampler dpm --checkpoint latest
+    python evaluate.py --config configs/m.yaml --save-predictions   # + every predicted map, to recompute
 
 Next to the model it measures, on the same maps, two baselines: the VAE round trip of the
 ground truth (``vae_ceiling``: the best stage 2 can do through this VAE) and a distance-only
 log-distance pathloss fit on the training maps (``distance_baseline``: what a model that
-ignores buildings gets; lib/baselines.py). Metrics as in the RadioDiff paper, on [0, 1] maps
-(lib/metrics.py): NMSE, RMSE, SSIM and PSNR with data range 1, mean and std over maps, overall
-and per simulator. Writes ``{output_dir}/eval/metrics.json``, ``metrics.md`` (the same as
-Markdown tables) and ``samples.png``. Runs in one process (a GPU when there is one).
+ignores buildings gets; lib/baselines.py). Metrics on [0, 1] maps (lib/metrics.py), both
+conventions: per map, then mean ± std (RadioDiff: NMSE, RMSE, SSIM, PSNR with data range 1),
+and set level (RadioUNet: ``nmse_set``, ``rmse_set``, ``rmse_db``); overall and per simulator.
+The maps it is measured on must not be training maps of the VAE or the prior (the contamination
+guard; ``--allow-overlap`` measures anyway and says so). Writes ``{output_dir}/eval/metrics.json``
+(with a ``protocol`` entry: split, map ids, threshold, sampler, checkpoints), ``metrics.md`` and
+``samples.png``. Runs in one process (a GPU when there is one).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -22,21 +27,24 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import Subset
+from tqdm import tqdm
 
 from lib.baselines import fit_distance_baseline
 from lib.batching import eval_batches
 from lib.config import load_config
-from lib.dataset import build_datasets
+from lib.dataset import build_datasets, prepare_data
 from lib.diffusion import generate_maps
 from lib.errors import UserError, run_cli
-from lib.evaluation import score_methods
+from lib.evaluation import PredictionStore, score_methods
 from lib.images import save_grid
 from lib.latents import decode_latents, encode_latents
-from lib.metrics import METRIC_NAMES, MetricAccumulator, summarize, summarize_groups
+from lib.metrics import DB_PER_GRAY_LEVEL, METRIC_NAMES, MetricAccumulator, summarize, summarize_groups
 from lib.numfmt import fmt
 from lib.prior import MODEL_KEYS
 from lib.resume import check_compatible
-from lib.weights import load_prior, load_vae, resolve_trained
+from lib.runlog import echo
+from lib.splits import check_overlap, data_mismatch, maps_hash, protocol_warnings, split_record
+from lib.weights import load_prior, load_prior_vae, resolve_trained
 
 METHODS = {"model": "model (prior + VAE decode)", "vae_ceiling": "VAE round trip (ceiling)",
            "distance_baseline": "distance only (log-distance fit)"}
@@ -56,14 +64,24 @@ def parse_args() -> argparse.Namespace:
                    help="stage-2 checkpoint under {output_dir}/prior/checkpoints, or a folder")
     p.add_argument("--baseline-samples", type=int, default=4000, metavar="N",
                    help="training samples (spread evenly) the distance baseline is fitted on")
+    p.add_argument("--max-maps", type=int, default=None, metavar="N",
+                   help="evaluate N of the split's maps, spread evenly over it (a fixed subset)")
+    p.add_argument("--save-predictions", action="store_true",
+                   help="also write eval/predictions.npz and one PNG per predicted map")
+    p.add_argument("--allow-overlap", action="store_true",
+                   help="evaluate on maps the VAE or the prior was trained on (recorded in metrics.json)")
     return p.parse_args()
 
 
-def method_summary(acc: MetricAccumulator, seconds: float) -> dict[str, Any]:
+def method_summary(acc: MetricAccumulator, seconds: float, db_factor: float) -> dict[str, Any]:
     values, groups = acc.values(), acc.groups()
     out: dict[str, Any] = summarize(values)
+    out["rmse_db"] = db_factor * out["rmse_set"]
     out["maps_per_sec"] = out["num_maps"] / seconds if seconds > 0 else None
+    out["ms_per_map"] = 1000 * seconds / out["num_maps"] if out["num_maps"] else None
     out["per_simulator"] = summarize_groups(values, groups)
+    for d in out["per_simulator"].values():
+        d["rmse_db"] = db_factor * d["rmse_set"]
     return out
 
 
@@ -71,25 +89,32 @@ def markdown(result: dict[str, Any]) -> str:
     def cell(d: dict[str, Any], k: str) -> str:
         return f"{fmt(d[k])} ± {fmt(d[k + '_std'])}"
 
-    ck = result["checkpoints"]
+    ck, pr = result["checkpoints"], result["protocol"]
     lines = [f"# Evaluation on the {result['split']} split: {result['num_maps']} maps, "
              f"simulations {', '.join(result['simulations'])}", "",
-             f"Prior `{ck['prior']}` ({'EMA' if ck['prior_ema'] else 'raw'} weights), "
+             f"Split `{pr['split']}` ({pr['maps']} {result['split']} maps), threshold {pr['threshold']:g}; "
+             f"prior `{ck['prior']}` ({'EMA' if ck['prior_ema'] else 'raw'} weights), "
              f"{result['sampler']} sampler, {result['num_inference_steps']} steps, "
-             f"{result['prediction_type']} prediction; VAE `{ck['vae']}`. "
-             f"Metrics on [0, 1] maps, mean ± std over maps.", "",
-             "| method | NMSE | RMSE | SSIM | PSNR (dB) | maps/s |", "|---|---|---|---|---|---|"]
+             f"{result['prediction_type']} prediction; VAE `{ck['vae']}`. Metrics on [0, 1] maps: "
+             f"mean ± std over maps (RadioDiff's convention), and set level over every pixel "
+             f"(RadioUNet's: NMSE_set, RMSE_set; RMSE in dB = {pr['rmse_db_factor']:g} x RMSE_set).", "",
+             "| method | NMSE | RMSE | SSIM | PSNR (dB) | NMSE_set | RMSE_set | RMSE (dB) | maps/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for key, title in METHODS.items():
         d = result[key]
         lines.append(f"| {title} | " + " | ".join(cell(d, m) for m in METRIC_NAMES) +
-                     f" | {fmt(d['maps_per_sec'])} |")
-    lines += ["", "Per simulator:", "", "| simulator | method | maps | NMSE | RMSE | SSIM | PSNR (dB) |",
-              "|---|---|---|---|---|---|---|"]
+                     f" | {fmt(d['nmse_set'])} | {fmt(d['rmse_set'])} | {fmt(d['rmse_db'])} | {fmt(d['maps_per_sec'])} |")
+    lines += ["", "Per simulator:", "",
+              "| simulator | method | maps | NMSE | RMSE | SSIM | PSNR (dB) | NMSE_set | RMSE_set |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for sim in result["simulations"]:
         for key, title in METHODS.items():
             d = result[key]["per_simulator"][sim]
             lines.append(f"| {sim} | {title} | {d['num_maps']} | " +
-                         " | ".join(cell(d, m) for m in METRIC_NAMES) + " |")
+                         " | ".join(cell(d, m) for m in METRIC_NAMES) + f" | {fmt(d['nmse_set'])} | {fmt(d['rmse_set'])} |")
+    if pr["allow_overlap"]:
+        lines += ["", "**Measured on maps a model was trained on (--allow-overlap):** " +
+                  "; ".join(f"{o['maps']} maps of the {o['model']}" for o in pr["allow_overlap"])]
     return "\n".join(lines) + "\n"
 
 
@@ -97,11 +122,12 @@ def main() -> int:
     args = parse_args()
     cfg = load_config(args.config, args.set)
     dcfg = cfg.prior.diffusion
-    steps = args.steps or dcfg.num_inference_steps
+    steps = dcfg.num_inference_steps if args.steps is None else args.steps
     if not 1 <= steps <= dcfg.num_train_timesteps:
         raise UserError(f"--steps {steps}: expected 1 .. {dcfg.num_train_timesteps}")
-    if args.baseline_samples < 1:
-        raise UserError(f"--baseline-samples {args.baseline_samples}: expected an integer >= 1")
+    for flag, value in (("--baseline-samples", args.baseline_samples), ("--max-maps", args.max_maps)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} {value}: expected an integer >= 1")
     sampler = args.sampler or dcfg.sampler
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
@@ -115,14 +141,29 @@ def main() -> int:
     if unknown:
         raise UserError(f"data.simulation {unknown}: the prior {info.path} was trained on "
                         f"{trained_sims} only")
-    loaded = load_vae(Path(state["vae_checkpoint"]), cfg, device)
+    loaded = load_prior_vae(info, cfg, device)
     vae, latent_scale = loaded.vae, float(state["latent_scale"])
     prior, prior_ema = load_prior(info.path, cfg, loaded.downsample, len(trained_sims), device)
-    print(f"prior {info.path} ({'EMA' if prior_ema else 'raw'} weights), VAE {loaded.path}, "
-          f"latent scale {latent_scale:.6g}")
+
+    # ------------------------------------------------------------------ the maps, the guard
+    split = prepare_data(cfg.data, cfg.seed, echo)
+    record = split_record(split, cfg.data)
+    part_maps = split.maps(args.split)
+    if args.max_maps is not None and args.max_maps < len(part_maps):
+        part_maps = [part_maps[int(i)] for i in np.linspace(0, len(part_maps) - 1, args.max_maps).round()]
+        echo(f"--max-maps {args.max_maps}: evaluating {len(part_maps)} of the {len(split.maps(args.split))} "
+             f"{args.split} maps, spread evenly over them")
+        split = dataclasses.replace(split, **{args.split: part_maps})
+    notes, overlaps = check_overlap(part_maps, args.split, record, [
+        ("VAE checkpoint", state["vae_checkpoint"], state.get("vae_split")),
+        ("prior checkpoint", str(info.path), state.get("split"))], args.allow_overlap)
+    for warning in protocol_warnings(split) + notes + data_mismatch(state.get("split"), record, "the prior"):
+        echo(f"WARNING: {warning}")
+    echo(f"prior {info.path} ({'EMA' if prior_ema else 'raw'} weights), VAE {state['vae_checkpoint']}"
+         f"{' (its copy in the prior checkpoint)' if loaded.path == info.path else ''}, latent scale {latent_scale:.6g}")
 
     # ------------------------------------------------------------------ data and the distance fit
-    data = build_datasets(cfg.data, cfg.seed, ("train", args.split))
+    data = build_datasets(cfg.data, cfg.seed, ("train", args.split), echo, split)
     train_ds, eval_ds = data["train"], data[args.split]
     sims = list(cfg.data.simulation)                  # the datasets' sim_id indexes this list
     to_model_id = torch.tensor([trained_sims.index(s) for s in sims], device=device)
@@ -130,10 +171,13 @@ def main() -> int:
     fit_idx = np.linspace(0, len(train_ds) - 1, n_fit).round().astype(int).tolist()
     t0 = time.perf_counter()
     baseline = fit_distance_baseline(eval_batches(Subset(train_ds, fit_idx), 64), sims)
-    print(f"distance baseline fitted on {n_fit} training maps in {time.perf_counter() - t0:.1f} s: "
-          + ", ".join(f"{s}: {a:.3f} {b:+.3f} log10(d px)" for s, (a, b) in sorted(baseline.lines.items())))
+    echo(f"distance baseline fitted on {n_fit} training samples in {time.perf_counter() - t0:.1f} s: "
+         + ", ".join(f"{s}: {a:.3f} {b:+.3f} log10(d px)" for s, (a, b) in sorted(baseline.lines.items())))
 
-    # ------------------------------------------------------------------ the maps
+    # ------------------------------------------------------------------ the predictions
+    out_dir = Path(cfg.output_dir) / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    store = PredictionStore(out_dir, len(eval_ds), cfg.data.image_size) if args.save_predictions else None
     rng = torch.Generator().manual_seed(cfg.seed)      # the same sampling noise every evaluation
     methods = {
         "model": lambda b: generate_maps(prior, vae, latent_scale, b["cond"], to_model_id[b["sim_id"]], dcfg,
@@ -141,34 +185,54 @@ def main() -> int:
         "vae_ceiling": lambda b: decode_latents(vae, encode_latents(vae, b["image"])),
         "distance_baseline": lambda b: baseline.predict(b["cond"], [sims[i] for i in b["sim_id"].tolist()]),
     }
-    with torch.no_grad():
-        scores = score_methods(eval_batches(eval_ds, cfg.data.batch_size), methods, device, sims)
-    accs, seconds = scores.accs, scores.seconds
+    batch_size = cfg.batch_size("prior")
+    with torch.no_grad(), tqdm(total=len(eval_ds), desc=f"evaluate {args.split}", unit="sample",
+                               dynamic_ncols=True) as bar:
+        def after(batch: dict, preds: dict) -> None:
+            if store is not None:
+                store.add(preds["model"], batch["image"], batch["map_id"].tolist(), batch["tx"].tolist(),
+                          [sims[i] for i in batch["sim_id"].tolist()])
+            bar.update(len(batch["image"]))
+        scores = score_methods(eval_batches(eval_ds, batch_size), methods, device, sims, after)
 
     # ------------------------------------------------------------------ report
+    db_factor = DB_PER_GRAY_LEVEL * (1.0 - cfg.data.threshold)
     result: dict[str, Any] = {
-        "split": args.split, "num_maps": accs["model"].num_maps, "simulations": sims,
+        "split": args.split, "num_maps": scores.accs["model"].num_maps, "simulations": sims,
         "sampler": sampler, "num_inference_steps": steps, "prediction_type": dcfg.prediction_type,
         "latent_scale": latent_scale,
         "checkpoints": {"prior": str(info.path), "prior_step": info.step, "prior_ema": prior_ema,
-                        "vae": str(loaded.path), "vae_ema": loaded.ema},
+                        "vae": state["vae_checkpoint"], "vae_step": state.get("vae_step"), "vae_ema": loaded.ema},
     }
     for k in METHODS:
-        result[k] = method_summary(accs[k], seconds[k])
+        result[k] = method_summary(scores.accs[k], scores.seconds[k], db_factor)
     result["distance_baseline"]["fit"] = {"samples": n_fit, "lines": baseline.to_dict()}
-    out_dir = Path(cfg.output_dir) / "eval"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    result["protocol"] = {
+        "split": split.name, "split_seed": split.seed, "part": args.split, "maps": len(part_maps),
+        "map_ids": part_maps, "map_ids_hash": maps_hash(part_maps), "max_maps": args.max_maps,
+        "threshold": cfg.data.threshold, "cars_input": cfg.data.cars_input, "simulations": sims,
+        "sampler": sampler, "steps": steps, "ms_per_map": result["model"]["ms_per_map"],
+        "rmse_db_factor": db_factor, "allow_overlap": overlaps,
+        "conventions": {"mean": "per map (map x transmitter x simulation), then mean and std over them",
+                        "set": "nmse_set = sum (pred - target)^2 / sum target^2 and rmse_set = sqrt(mean "
+                               "(pred - target)^2), over every pixel of the set",
+                        "rmse_db": f"{DB_PER_GRAY_LEVEL:g} dB per gray level x (1 - threshold) x rmse_set"},
+    }
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     table = markdown(result)
     (out_dir / "metrics.md").write_text(table, encoding="utf-8")
+    written = [out_dir / "metrics.json", out_dir / "metrics.md"]
     if scores.first is not None:
         f = scores.first
         save_grid(out_dir / "samples.png",
                   [("buildings+tx", f["cond"], "cond"), ("ground truth", f["image"], "map")]
                   + [(k.replace("_", " "), f[k], "map") for k in METHODS]
                   + [("|model error|", (f["model"] - f["image"]).abs() / 2, "error")])
+        written.append(out_dir / "samples.png")
+    if store is not None:
+        written += [store.close(), out_dir / "predictions"]
     print(table)
-    print(f"wrote {out_dir / 'metrics.json'}, {out_dir / 'metrics.md'} and {out_dir / 'samples.png'}")
+    print("wrote " + ", ".join(str(p) for p in written))
     return 0
 
 

@@ -31,9 +31,9 @@ from lib.accel import prepare_model
 from lib.batching import eval_batches, train_batches
 from lib.cli import trainer_parser
 from lib.config import Config, load_config
-from lib.dataset import build_datasets
+from lib.dataset import build_datasets, prepare_data
 from lib.diffusion import diffusion_loss, generate_maps, train_scheduler
-from lib.ema import EMA_FILE, ema_state_dict, ema_weights, make_ema
+from lib.ema import ema_files, ema_weights, make_ema
 from lib.errors import run_cli
 from lib.evaluation import gather_accumulator, gather_values, score_methods
 from lib.faults import FaultPolicy
@@ -44,9 +44,10 @@ from lib.numfmt import fmt, fmt_lr
 from lib.optim import build_optimizer, update
 from lib.prior import MODEL_KEYS, LatentPrior, prior_files
 from lib.resume import restore_run
-from lib.run import close_run, open_run, print_dry_run
-from lib.runlog import MeanTracker, mean_logs, update_run_json
+from lib.run import begin_run, close_run, open_run, print_dry_run
+from lib.runlog import MeanTracker, StartupLog, mean_logs, update_run_json
 from lib.schedule import build_scheduler, check_schedules
+from lib.splits import check_overlap, data_mismatch, protocol_warnings, split_record
 from lib.weights import load_vae, stage1_checkpoint
 
 Phase = Callable[[str], ContextManager]              # bench.py passes a timer of the step's parts
@@ -114,35 +115,40 @@ def train_step(m: Stage2, batches: Iterator[dict], accelerator: Accelerator, cfg
 
 def main() -> int:
     # ------------------------------------------------------------------ config
-    args = trainer_parser(__doc__.splitlines()[0]).parse_args()
+    args = trainer_parser(__doc__.splitlines()[0], allow_overlap=True).parse_args()
     cfg = load_config(args.config, args.set)
     train_cfg, diffusion_cfg = cfg.prior.train, cfg.prior.diffusion
     if args.dry_run:
         return print_dry_run(cfg, "prior")
     run_dir = Path(cfg.output_dir) / "prior"
     ckpt_dir = run_dir / "checkpoints"
-    warnings = list(cfg.warnings)      # logged once the run log exists
-    resume = ckpt.resolve(args.resume, ckpt_dir, warnings.append) if args.resume else None
+    accelerator = begin_run(cfg, "prior", run_dir, resuming=args.resume is not None)   # nothing written yet
+    start = StartupLog(accelerator.is_main_process, cfg.warnings)   # goes to train.log once it exists
+    resume = ckpt.resolve(args.resume, ckpt_dir, start.warning) if args.resume else None
 
-    # ------------------------------------------------------------------ the frozen stage-1 VAE
-    # Loaded before anything is written; a resumed run keeps the VAE it was trained on.
-    vae_path = stage1_checkpoint(cfg, args.config, resume)
-    loaded = load_vae(vae_path, cfg)                      # frozen, eval mode; a mismatch is an error
-    accelerator, log = open_run(cfg, "prior", run_dir, resume is not None, warnings)
-
-    # ------------------------------------------------------------------ data
+    # ------------------------------------------------------------------ the frozen stage-1 VAE, data
+    vae_info = stage1_checkpoint(cfg, args.config, resume)   # a resumed run keeps the VAE it had
+    loaded = load_vae(vae_info.path, cfg)                 # frozen, eval mode; a mismatch is an error
     with accelerator.main_process_first():      # the synthetic default is generated once
-        data = build_datasets(cfg.data, cfg.seed, ("train", "val"), log=log.info)
-    train_ds, val_ds = data["train"], data["val"]
-    sims = list(cfg.data.simulation)                      # sim_id i is sims[i]
-    log.info(f"data: {len(train_ds)} training and {len(val_ds)} validation samples of "
-             f"{len(sims)} simulation(s) {sims} ({cfg.data.source}, {cfg.data.root}, {cfg.data.image_size} px)")
+        split = prepare_data(cfg.data, cfg.seed, start.info)
+        data = build_datasets(cfg.data, cfg.seed, ("train", "val"), start.info, split)
+    train_ds, val_ds, sims = data["train"], data["val"], list(cfg.data.simulation)   # sim_id i is sims[i]
+    split_info = split_record(split, cfg.data)
+    # The contamination guard: validation maps must not be maps the VAE was trained on.
+    notes, overlaps = check_overlap(split.val, "validation", split_info, [("VAE checkpoint", str(vae_info.path),
+                                    vae_info.state.get("split"))], args.allow_overlap)
+    for warning in protocol_warnings(split) + notes + data_mismatch(vae_info.state.get("split"), split_info):
+        start.warning(warning)
+    start.info(f"data: split {split.describe()}; {len(train_ds)} training and {len(val_ds)} validation samples "
+               f"of {sims} ({cfg.data.source}, {cfg.data.root}, {cfg.data.image_size} px)")
+    log = open_run(cfg, run_dir, accelerator, start)
 
     # ------------------------------------------------------------------ models, optimizer, schedule
     m = build_models(cfg, accelerator, loaded.vae, loaded.downsample)
     set_seed(cfg.seed + accelerator.process_index)   # same init everywhere, own noise and timesteps per process
-    log.info(f"VAE {vae_path}{' (EMA weights)' if loaded.ema else ''}; prior {count_parameters(m.prior_raw) / 1e6:.2f}M "
-             f"parameters on {m.prior_raw.latent_channels}x{m.prior_raw.latent_size}x{m.prior_raw.latent_size} latents")
+    log.info(f"VAE {vae_info.path} (step {vae_info.step}{', EMA weights' if loaded.ema else ''}); prior "
+             f"{count_parameters(m.prior_raw) / 1e6:.2f}M parameters on {m.prior_raw.latent_channels}x"
+             f"{m.prior_raw.latent_size}x{m.prior_raw.latent_size} latents")
 
     # ------------------------------------------------------------------ resume, latent scale
     step, batches, best_val = 0, 0, math.inf
@@ -158,25 +164,21 @@ def main() -> int:
         m.latent_scale = float(state["latent_scale"])
         log.info(f"latent scale factor {m.latent_scale:.6g} (from the checkpoint)")
     else:
-        t0 = time.perf_counter()
-        m.latent_scale = measure_latent_scale(m.vae, train_ds, cfg.data.batch_size,
-                                              cfg.prior.latent_scale_batches, accelerator.device)
-        log.info(f"latent scale factor {m.latent_scale:.6g} = 1 / std of the latents of "
-                 f"{min(len(train_ds), cfg.data.batch_size * cfg.prior.latent_scale_batches)} "
-                 f"training samples ({time.perf_counter() - t0:.1f} s)")
+        m.latent_scale = measure_latent_scale(m.vae, train_ds, cfg.batch_size("prior"),
+                                              cfg.prior.latent_scale_batches, accelerator.device, log.info)
+    m.vae.register_to_config(scaling_factor=m.latent_scale)   # in the VAE copy each checkpoint holds
+    scale_info = {"latent_scale": m.latent_scale, "vae_checkpoint": str(vae_info.path), "vae_step": vae_info.step,
+                  "simulations": sims}
     if accelerator.is_main_process:
-        update_run_json(run_dir, "prior", resume_note, {"vae_checkpoint": str(vae_path),
-                                                        "latent_scale": m.latent_scale})
+        update_run_json(run_dir, "prior", resume_note, {**scale_info, "split": split_info, "allow_overlap": overlaps})
     log.event("start", step, f"training to step {train_cfg.max_steps}, {len(sims)} simulation(s), "
               f"{diffusion_cfg.prediction_type} prediction, {accelerator.num_processes} process(es), "
               f"mixed precision {train_cfg.mixed_precision}", level="INFO")
 
     def validate(step: int) -> float:
-        """The validation maps with the EMA weights: the denoising loss (returned; it picks the
-        "best" checkpoint, a smooth measure where early sample metrics are noise) and the
-        metrics of sampled maps, overall and NMSE per simulator. Noise and timesteps come from
-        a generator seeded the same at every validation, never from the global RNG: a resumed
-        run must draw the same training noise as a straight one."""
+        """The validation maps with the EMA weights: the denoising loss (returned: it picks the
+        "best" checkpoint) and the metrics of sampled maps. Noise and timesteps come from a fixed
+        generator, never the global RNG: a resumed run must draw the same noise as a straight one."""
         nonlocal best_val
         t0, losses = time.perf_counter(), []
         rng = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)
@@ -190,7 +192,7 @@ def main() -> int:
 
         with ema_weights(m.ema, m.prior_raw.parameters()), torch.no_grad():
             m.prior_raw.eval()
-            scores = score_methods(eval_batches(val_ds, cfg.data.batch_size, train_cfg.val_batches,
+            scores = score_methods(eval_batches(val_ds, cfg.batch_size("prior"), train_cfg.val_batches,
                                                 accelerator.process_index, accelerator.num_processes),
                                    {"prediction": sample}, accelerator.device, sims)
             m.prior_raw.train()
@@ -210,20 +212,19 @@ def main() -> int:
         return val_loss
 
     def save(step: int, val_loss: Optional[float]) -> None:
-        """Everything needed to continue, as ``checkpoints/step-N`` (lib/checkpoint.py)."""
-        scale_info = {"latent_scale": m.latent_scale, "vae_checkpoint": str(vae_path), "simulations": sims}
-        files = {**prior_files(m.prior_raw), "latent_scale.json": scale_info}
-        if m.ema is not None:
-            files[EMA_FILE] = ema_state_dict(m.ema, m.prior_raw)
+        """Everything needed to continue, as ``checkpoints/step-N`` (lib/checkpoint.py), and the
+        VAE it decodes with (``vae/``: ``AutoencoderKL.from_pretrained`` gets the scaling factor)."""
+        files = {**prior_files(m.prior_raw), **ema_files(m.ema, m.prior_raw), "vae": m.vae,
+                 "latent_scale.json": scale_info}
         ckpt.save_checkpoint(accelerator, ckpt_dir, step, cfg, {
             "stage": "prior", "batches": batches, "val_loss": val_loss, "best_val_loss": best_val,
-            **scale_info, "vae_ema": loaded.ema, **faults.state_dict(),
+            **scale_info, "split": split_info, "vae_split": vae_info.state.get("split"), "allow_overlap": overlaps, "vae_ema": loaded.ema, **faults.state_dict(),
             "ema_step": m.ema.optimization_step if m.ema is not None else None,
         }, files, train_cfg.keep_last, log)
 
     # ------------------------------------------------------------------ loop
     stop_at = min(train_cfg.max_steps, args.until_step or train_cfg.max_steps)      # --until-step
-    data_iter = train_batches(train_ds, cfg.data.batch_size, cfg.seed, start_batch=batches,
+    data_iter = train_batches(train_ds, cfg.batch_size("prior"), cfg.seed, start_batch=batches,
                               rank=accelerator.process_index, world_size=accelerator.num_processes,
                               num_workers=cfg.data.num_workers, pin_memory=cfg.data.pin_memory)
     reduce = (lambda t: accelerator.reduce(t, "mean")) if accelerator.num_processes > 1 else None

@@ -29,8 +29,8 @@ from lib.accel import prepare_model
 from lib.batching import eval_batches, train_batches
 from lib.cli import trainer_parser
 from lib.config import Config, load_config
-from lib.dataset import build_datasets
-from lib.ema import EMA_FILE, ema_state_dict, ema_weights, make_ema
+from lib.dataset import build_datasets, prepare_data
+from lib.ema import ema_files, ema_weights, make_ema
 from lib.errors import run_cli
 from lib.evaluation import gather_accumulator, gather_values, score_methods
 from lib.faults import FaultPolicy
@@ -40,9 +40,10 @@ from lib.models import PatchDiscriminator, VAEWithLogvar, build_discriminator, c
 from lib.numfmt import fmt, fmt_lr
 from lib.optim import build_optimizer, update
 from lib.resume import restore_run
-from lib.run import close_run, open_run, print_dry_run
-from lib.runlog import MeanTracker, mean_logs, update_run_json
+from lib.run import begin_run, close_run, open_run, print_dry_run
+from lib.runlog import MeanTracker, StartupLog, mean_logs, update_run_json
 from lib.schedule import build_scheduler, check_schedules
+from lib.splits import protocol_warnings, split_record
 
 MODEL_KEYS = ["vae.model", "data.image_size"]       # a checkpoint with other values is another model
 Phase = Callable[[str], ContextManager]              # bench.py passes a timer of the step's parts
@@ -135,16 +136,20 @@ def main() -> int:
         return print_dry_run(cfg, "vae", {"disc_start": loss_cfg.disc_start})
     run_dir = Path(cfg.output_dir) / "vae"
     ckpt_dir = run_dir / "checkpoints"
-    warnings = list(cfg.warnings)      # logged once the run log exists
-    resume = ckpt.resolve(args.resume, ckpt_dir, warnings.append) if args.resume else None
-    accelerator, log = open_run(cfg, "vae", run_dir, resume is not None, warnings)
+    accelerator = begin_run(cfg, "vae", run_dir, resuming=args.resume is not None)   # nothing written yet
+    start = StartupLog(accelerator.is_main_process, cfg.warnings)   # goes to train.log once it exists
+    resume = ckpt.resolve(args.resume, ckpt_dir, start.warning) if args.resume else None
 
     # ------------------------------------------------------------------ data
     with accelerator.main_process_first():      # the synthetic default is generated once
-        data = build_datasets(cfg.data, cfg.seed, ("train", "val"), log=log.info)
+        split = prepare_data(cfg.data, cfg.seed, start.info)
+        data = build_datasets(cfg.data, cfg.seed, ("train", "val"), start.info, split)
     train_ds, val_ds = data["train"], data["val"]
-    log.info(f"data: {len(train_ds)} training and {len(val_ds)} validation samples "
-             f"({cfg.data.source}, {cfg.data.root}, {cfg.data.image_size} px)")
+    start.info(f"data: split {split.describe()}; {len(train_ds)} training and {len(val_ds)} validation "
+               f"samples ({cfg.data.source}, {cfg.data.root}, {cfg.data.image_size} px)")
+    for warning in protocol_warnings(split):
+        start.warning(warning)
+    log = open_run(cfg, run_dir, accelerator, start)
 
     # ------------------------------------------------------------------ models, optimizers, schedules
     m = build_models(cfg, accelerator)
@@ -163,7 +168,7 @@ def main() -> int:
         best_val = state.get("best_val_loss") or math.inf
         faults.load_state_dict(state)
     if accelerator.is_main_process:
-        update_run_json(run_dir, "vae", resume_note)
+        update_run_json(run_dir, "vae", resume_note, {"split": split_record(split, cfg.data)})
     log.event("start", step, f"training to step {train_cfg.max_steps}, disc_start {loss_cfg.disc_start}, "
               f"{accelerator.num_processes} process(es), mixed precision {train_cfg.mixed_precision}",
               level="INFO")
@@ -182,7 +187,7 @@ def main() -> int:
 
         with ema_weights(m.ema, m.vae_raw.vae.parameters()), torch.no_grad():
             m.vae_raw.eval()
-            scores = score_methods(eval_batches(val_ds, cfg.data.batch_size, train_cfg.val_batches,
+            scores = score_methods(eval_batches(val_ds, cfg.batch_size("vae"), train_cfg.val_batches,
                                                 accelerator.process_index, accelerator.num_processes),
                                    {"reconstruction": reconstruct}, accelerator.device, val_ds.simulations)
             m.vae_raw.train()
@@ -199,17 +204,16 @@ def main() -> int:
 
     def save(step: int, val_loss: Optional[float]) -> None:
         """Everything needed to continue, as ``checkpoints/step-N`` (lib/checkpoint.py)."""
-        files = {"vae": m.vae_raw.vae, "discriminator.safetensors": m.disc_raw}
-        if m.ema is not None:
-            files[EMA_FILE] = ema_state_dict(m.ema, m.vae_raw.vae)
+        files = {"vae": m.vae_raw.vae, "discriminator.safetensors": m.disc_raw, **ema_files(m.ema, m.vae_raw.vae)}
         ckpt.save_checkpoint(accelerator, ckpt_dir, step, cfg, {
             "stage": "vae", "batches": batches, "val_loss": val_loss, "best_val_loss": best_val,
+            "split": split_record(split, cfg.data),
             **faults.state_dict(), "ema_step": m.ema.optimization_step if m.ema is not None else None,
         }, files, train_cfg.keep_last, log)
 
     # ------------------------------------------------------------------ loop
     stop_at = min(train_cfg.max_steps, args.until_step or train_cfg.max_steps)      # --until-step
-    data_iter = train_batches(train_ds, cfg.data.batch_size, cfg.seed, start_batch=batches,
+    data_iter = train_batches(train_ds, cfg.batch_size("vae"), cfg.seed, start_batch=batches,
                               rank=accelerator.process_index, world_size=accelerator.num_processes,
                               num_workers=cfg.data.num_workers, pin_memory=cfg.data.pin_memory)
     reduce = (lambda t: accelerator.reduce(t, "mean")) if accelerator.num_processes > 1 else None

@@ -12,7 +12,7 @@ command above. A cache folder holds the maps at their native size, and a resized
 copy for each image size in use; a sample's values are exactly those of the PNG path::
 
     index.json          version, simulations, size, map ids, fingerprints, unreadable files
-    buildings.npy       (maps, H, W) uint8           cars.npy   (maps, H, W) uint8, if cars* used
+    buildings.npy       (maps, H, W) uint8           cars.npy   (maps, H, W) uint8, when cars are input
     pairs.npy           (pairs, 2) int64 map, tx     tx.npy     (pairs, 2) int32 pixel; -1: none
     gain-<sim>.npy      (pairs, H, W) uint8 per simulation
     size-<S>/           the same maps as float32 in [-1, 1] resized to S x S, written when a
@@ -41,7 +41,7 @@ import numpy as np
 from lib.cache_read import (INDEX, VERSION, VIEW_DONE, CacheError, Log, PackedMaps, detail, folder_fingerprint,
                             source_folders)
 from lib.errors import DataError, run_cli
-from lib.layout import (BadFile, discover_maps, is_cars_simulation, list_samples, read_png, relative, resize_maps,
+from lib.layout import (BadFile, cars_channels, discover_maps, list_samples, read_png, relative, resize_maps,
                         sample_paths, to_unit, tx_pixel)
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ AUTO_DIR = ".cache/packed"
 
 # --------------------------------------------------------------------------- building
 def build(root: str | os.PathLike, simulations: Sequence[str], out: str | os.PathLike,
-          log: Log = print) -> PackedMaps:
+          log: Log = print, cars: Optional[bool] = None) -> PackedMaps:
     """Pack ``simulations`` of the folder ``root`` into a cache at ``out`` (replacing one there).
 
     The folder is listed like the loader does (files it would report are left out; the loader
@@ -61,12 +61,12 @@ def build(root: str | os.PathLike, simulations: Sequence[str], out: str | os.Pat
     root, out = Path(root), Path(out)
     sims = list(simulations)
     t0 = time.perf_counter()
-    fingerprints = {f: folder_fingerprint(root / f) for f in source_folders(sims)}
-    listed = list_samples(root, sims, discover_maps(root), on_bad_file="skip")
+    cars = any(cars_channels(sims)) if cars is None else cars
+    fingerprints = {f: folder_fingerprint(root / f) for f in source_folders(sims, cars)}
+    listed = list_samples(root, sims, discover_maps(root), on_bad_file="skip", cars=[cars] * len(sims))
     maps, txs, sim_idx = listed.maps, listed.txs, listed.sims
     pairs = sorted(set(zip(maps.tolist(), txs.tolist())))
     map_ids = sorted(set(maps.tolist()))
-    cars = any(is_cars_simulation(s) for s in sims)
     bad: dict[str, str] = {}
 
     def decode(path: Path, shape: Optional[tuple[int, int]], like: Optional[Path]) -> Optional[np.ndarray]:
@@ -232,15 +232,16 @@ def open_configured_cache(data_cfg: "DataConfig", log: Log = print) -> Optional[
     if path is None:
         return None
     sims = list(data_cfg.simulation)
+    cars = any(cars_channels(sims, data_cfg.cars_input))
     try:
         packed = PackedMaps.open(path)
-        packed.check(Path(data_cfg.root), sims)
+        packed.check(Path(data_cfg.root), sims, cars)
     except CacheError as exc:
         if data_cfg.cache != "auto":
             raise
         if (path / INDEX).is_file():
             log(f"data.cache {path}: {exc.reason}; rebuilding it (data.cache: auto)")
-        packed = build(data_cfg.root, sims, path, log=log)
+        packed = build(data_cfg.root, sims, path, log=log, cars=cars)
     use_view(packed, data_cfg.image_size, log=log)
     return packed
 
@@ -265,6 +266,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             from lib.synthetic import ensure_synthetic
             ensure_synthetic(cfg, full.seed)
         root, sims = Path(cfg.root), list(cfg.simulation)
+        cars = any(cars_channels(sims, cfg.cars_input))
         out = configured_path(cfg) or Path(cfg.root) / AUTO_DIR
         if cfg.cache == "off":
             print(f"note: data.cache is off in {a.config}; building at {out} (use it with "
@@ -272,15 +274,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     elif a.root and a.out:
         root, out = Path(a.root), Path(a.out)
         sims = a.simulation or ["DPM"]
+        cars = any(cars_channels(sims))
     else:
         p.error("give --config CONFIG, or --root ROOT --out OUT [--simulation SIM ...]")
     if a.command == "build":
-        packed = build(root, sims, out)
+        packed = build(root, sims, out, cars=cars)
         if a.config is not None:
             use_view(packed, cfg.image_size)
         return 0
     packed = PackedMaps.open(out)
-    packed.check(root, sims)
+    packed.check(root, sims, cars)
     print(f"data.cache {out}: fresh for {root} ({', '.join(sims)}; built {packed.index['created']})")
     return 0
 

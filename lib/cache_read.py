@@ -16,17 +16,8 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from lib.errors import DataError
-from lib.layout import (
-    ANTENNAS_DIR,
-    BUILDINGS_DIR,
-    CARS_DIR,
-    GAIN_DIR,
-    BadFile,
-    Sample,
-    SamplePaths,
-    is_cars_simulation,
-    relative,
-)
+from lib.layout import (ANTENNAS_DIR, BUILDINGS_DIR, CARS_DIR, GAIN_DIR, BadFile, Sample, SamplePaths,
+                        relative)
 
 VERSION = 1
 INDEX = "index.json"
@@ -44,9 +35,8 @@ class CacheError(DataError):
 
 
 # --------------------------------------------------------------------------- fingerprints
-def source_folders(simulations: Sequence[str]) -> list[str]:
+def source_folders(simulations: Sequence[str], cars: bool) -> list[str]:
     """The folders (relative to data.root) whose files a cache of ``simulations`` holds."""
-    cars = any(is_cars_simulation(s) for s in simulations)
     return ([BUILDINGS_DIR, ANTENNAS_DIR] + ([CARS_DIR] if cars else [])
             + [f"{GAIN_DIR}/{s}" for s in simulations])
 
@@ -128,13 +118,15 @@ class PackedMaps:
             self._pair_row = {(int(m), int(t)): i for i, (m, t) in enumerate(pairs.tolist())}
         return self._pair_row.get((map_id, tx))
 
-    def check(self, root: Path, simulations: Sequence[str]) -> None:
+    def check(self, root: Path, simulations: Sequence[str], cars: bool = False) -> None:
         """Raise a one-line DataError unless the cache holds ``simulations`` of ``root`` as
         its files are now."""
         missing = [s for s in simulations if s not in self.simulations]
         if missing:
             raise CacheError(self.path, f"holds simulations {self.simulations}, not {missing}")
-        for folder in source_folders(simulations):
+        if cars and not self.index["cars"]:
+            raise CacheError(self.path, "holds no cars maps (they are needed as an input channel now)")
+        for folder in source_folders(simulations, bool(self.index["cars"])):
             key = (str(Path(root).resolve()), folder)
             if key in self._checked:
                 continue
@@ -150,7 +142,7 @@ class PackedMaps:
     def check_dataset(self, dataset: Any) -> None:
         """Fresh for the folder and simulations of ``dataset`` (a
         :class:`lib.dataset.RadioMapDataset`), and holding each of its samples."""
-        self.check(dataset.root, dataset.simulations)
+        self.check(dataset.root, dataset.simulations, bool(dataset._cars.any()))
         maps, txs, _ = dataset.sample_keys()
         for m, t in zip(maps.tolist(), txs.tolist()):
             if m not in self._map_row or self.pair_row(m, t) is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 
-def trainer_parser(description: str) -> argparse.ArgumentParser:
+def trainer_parser(description: str, allow_overlap: bool = False) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--config", required=True, help="experiment YAML, e.g. configs/demo.yaml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -18,4 +18,8 @@ def trainer_parser(description: str) -> argparse.ArgumentParser:
                         "schedule (split a long run into jobs; continue with --resume latest)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved config and the LR schedule at its key points, then exit")
+    if allow_overlap:
+        p.add_argument("--allow-overlap", action="store_true",
+                       help="measure on maps a loaded model was trained on (a different data.split); "
+                            "recorded in the outputs")
     return p

@@ -40,14 +40,18 @@ class DataConfig:
     root: str = "data/synthetic"
     simulation: list[str] = field(default_factory=lambda: ["DPM"])
     image_size: int = 256        # maps are resized to this on load when it differs
-    batch_size: int = 2          # per process, per micro-batch
+    batch_size: int = 2          # per process, per micro-batch (a stage's train.batch_size overrides it)
     num_workers: int = 0
     pin_memory: bool = False     # page-locked batches for faster host-to-GPU copies (CUDA only)
     cache: str = "off"           # off | auto | path of a cache built by `python -m lib.cache build`
-    train_maps: int = 500        # maps for training, of which `val_maps` are held back
+    split: str = "random"        # radiounet | radiodiff | random | path to a JSON file (lib/splits.py)
+    split_seed: int = 0          # the random split's permutation (independent of `seed`)
+    train_maps: int = 500        # random split: maps for training, of which `val_maps` are held back
     val_maps: int = 20
     test_maps: int = 200
     tx_per_map: Optional[int] = None   # use the first K transmitters of each map; null: all
+    cars_input: Literal["auto", True, False] = "auto"   # cars as the 3rd condition channel; auto: cars* sims
+    threshold: float = 0.0       # RadioUNet's noise floor on the target gain (0: off; their protocol: 0.2)
     on_bad_file: Literal["error", "skip"] = "error"
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -64,6 +68,11 @@ class DataConfig:
             v.check(sim in SIMULATIONS, "data.simulation", sim, f"one of {list(SIMULATIONS)}")
         v.check(len(set(self.simulation)) == len(self.simulation), "data.simulation",
                 self.simulation, "a list without repeats")
+        v.check(self.split in ("radiounet", "radiodiff", "random") or self.split.endswith(".json"), "data.split",
+                self.split, "radiounet, radiodiff, random, or the path of a .json file with train, val and "
+                "test lists of map ids")
+        v.check(0.0 <= self.threshold < 1.0, "data.threshold", self.threshold,
+                "a number in [0, 1) (0: off; RadioUNet's protocol: 0.2)")
         v.check(self.val_maps >= 1, "data.val_maps", self.val_maps, "an integer >= 1")
         v.check(self.train_maps > self.val_maps, "data.train_maps", self.train_maps,
                 f"more than data.val_maps ({self.val_maps})")
@@ -74,20 +83,23 @@ class DataConfig:
         v.check(s.num_maps >= 1, "data.synthetic.num_maps", s.num_maps, "an integer >= 1")
         v.check(s.tx_per_map >= 1, "data.synthetic.tx_per_map", s.tx_per_map, "an integer >= 1")
         v.check(s.size >= 8, "data.synthetic.size", s.size, "an integer >= 8")
-        if self.source == "synthetic":
+        if self.source == "synthetic" and self.split == "random":
             v.check(s.num_maps >= self.train_maps + self.test_maps, "data.synthetic.num_maps",
                     s.num_maps, f">= data.train_maps + data.test_maps "
                     f"({self.train_maps + self.test_maps})")
-            if not s.cars:
-                for sim in self.simulation:
-                    v.check(not sim.startswith("cars"), "data.simulation", sim,
-                            "a simulation without cars (data.synthetic.cars is false)")
+        if self.source == "synthetic" and not s.cars:
+            for sim in self.simulation:
+                v.check(not sim.startswith("cars"), "data.simulation", sim,
+                        "a simulation without cars (data.synthetic.cars is false)")
+            v.check(self.cars_input is not True, "data.cars_input", self.cars_input,
+                    "auto or false (data.synthetic.cars is false: there are no cars maps)")
 
 
 @dataclass
 class TrainConfig:
     """Optimisation, schedule, logging and checkpoint settings; shared by both stages."""
     max_steps: int = 150_000           # optimizer steps (not micro-batches, not per process)
+    batch_size: Optional[int] = None   # per process and micro-batch; null: data.batch_size
     lr: float = 5e-6
     min_lr: float = 5e-7               # absolute floor of the LR (cosine/linear/polynomial)
     lr_scheduler: Literal["cosine", "linear", "polynomial", "constant",
@@ -118,6 +130,8 @@ class TrainConfig:
     def validate(self, v: "_Validator", prefix: str) -> None:
         k = prefix + "."
         v.check(self.max_steps >= 1, k + "max_steps", self.max_steps, "an integer >= 1")
+        if self.batch_size is not None:
+            v.check(self.batch_size >= 1, k + "batch_size", self.batch_size, "null or an integer >= 1")
         v.check(self.lr > 0, k + "lr", self.lr, "a number > 0")
         v.check(self.min_lr >= 0, k + "min_lr", self.min_lr, "a number >= 0")
         if self.lr_scheduler in ("cosine", "linear", "polynomial"):
@@ -268,7 +282,7 @@ def _prior_train_defaults() -> TrainConfig:
 
 @dataclass
 class PriorConfig:
-    vae_checkpoint: str = "best"       # best | latest | path to a checkpoint folder
+    vae_checkpoint: str = "latest"     # latest | best (after disc_start) | path to a checkpoint folder
     latent_scale_batches: int = 32     # training batches the latent scale factor is measured on
     model: PriorModelConfig = field(default_factory=PriorModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -301,6 +315,10 @@ class Config:
         self.prior.diffusion.validate(v)
         self.prior.train.validate(v, "prior.train")
         self.warnings = v.warnings
+
+    def batch_size(self, stage: str) -> int:
+        """The per-process micro-batch of ``stage`` (``vae`` or ``prior``)."""
+        return getattr(self, stage).train.batch_size or self.data.batch_size
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain data (what ``config.yaml`` in a run folder holds)."""
@@ -337,7 +355,7 @@ def _to_plain(obj: Any) -> Any:
 def _describe(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+        return "one of " + ", ".join(str(a).lower() if isinstance(a, bool) else repr(a) for a in typing.get_args(tp))
     if origin is Union:
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
         return _describe(inner[0]) + " or null"
@@ -365,7 +383,7 @@ def _convert(tp: Any, value: Any, key: str, source: str, default: Any = None) ->
             return None
         return _convert(args[0], value, key, source)
     if origin is Literal:
-        if value not in typing.get_args(tp):
+        if not any(value == a and type(value) is type(a) for a in typing.get_args(tp)):
             raise ConfigError(f"{source}: {key} = {value!r} is invalid; expected {_describe(tp)}")
         return value
     if origin is list:

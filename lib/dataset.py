@@ -1,10 +1,12 @@
 """The radio-map dataset: one sample per (map, transmitter, simulation) of a RadioMapSeer-layout
 folder, as float32 arrays in [-1, 1].
 
-A sample is ``image`` (1, S, S), the gain map, and ``cond`` (3, S, S), the stage-2 condition
-(:mod:`lib.condition`: buildings, transmitter, cars-or-buildings), plus ``sim_id`` (index into
-the dataset's simulations), ``map_id`` and ``tx``. Maps whose files are not ``image_size``
-square are resized (:func:`lib.layout.resize_maps`).
+A sample is ``image`` (1, S, S), the gain map (with ``data.threshold``, RadioUNet's noise
+floor applied: :func:`lib.layout.threshold_into`), and ``cond`` (3, S, S), the stage-2
+condition (:mod:`lib.condition`: buildings, transmitter, cars or buildings again per
+``data.cars_input``), plus ``sim_id`` (index into the dataset's simulations), ``map_id`` and
+``tx``. Maps whose files are not ``image_size`` square are resized
+(:func:`lib.layout.resize_maps`; the threshold is applied after the resize).
 
 Which samples exist comes from the folder listing (:func:`lib.layout.list_samples`); the
 pixels come from the PNGs, or with ``data.cache`` from the memory-mapped arrays of
@@ -27,9 +29,9 @@ from lib.cache import open_configured_cache
 from lib.cache_read import PackedMaps
 from lib.condition import assemble_condition, scale_pixel
 from lib.errors import DataError
-from lib.layout import (NO_TX_PIXEL, BadFile, SamplePaths, discover_maps, is_cars_simulation, list_samples, read_sample,
-                        resize_maps, sample_paths, to_unit, unit_into)
-from lib.splits import split_maps
+from lib.layout import (NO_TX_PIXEL, BadFile, SamplePaths, cars_channels, discover_maps, list_samples, read_sample,
+                        resize_maps, sample_paths, threshold_into, to_unit, unit_into)
+from lib.splits import Split, make_split
 from lib.synthetic import ensure_synthetic
 
 Log = Callable[[str], None]
@@ -47,7 +49,8 @@ class RadioMapDataset(Dataset):
     def __init__(self, root: str | os.PathLike, simulations: Sequence[str],
                  map_ids: Sequence[int], image_size: int, tx_per_map: int | None = None,
                  on_bad_file: str = "error", log: Log = print,
-                 cache: Optional[PackedMaps] = None) -> None:
+                 cache: Optional[PackedMaps] = None, cars_input: bool | str = "auto",
+                 threshold: float = 0.0) -> None:
         if on_bad_file not in ("error", "skip"):
             raise ValueError(f"on_bad_file must be 'error' or 'skip', not {on_bad_file!r}")
         if not simulations:
@@ -57,9 +60,10 @@ class RadioMapDataset(Dataset):
         self.image_size = int(image_size)
         self.on_bad_file = on_bad_file
         self.log = log
+        self.threshold = float(threshold)
         self._bad: set[int] = set()
-        self._cars = np.array([is_cars_simulation(s) for s in self.simulations])
-        listing = list_samples(self.root, self.simulations, map_ids, tx_per_map, on_bad_file)
+        self._cars = np.array(cars_channels(self.simulations, cars_input), dtype=bool)
+        listing = list_samples(self.root, self.simulations, map_ids, tx_per_map, on_bad_file, self._cars.tolist())
         self._map, self._tx, self._sim = listing.maps, listing.txs, listing.sims
         self.skipped: list[tuple[str, str]] = listing.skipped
         self.map_ids = sorted(set(self._map.tolist()))
@@ -150,23 +154,32 @@ class RadioMapDataset(Dataset):
             layers = resize_maps(to_unit(*layers), size).numpy()
         gain, buildings, third = layers
         unit_into(image[0], gain)
+        threshold_into(image[0], self.threshold)
         assemble_condition(cond, buildings, third, scale_pixel(pixel, shape, size))
         return s, map_id, tx
 
 
-def build_datasets(data_cfg, seed: int, splits: Sequence[str] = ("train", "val"),
-                   log: Log = print) -> dict[str, RadioMapDataset]:
-    """Generate the synthetic data if needed, split the maps and build the requested splits
-    (reading through the packed cache when ``data_cfg.cache`` is not ``off``)."""
-    unknown = [s for s in splits if s not in ("train", "val", "test")]
-    if unknown:
-        raise ValueError(f"unknown split(s) {unknown}; expected train, val, test")
+def prepare_data(data_cfg, seed: int, log: Log = print) -> Split:
+    """Generate the synthetic data if needed (``data.source: synthetic``), find the maps and
+    make the split ``data.split`` names (a one-line error when its maps are not there)."""
     if data_cfg.source == "synthetic":
         ensure_synthetic(data_cfg, seed, log=log)
-    ids = discover_maps(data_cfg.root)
-    parts = split_maps(ids, data_cfg.train_maps, data_cfg.val_maps, data_cfg.test_maps, seed)
+    if data_cfg.cars_input is True and not (Path(data_cfg.root) / "png" / "cars").is_dir():
+        raise DataError(f"data.cars_input = true: {Path(data_cfg.root) / 'png' / 'cars'} not found (cars as an "
+                        f"input channel need the cars maps); set data.cars_input: auto or false")
+    return make_split(data_cfg, discover_maps(data_cfg.root))
+
+
+def build_datasets(data_cfg, seed: int, parts: Sequence[str] = ("train", "val"), log: Log = print,
+                   split: Optional[Split] = None) -> dict[str, RadioMapDataset]:
+    """The datasets of the requested parts of ``split`` (default: :func:`prepare_data`), reading
+    through the packed cache when ``data.cache`` is not ``off``."""
+    unknown = [p for p in parts if p not in ("train", "val", "test")]
+    if unknown:
+        raise ValueError(f"unknown split(s) {unknown}; expected train, val, test")
+    split = split or prepare_data(data_cfg, seed, log)
     cache = open_configured_cache(data_cfg, log=log)
-    return {name: RadioMapDataset(data_cfg.root, list(data_cfg.simulation), parts[name],
-                                  data_cfg.image_size, tx_per_map=data_cfg.tx_per_map,
-                                  on_bad_file=data_cfg.on_bad_file, log=log, cache=cache)
-            for name in splits}
+    return {part: RadioMapDataset(data_cfg.root, list(data_cfg.simulation), split.maps(part), data_cfg.image_size,
+                                  tx_per_map=data_cfg.tx_per_map, on_bad_file=data_cfg.on_bad_file, log=log,
+                                  cache=cache, cars_input=data_cfg.cars_input, threshold=data_cfg.threshold)
+            for part in parts}

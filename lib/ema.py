@@ -37,6 +37,12 @@ def ema_state_dict(ema: EMAModel, module: torch.nn.Module) -> dict[str, torch.Te
     return {n: p.detach().contiguous().cpu() for n, p in zip(names, ema.shadow_params)}
 
 
+def ema_files(ema: Optional[EMAModel], module: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """What a checkpoint holds of the EMA (:func:`lib.checkpoint.write_file`): ``ema.safetensors``
+    (none without an EMA)."""
+    return {} if ema is None else {EMA_FILE: ema_state_dict(ema, module)}
+
+
 def load_ema(ema: EMAModel, module: torch.nn.Module, path: Path, optimization_step: int) -> None:
     """Restore ``ema`` from a file written from :func:`ema_state_dict` of ``module``."""
     tensors = load_file(str(path))

@@ -9,6 +9,8 @@ before decoding.
 from __future__ import annotations
 
 import math
+import time
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -33,13 +35,14 @@ def decode_latents(vae: AutoencoderKL, z: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def measure_latent_scale(vae: AutoencoderKL, dataset: Dataset, batch_size: int, num_batches: int,
-                         device: torch.device | str = "cpu") -> float:
+                         device: torch.device | str = "cpu", log: Optional[Callable[[str], None]] = None) -> float:
     """1 / std of the latents of ``num_batches`` batches of ``dataset``, so that scaled latents
     have unit variance (the LDM convention; RadioMapSeer latents are far from unit scale).
 
     The samples are spread evenly over the dataset (not its first maps only) and read in a
     fixed order; every process measures the same samples, so all agree on the factor.
     """
+    t0 = time.perf_counter()
     n = min(len(dataset), batch_size * num_batches)
     indices = np.linspace(0, len(dataset) - 1, n).round().astype(int).tolist()
     latents = [encode_latents(vae, b["image"].to(device)).float().flatten().cpu()
@@ -48,4 +51,7 @@ def measure_latent_scale(vae: AutoencoderKL, dataset: Dataset, batch_size: int, 
     if not math.isfinite(std) or std <= 0:
         raise UserError(f"the VAE's latents have std {std} on {n} training samples; the latent "
                         f"scale factor cannot be measured (is the VAE checkpoint trained?)")
+    if log is not None:
+        log(f"latent scale factor {1.0 / std:.6g} = 1 / std of the latents of {n} training samples "
+            f"({time.perf_counter() - t0:.1f} s)")
     return 1.0 / std

@@ -88,8 +88,23 @@ def discover_maps(root: str | os.PathLike) -> list[int]:
     return ids
 
 
+# RadioMapSeer simulates IRT4 (and carsIRT4) only for transmitters 0 and 1 of each map; every
+# other simulation for every transmitter. A gain map that should exist and does not is an error.
+EXPECTED_TX = {"IRT4": (0, 1), "carsIRT4": (0, 1)}
+
+
 def is_cars_simulation(simulation: str) -> bool:
+    """A simulation whose target has cars on the streets (gain/cars*)."""
     return simulation.startswith("cars")
+
+
+def cars_channels(simulations: Sequence[str], cars_input: bool | str = "auto") -> list[bool]:
+    """Per simulation, whether its samples' third condition channel is the cars map (else the
+    buildings again): ``data.cars_input`` true or false for all, ``auto`` for the cars*
+    simulations. (RadioUNet's ``carsInput``, independent of ``carsSimul``.)"""
+    if isinstance(cars_input, bool):
+        return [cars_input] * len(simulations)
+    return [is_cars_simulation(s) for s in simulations]
 
 
 @dataclass
@@ -106,12 +121,15 @@ class Listing:
 
 
 def list_samples(root: Path, simulations: Sequence[str], map_ids: Sequence[int],
-                 tx_per_map: Optional[int] = None, on_bad_file: str = "error") -> Listing:
+                 tx_per_map: Optional[int] = None, on_bad_file: str = "error",
+                 cars: Optional[Sequence[bool]] = None) -> Listing:
     """The samples of ``map_ids`` x transmitters x ``simulations`` in the folder ``root``, from
-    its file listing (no PNG is decoded). Transmitters are the ``png/antennas/{map}_{tx}.png``
-    files of each map; ``tx_per_map=K`` keeps the K lowest ids. A missing or unexpected file
-    raises :class:`BadFile` (``on_bad_file: error``) or is recorded in ``skipped`` and its
-    samples left out (``skip``)."""
+    its file listing (no PNG is decoded). A map's transmitters are its
+    ``png/antennas/{map}_{tx}.png`` files (``tx_per_map=K`` keeps the K lowest ids); a
+    simulation has the ones it has gain maps for, and must have those of :data:`EXPECTED_TX`
+    (all, except IRT4). ``cars[s]``: simulation ``s`` reads the cars map (default: the cars*
+    ones). A missing or unexpected file raises :class:`BadFile` (``on_bad_file: error``) or is
+    recorded in ``skipped`` and its samples left out (``skip``)."""
     skipped: list[tuple[str, str]] = []
 
     def problem(path: Path, reason: str) -> None:
@@ -123,7 +141,7 @@ def list_samples(root: Path, simulations: Sequence[str], map_ids: Sequence[int],
     bdir = require_dir(root, BUILDINGS_DIR)
     adir = require_dir(root, ANTENNAS_DIR)
     gdirs = [require_dir(root, f"{GAIN_DIR}/{s}") for s in simulations]
-    cars_sim = np.array([is_cars_simulation(s) for s in simulations])
+    cars_sim = np.array(cars_channels(simulations) if cars is None else list(cars), dtype=bool)
     cdir = require_dir(root, CARS_DIR) if cars_sim.any() else None
 
     # -- building maps
@@ -179,7 +197,7 @@ def list_samples(root: Path, simulations: Sequence[str], map_ids: Sequence[int],
                 have_cars.add(int(c.group(1)))
         for m in maps:
             if m in tx_of and m not in have_cars:
-                problem(cdir / f"{m}.png", "missing cars map (needed by the cars* simulations)")
+                problem(cdir / f"{m}.png", "missing cars map (the cars input channel needs it)")
 
     # -- gain maps (set operations on names: real data has ~56k files per simulation)
     keep = np.zeros((len(pairs), len(simulations)), bool)
@@ -191,7 +209,9 @@ def list_samples(root: Path, simulations: Sequence[str], map_ids: Sequence[int],
             else:
                 problem(gdir / n, "unexpected file name (expected <map>_<tx>.png, e.g. 12_3.png)")
         found = np.fromiter((n in present for n in pair_names), bool, len(pairs))
-        for i in np.flatnonzero(~found):
+        only = EXPECTED_TX.get(simulations[s])
+        expected = np.fromiter((only is None or tx in only for _, tx in pairs), bool, len(pairs))
+        for i in np.flatnonzero(expected & ~found):
             problem(gdir / pair_names[i], f"missing gain map (transmitter {adir / pair_names[i]} exists)")
         keep[:, s] = found
         if cars_sim[s]:
@@ -249,6 +269,21 @@ def read_png(path: Path, shape: tuple[int, int] | None, like: Path | None = None
 
 
 _UNIT_SCALE = np.float32(2.0 / 255.0)
+
+
+def threshold_into(x: np.ndarray, threshold: float) -> None:
+    """RadioUNet's noise floor, in place on a gain map in model space ([-1, 1]): with the gray
+    level ``g = (x + 1) / 2``, ``y = (max(g, t) - t) / (1 - t)`` (RadioUNet ``lib/loaders.py``,
+    ``thresh``), written back as ``2 y - 1``. Everything at or below the floor becomes -1."""
+    if threshold <= 0:
+        return
+    t = np.float32(threshold)
+    np.add(x, np.float32(1.0), out=x)
+    np.multiply(x, np.float32(0.5), out=x)
+    np.maximum(x, t, out=x)
+    np.subtract(x, t, out=x)
+    np.multiply(x, np.float32(2.0) / (np.float32(1.0) - t), out=x)
+    np.subtract(x, np.float32(1.0), out=x)
 
 
 def unit_into(out: np.ndarray, layer: np.ndarray) -> None:

@@ -20,6 +20,18 @@ float64.
   theory) keeps means finite. (torchmetrics converts ln to log10 with a float32 constant,
   so PSNR is accurate to about 1e-7 relative, not to float64 precision.)
 
+Two conventions (``../shared/docs/PROTOCOLS.md``):
+
+- per map, then mean (and std) over maps (RadioDiff's ``calc_loss_test``): the keys above;
+- set level (RadioUNet: "the square root of the MSE on the whole test set"): ``nmse_set``
+  = sum over every pixel of the set of ``(p - t)^2`` / sum of ``t^2``, and ``rmse_set`` =
+  ``sqrt(mean over every pixel of the set of (p - t)^2)``, from the per-map sums ``sq_err``,
+  ``target_sq`` and ``pixels`` (:data:`SUM_NAMES`). A set-level RMSE reads higher than a mean
+  of per-map RMSEs of the same predictions.
+
+:data:`DB_PER_GRAY_LEVEL`: RadioMapSeer's gray levels span 80 dB of pathloss (RadioUNet: "the
+RMSE in dB is 80 times the RMSE of gray level", unthresholded maps).
+
 Accumulating over an evaluation: :class:`MetricAccumulator` keeps the per-map values (one
 1-D float64 CPU tensor per update and metric) and, optionally, a group id per map (e.g. the
 simulation name). Summaries are the mean and the *population* std (``correction=0``) over
@@ -40,6 +52,8 @@ from torchmetrics.functional.image import (
 )
 
 METRIC_NAMES: tuple[str, ...] = ("nmse", "rmse", "ssim", "psnr")
+SUM_NAMES: tuple[str, ...] = ("sq_err", "target_sq", "pixels")     # per-map sums for the set level
+DB_PER_GRAY_LEVEL = 80.0
 NMSE_EPS = 1e-10
 PSNR_MAX_DB = 100.0
 SSIM_SIGMA = 1.5
@@ -80,14 +94,15 @@ def _ssim_sigma(height: int, width: int) -> float:
 
 @torch.no_grad()
 def per_map_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-map ``nmse``, ``rmse``, ``ssim``, ``psnr`` of ``pred`` vs ``target`` (both in [-1, 1]).
+    """Per-map ``nmse``, ``rmse``, ``ssim``, ``psnr`` of ``pred`` vs ``target`` (both in [-1, 1]),
+    and the sums ``sq_err``, ``target_sq``, ``pixels`` of the set-level metrics.
 
     Returns a dict of shape-``(B,)`` float64 CPU tensors (empty ones for ``B == 0``).
     Computed in float64 on the inputs' device (CPU for MPS, which has no float64).
     """
     _check_pair(pred, target)
     if pred.shape[0] == 0:
-        return {k: torch.zeros(0, dtype=torch.float64) for k in METRIC_NAMES}
+        return {k: torch.zeros(0, dtype=torch.float64) for k in METRIC_NAMES + SUM_NAMES}
     device = pred.device if pred.device.type != "mps" else torch.device("cpu")
     p = to_unit(pred.detach().to(device=device, dtype=torch.float64))
     t = to_unit(target.detach().to(device=device, dtype=torch.float64))
@@ -108,7 +123,9 @@ def per_map_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch
         p, t, data_range=SSIM_DATA_RANGE, reduction="none", dim=(1, 2, 3)
     ).clamp(max=PSNR_MAX_DB)
 
-    out = {"nmse": nmse, "rmse": rmse, "ssim": ssim, "psnr": psnr}
+    out = {"nmse": nmse, "rmse": rmse, "ssim": ssim, "psnr": psnr, "sq_err": sq_err.sum(dim=1),
+           "target_sq": t.flatten(1).pow(2).sum(dim=1),
+           "pixels": torch.full_like(mse, float(sq_err.shape[1]))}
     return {k: v.reshape(-1).to(device="cpu", dtype=torch.float64) for k, v in out.items()}
 
 
@@ -128,11 +145,16 @@ def summarize(values: Mapping[str, torch.Tensor]) -> dict[str, float]:
 
     ``values`` maps each of ``METRIC_NAMES`` to a tensor of per-map values (any shape, it
     is flattened; e.g. the ``torch.cat`` of tensors gathered from several processes).
-    Returns ``{name: mean, name + "_std": std, ..., "num_maps": n}`` as Python numbers;
-    with no maps the means and stds are ``nan`` and ``num_maps`` is 0.
+    Returns ``{name: mean, name + "_std": std, ..., "num_maps": n}`` as Python numbers, and
+    ``nmse_set`` / ``rmse_set`` when ``values`` has the sums (:data:`SUM_NAMES`); with no maps
+    the means and stds are ``nan`` and ``num_maps`` is 0.
     """
     n = _check_values(values)
     out: dict[str, float] = {}
+    if all(k in values for k in SUM_NAMES):
+        sums = {k: float(values[k].detach().double().sum()) for k in SUM_NAMES}
+        out["nmse_set"] = sums["sq_err"] / (sums["target_sq"] + NMSE_EPS) if n else math.nan
+        out["rmse_set"] = math.sqrt(sums["sq_err"] / sums["pixels"]) if n else math.nan
     for name in METRIC_NAMES:
         v = values[name].detach().reshape(-1).to(device="cpu", dtype=torch.float64)
         if n == 0:
@@ -155,7 +177,7 @@ def summarize_groups(
     index: dict[str, list[int]] = {}
     for i, g in enumerate(groups):
         index.setdefault(str(g), []).append(i)
-    flat = {k: values[k].detach().reshape(-1).cpu() for k in METRIC_NAMES}
+    flat = {k: values[k].detach().reshape(-1).cpu() for k in METRIC_NAMES + SUM_NAMES if k in values}
     result: dict[str, dict[str, float]] = {}
     for g in sorted(index):
         idx = torch.tensor(index[g], dtype=torch.long)
@@ -171,9 +193,10 @@ class MetricAccumulator:
     """
 
     def __init__(self) -> None:
-        self._chunks: dict[str, list[torch.Tensor]] = {n: [] for n in METRIC_NAMES}
+        self._chunks: dict[str, list[torch.Tensor]] = {n: [] for n in METRIC_NAMES + SUM_NAMES}
         self._groups: list[str] | None = None  # None: no grouped update seen (yet)
         self._num_maps = 0
+        self._sums = True         # every update had the set-level sums
 
     # ------------------------------------------------------------------ filling
     def update(
@@ -197,7 +220,8 @@ class MetricAccumulator:
         if groups is not None and len(groups) != n:
             raise ValueError(f"got {len(groups)} group ids for {n} maps")
         self._add_groups(groups, n)
-        for name in METRIC_NAMES:
+        self._sums = self._sums and all(k in values for k in SUM_NAMES)
+        for name in METRIC_NAMES + (SUM_NAMES if self._sums else ()):
             self._chunks[name].append(
                 values[name].detach().reshape(-1).to(device="cpu", dtype=torch.float64)
             )
@@ -236,10 +260,12 @@ class MetricAccumulator:
         return self._num_maps
 
     def values(self) -> dict[str, torch.Tensor]:
-        """All per-map values: ``{name: (N,) float64 CPU tensor}`` in update order."""
+        """All per-map values: ``{name: (N,) float64 CPU tensor}`` in update order (the
+        set-level sums only when every update had them)."""
+        names = METRIC_NAMES + (SUM_NAMES if self._sums else ())
         return {
-            n: torch.cat(c) if c else torch.zeros(0, dtype=torch.float64)
-            for n, c in self._chunks.items()
+            n: torch.cat(self._chunks[n]) if self._chunks[n] else torch.zeros(0, dtype=torch.float64)
+            for n in names
         }
 
     def groups(self) -> list[str] | None:

@@ -4,7 +4,7 @@ and ``--dry-run``, which shows what a run would do without starting one.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import yaml
 from accelerate import Accelerator
@@ -15,8 +15,9 @@ from lib.accel import make_accelerator
 from lib.config import Config, save_config
 from lib.errors import UserError
 from lib.numfmt import fmt_lr
-from lib.runlog import RunLog
+from lib.runlog import RunLog, StartupLog
 from lib.schedule import key_points
+from lib.splits import configured_split
 
 RUN_MARKERS = ("metrics.jsonl", "checkpoints", "run.json")
 
@@ -31,21 +32,23 @@ def check_new_run_dir(run_dir: Path, resuming: bool) -> None:
                         f"--resume latest, or start elsewhere with --set output_dir=NEW_DIR")
 
 
-def open_run(cfg: Config, stage: str, run_dir: Path, resuming: bool,
-             warnings: Sequence[str] = ()) -> tuple[Accelerator, RunLog]:
-    """Start (or continue) the run in ``run_dir``: refuse a fresh start over an existing run,
-    create the Accelerator, seed everything, open the run log (``warnings`` go there first),
-    write ``config.yaml`` and remove checkpoint folders a killed write left behind."""
+def begin_run(cfg: Config, stage: str, run_dir: Path, resuming: bool) -> Accelerator:
+    """Before anything is written: refuse a fresh start over an existing run, create the
+    Accelerator and seed everything."""
     check_new_run_dir(run_dir, resuming=resuming)
     accelerator = make_accelerator(getattr(cfg, stage).train)
     set_seed(cfg.seed)
-    log = RunLog(run_dir, accelerator.is_main_process)
-    for w in warnings:
-        log.warning(w)
+    return accelerator
+
+
+def open_run(cfg: Config, run_dir: Path, accelerator: Accelerator, earlier: StartupLog) -> RunLog:
+    """Once every input has been checked: the run folder with its log (the ``earlier``
+    messages first), ``config.yaml``, and no checkpoint folders a killed write left behind."""
+    log = RunLog(run_dir, accelerator.is_main_process, earlier=earlier)
     if accelerator.is_main_process:
         save_config(cfg, run_dir / "config.yaml")
         ckpt.clean_temporaries(run_dir / "checkpoints")
-    return accelerator, log
+    return log
 
 
 def print_dry_run(cfg: Config, stage: str, extra_points: Optional[dict[str, int]] = None) -> int:
@@ -54,6 +57,7 @@ def print_dry_run(cfg: Config, stage: str, extra_points: Optional[dict[str, int]
     train_cfg = getattr(cfg, stage).train
     print(f"# resolved config ({cfg.source_path})")
     print(yaml.safe_dump({stage: cfg.to_dict()[stage]}, sort_keys=False))
+    print(f"# data split: {configured_split(cfg.data)}")
     print(f"# {train_cfg.lr_scheduler} schedule, {train_cfg.max_steps} optimizer steps")
     for label, step, lr in key_points(train_cfg, extra_points):
         print(f"step {step:>9d}  lr {fmt_lr(lr)}  ({label})")

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -81,10 +81,42 @@ def update_run_json(run_dir: Path, stage: str, resume: Optional[dict[str, Any]] 
     return info
 
 
+def echo(message: str) -> None:
+    """A line for the person watching, on stderr, through tqdm (it never glues to a bar)."""
+    try:
+        from tqdm import tqdm
+        tqdm.write(message, file=sys.stderr)
+    except ImportError:  # pragma: no cover
+        print(message, file=sys.stderr)
+
+
+class StartupLog:
+    """Messages of a run's start, before its folder may be written (inputs are checked first):
+    shown at once, and written to ``train.log`` when the run log opens."""
+
+    def __init__(self, is_main: bool = True, warnings: Sequence[str] = ()) -> None:
+        self.is_main = is_main
+        self.lines: list[tuple[str, str, str]] = []     # (time stamp, level, message)
+        for w in warnings:
+            self.warning(w)
+
+    def _add(self, level: str, message: str) -> None:
+        self.lines.append((time.strftime("%Y-%m-%d %H:%M:%S"), level, message))
+        if self.is_main:
+            echo(message if level == "INFO" else f"{level}: {message}")
+
+    def info(self, message: str) -> None:
+        self._add("INFO", message)
+
+    def warning(self, message: str) -> None:
+        self._add("WARNING", message)
+
+
 class RunLog:
     """Writes records and messages of one run; everything is a no-op off the main process."""
 
-    def __init__(self, run_dir: Path, is_main: bool = True, tensorboard: bool = True) -> None:
+    def __init__(self, run_dir: Path, is_main: bool = True, tensorboard: bool = True,
+                 earlier: Optional[StartupLog] = None) -> None:
         self.run_dir = run_dir
         self.is_main = is_main
         self._jsonl = None
@@ -97,6 +129,9 @@ class RunLog:
         run_dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
         self._text = open(run_dir / "train.log", "a", encoding="utf-8")
+        for stamp, level, message in (earlier.lines if earlier is not None else []):
+            self._text.write(f"{stamp} {level} {message}\n")
+        self._text.flush()
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self._tb = SummaryWriter(str(run_dir / "tb"))
@@ -108,11 +143,7 @@ class RunLog:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         self._text.write(f"{stamp} {level} {message}\n")
         self._text.flush()
-        try:
-            from tqdm import tqdm
-            tqdm.write(message if level == "INFO" else f"{level}: {message}", file=sys.stderr)
-        except ImportError:  # pragma: no cover
-            print(message, file=sys.stderr)
+        echo(message if level == "INFO" else f"{level}: {message}")
 
     def info(self, message: str) -> None:
         self._line("INFO", message)

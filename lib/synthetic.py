@@ -8,7 +8,8 @@ both::
     ROOT/png/cars/{map}.png                    255 = car (only with cars=True)
     ROOT/gain/{sim}/{map}_{tx}.png             gain map, 0..255 (lib.synthetic_radio, "Mapping to pixels")
 
-with ``sim`` in DPM, IRT2, IRT4 and, with cars=True, carsDPM, carsIRT2, carsIRT4. All images
+with ``sim`` in DPM, IRT2, IRT4 and, with cars=True, carsDPM, carsIRT2, carsIRT4; like
+RadioMapSeer, IRT4 and carsIRT4 only for transmitters 0 and 1 of each map. All images
 are 8-bit grayscale (PIL mode 'L'), ``size`` x ``size``. A file ``synthetic.json`` in ROOT
 records the generator parameters (the loader ignores it).
 
@@ -32,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from lib.errors import DataError, run_cli
+from lib.layout import EXPECTED_TX
 from lib.synthetic_city import city, place_cars
 from lib.synthetic_radio import CANYON_LOSS_PER_M, Canyons, Tables, gain_maps
 
@@ -80,6 +82,8 @@ def _write_map(root: Path, map_id: int, tx_per_map: int, seed: int, size: int, c
         gains = gain_maps(tables, buildings, car_map, tx[start:start + chunk], canyons, half)
         for sim, maps in gains.items():
             for i, g in enumerate(maps):
+                if sim in EXPECTED_TX and start + i not in EXPECTED_TX[sim]:
+                    continue          # like RadioMapSeer: IRT4 only for transmitters 0 and 1
                 _save(g, root / "gain" / sim / f"{map_id}_{start + i}.png")
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import yaml
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
@@ -29,10 +30,22 @@ STAGES = {"vae": ("stage-1 VAE", "train_vae.py", VAE_WEIGHTS),
           "prior": ("stage-2", "train_unified_prior.py", PRIOR_WEIGHTS)}
 
 
+def _disc_start(info: ckpt.CheckpointInfo) -> Optional[int]:
+    """The ``vae.loss.disc_start`` a stage-1 checkpoint was trained with (None: GAN off)."""
+    try:
+        loss = (yaml.safe_load((info.path / "config.yaml").read_text(encoding="utf-8")) or {})["vae"]["loss"]
+        return int(loss["disc_start"]) if loss.get("disc_weight", 0.5) > 0 else None
+    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
+        return None
+
+
 def resolve_trained(stage: str, spec: str, output_dir: str | Path, config_path: str = "CONFIG",
                     option: str = "--checkpoint") -> ckpt.CheckpointInfo:
     """``best`` | ``latest`` (under ``{output_dir}/{stage}/checkpoints``) | a folder -> a
-    complete checkpoint of ``stage``; ``option`` is how the user named it (for the error)."""
+    complete checkpoint of ``stage``; ``option`` is how the user named it (for the error).
+
+    ``best`` of a stage-1 run that went past ``disc_start`` considers only the checkpoints
+    after it: the reconstruction loss favours the checkpoints before the GAN term."""
     name, script, weights = STAGES[stage]
     ckpt_dir = Path(output_dir) / stage / "checkpoints"
     first = f"run `python {script} --config {config_path}` first"
@@ -41,10 +54,16 @@ def resolve_trained(stage: str, spec: str, output_dir: str | Path, config_path: 
         if not infos:
             raise CheckpointError(f"no {name} checkpoint under {ckpt_dir} ({option} {spec}); {first} "
                                   f"(or set {option} to a checkpoint folder)")
-        if spec == "best" and ckpt.best_of(infos) is None:
+        if spec == "latest":
+            return infos[-1]
+        disc_start = _disc_start(infos[-1]) if stage == "vae" else None
+        if disc_start is not None and infos[-1].step > disc_start:
+            infos = [c for c in infos if c.step > disc_start]
+        best = ckpt.best_of(infos)
+        if best is None:
             raise CheckpointError(f"{option} best: no {name} checkpoint under {ckpt_dir} has a "
                                   f"validation result; use latest")
-        return ckpt.resolve(spec, ckpt_dir)
+        return best
     folder = Path(spec)
     if not folder.is_dir():
         raise CheckpointError(f"{option} {spec}: no such folder; {first}, or pass best, latest or a "
@@ -55,17 +74,18 @@ def resolve_trained(stage: str, spec: str, output_dir: str | Path, config_path: 
     return ckpt.resolve(spec, ckpt_dir)
 
 
-def stage1_checkpoint(cfg: Config, config_path: str, resume: Optional[ckpt.CheckpointInfo] = None) -> Path:
+def stage1_checkpoint(cfg: Config, config_path: str,
+                      resume: Optional[ckpt.CheckpointInfo] = None) -> ckpt.CheckpointInfo:
     """The stage-1 checkpoint a prior trains on: ``prior.vae_checkpoint``, or for a resumed
     prior the one it was trained on (which must still be there)."""
     if resume is None:
         return resolve_trained("vae", cfg.prior.vae_checkpoint, cfg.output_dir, config_path,
-                               "prior.vae_checkpoint").path
+                               "prior.vae_checkpoint")
     path = Path(resume.state["vae_checkpoint"])
-    if not path.is_dir():
-        raise CheckpointError(f"{resume.path} was trained on the VAE checkpoint {path}, which is gone; "
-                              f"the prior cannot continue without it")
-    return path
+    if ckpt.check_complete(path) is not None:
+        raise CheckpointError(f"{resume.path} was trained on the VAE checkpoint {path}, which is gone or "
+                              f"incomplete; the prior cannot continue without it")
+    return ckpt.CheckpointInfo(path, int(ckpt.read_state(path)["step"]), ckpt.read_state(path))
 
 
 def load_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str,
@@ -109,18 +129,28 @@ class LoadedVAE:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
 
-def load_vae(folder: Path, cfg: Config, device: torch.device | str = "cpu") -> LoadedVAE:
-    """The VAE of stage-1 checkpoint ``folder``, built as ``cfg.vae.model`` says, frozen, in
-    eval mode."""
+def load_vae(folder: Path, cfg: Config, device: torch.device | str = "cpu", use_ema: bool = True) -> LoadedVAE:
+    """The VAE of stage-1 checkpoint ``folder`` (or the one exported into a stage-2 checkpoint,
+    with ``use_ema`` False), built as ``cfg.vae.model`` says, frozen, in eval mode."""
     if not (folder / VAE_WEIGHTS).is_file():
         raise CheckpointError(f"{folder}: no {VAE_WEIGHTS} (not a stage-1 VAE checkpoint; "
                               f"prior.vae_checkpoint must point at train_vae.py's checkpoints)")
     vae = build_vae(cfg.vae.model, cfg.data.image_size)
-    tensors, ema = read_weights(folder, {"": VAE_WEIGHTS})
+    tensors, ema = read_weights(folder, {"": VAE_WEIGHTS}, use_ema)
     load_weights(vae, tensors, str(folder), "set vae.model as in that checkpoint's config.yaml, "
                                             "or point prior.vae_checkpoint at a matching one")
     vae.requires_grad_(False).eval().to(device)
     return LoadedVAE(vae, folder, ema)
+
+
+def load_prior_vae(info: ckpt.CheckpointInfo, cfg: Config, device: torch.device | str = "cpu") -> LoadedVAE:
+    """The VAE a stage-2 checkpoint was trained with: the copy exported into it (``vae/``, with
+    its ``scaling_factor``), or for older checkpoints its stage-1 checkpoint."""
+    if (info.path / VAE_WEIGHTS).is_file():
+        loaded = load_vae(info.path, cfg, device, use_ema=False)
+        loaded.ema = bool(info.state.get("vae_ema"))
+        return loaded
+    return load_vae(Path(info.state["vae_checkpoint"]), cfg, device)
 
 
 def load_prior(folder: Path, cfg: Config, downsample: int, num_simulations: int,

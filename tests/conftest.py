@@ -27,3 +27,11 @@ def city(tmp_path_factory):
     root = tmp_path_factory.mktemp("data") / "city6"
     generate(root, CITY_MAPS, CITY_TX, seed=0, size=CITY_SIZE, log=quiet)
     return root
+
+
+@pytest.fixture(scope="session")
+def rms_like(tmp_path_factory):
+    """A RadioMapSeer-shaped folder (701 maps x 3 transmitters, IRT4 for transmitters 0-1, cars,
+    8 px; tests/helpers.py: radiomapseer_like), made once per session, read-only."""
+    from tests.helpers import radiomapseer_like
+    return radiomapseer_like(tmp_path_factory.mktemp("rms") / "RadioMapSeer")

@@ -237,3 +237,31 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def radiomapseer_like(root: Path, num_maps: int = 701, num_tx: int = 3, size: int = 8) -> Path:
+    """A folder shaped like RadioMapSeer, small: map ids 0..num_maps-1, ``num_tx`` transmitters
+    each, gain/DPM and gain/carsDPM for every transmitter, gain/IRT4 only for transmitters 0
+    and 1 (as in the real data), png/cars; 8-bit grayscale ('L') PNGs of ``size`` px."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    folders = ["png/buildings_complete", "png/antennas", "png/cars", "gain/DPM", "gain/carsDPM", "gain/IRT4"]
+    for f in folders:
+        (root / f).mkdir(parents=True, exist_ok=True)
+
+    def save(arr, rel: str) -> None:
+        Image.fromarray(arr.astype(np.uint8), mode="L").save(root / rel, compress_level=0)
+
+    for m in range(num_maps):
+        buildings = (rng.random((size, size)) < 0.3).astype(np.uint8) * 255
+        save(buildings, f"png/buildings_complete/{m}.png")
+        save((rng.random((size, size)) < 0.05).astype(np.uint8) * 255, f"png/cars/{m}.png")
+        for t in range(num_tx):
+            antenna = np.zeros((size, size), np.uint8)
+            antenna[(m + t) % size, (3 * m + t) % size] = 255
+            save(antenna, f"png/antennas/{m}_{t}.png")
+            gain = rng.integers(0, 256, (size, size)) * (buildings == 0)
+            for sim in ("DPM", "carsDPM") + (("IRT4",) if t < 2 else ()):
+                save(gain, f"gain/{sim}/{m}_{t}.png")
+    return root

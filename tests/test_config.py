@@ -11,7 +11,7 @@ def write(tmp_path, data, name="c.yaml"):
     return p
 
 
-@pytest.mark.parametrize("name", ["configs/m.yaml", "configs/demo.yaml"])
+@pytest.mark.parametrize("name", ["configs/m.yaml", "configs/m_cars.yaml", "configs/demo.yaml"])
 def test_shipped_configs_load_and_document_every_key(name):
     cfg = load_config(name)
     raw = yaml.safe_load(open(name))

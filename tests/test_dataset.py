@@ -14,7 +14,7 @@ from lib.config import DataConfig, SyntheticConfig
 from lib.dataset import build_datasets
 from lib.errors import DataError
 from lib.layout import discover_maps
-from lib.splits import split_maps
+from lib.splits import random_split
 from tests.helpers import CITY_MAPS as N_MAPS
 from tests.helpers import CITY_SIZE as SIZE
 from tests.helpers import CITY_TX as N_TX
@@ -58,20 +58,7 @@ def test_missing_simulation_or_cars_folder(copy):
     ds(copy, sims=["DPM"])                                  # cars not needed
     with pytest.raises(DataError, match="missing folder .*png/cars"):
         ds(copy, sims=["carsDPM"])
-
-
-def test_split_maps():
-    ids = list(range(20))
-    a = split_maps(ids, train_maps=12, val_maps=2, test_maps=5, seed=1)
-    assert a == split_maps(list(reversed(ids)), 12, 2, 5, seed=1)       # deterministic
-    assert [len(a[k]) for k in ("train", "val", "test")] == [10, 2, 5]
-    assert not set(a["train"]) & set(a["val"]) and not set(a["train"]) & set(a["test"])
-    assert not set(a["val"]) & set(a["test"])
-    assert a != split_maps(ids, 12, 2, 5, seed=2)
-    with pytest.raises(DataError, match=r"found 20, but data.train_maps \(16\) \+ data.test_maps \(5\) = 21"):
-        split_maps(ids, 16, 2, 5, seed=1)
-    with pytest.raises(DataError):
-        split_maps(ids, 2, 2, 5, seed=1)
+    ds(copy, sims=["carsDPM"], cars_input=False)            # the cars target without cars as input
 
 
 # -------------------------------------------------------------------------- samples
@@ -247,10 +234,10 @@ def test_build_datasets_generates_synthetic(tmp_path):
                      train_maps=3, val_maps=1, test_maps=1, tx_per_map=1,
                      synthetic=SyntheticConfig(num_maps=4, tx_per_map=2))
     lines: list[str] = []
-    out = build_datasets(cfg, seed=0, splits=("train", "val", "test"), log=lines.append)
+    out = build_datasets(cfg, seed=0, parts=("train", "val", "test"), log=lines.append)
     assert len(lines) == 1 and "generated a synthetic dataset" in lines[0]
-    parts = split_maps(range(4), 3, 1, 1, seed=0)
-    assert {k: v.map_ids for k, v in out.items()} == parts
+    parts = random_split(range(4), 3, 1, 1, seed=0)
+    assert {k: v.map_ids for k, v in out.items()} == {k: parts.maps(k) for k in ("train", "val", "test")}
     assert len(out["train"]) == 2 * 1 * 2
     s = out["val"][0]
     assert s["image"].shape == (1, 32, 32) and (s["cond"][1] == 1).sum() == 1

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import evaluate
 import train_unified_prior
@@ -43,21 +44,25 @@ def evaluated(tiny_data, tmp_path_factory):
 def test_metrics_json_has_the_documented_keys(evaluated):
     cfg, m, out = evaluated
     assert set(m) == {"split", "num_maps", "simulations", "sampler", "num_inference_steps", "prediction_type",
-                      "latent_scale", "checkpoints", "model", "vae_ceiling", "distance_baseline"}
+                      "latent_scale", "checkpoints", "model", "vae_ceiling", "distance_baseline", "protocol"}
     assert (m["split"], m["sampler"], m["num_inference_steps"], m["simulations"]) == ("test", "dpm", 1, SIMS)
-    assert set(m["checkpoints"]) == {"prior", "prior_step", "prior_ema", "vae", "vae_ema"}
+    assert set(m["checkpoints"]) == {"prior", "prior_step", "prior_ema", "vae", "vae_step", "vae_ema"}
+    p = m["protocol"]
+    assert (p["split"], p["part"], p["threshold"], p["steps"], p["sampler"]) == ("random", "test", 0.0, 1, "dpm")
+    assert p["maps"] == len(p["map_ids"]) == 2 and p["ms_per_map"] > 0 and p["allow_overlap"] == []
     assert m["checkpoints"]["prior"].endswith("prior/checkpoints/step-0000002") and m["checkpoints"]["prior_ema"]
     assert m["checkpoints"]["vae"] == load_config(cfg).prior.vae_checkpoint
     for method in ("model", "vae_ceiling", "distance_baseline"):
         d = m[method]
         extra = {"fit"} if method == "distance_baseline" else set()
-        assert set(d) == METRICS | {"num_maps", "maps_per_sec", "per_simulator"} | extra
+        assert set(d) == METRICS | {"num_maps", "maps_per_sec", "ms_per_map", "per_simulator", "nmse_set", "rmse_set",
+                                    "rmse_db"} | extra
         assert d["num_maps"] == m["num_maps"] and d["maps_per_sec"] > 0
         assert all(math.isfinite(d[k]) for k in METRICS)
         assert set(d["per_simulator"]) == set(SIMS)
         assert sum(s["num_maps"] for s in d["per_simulator"].values()) == m["num_maps"]
     table = (out / "metrics.md").read_text()
-    assert "| method | NMSE | RMSE | SSIM | PSNR (dB) | maps/s |" in table
+    assert "| method | NMSE | RMSE | SSIM | PSNR (dB) | NMSE_set | RMSE_set | RMSE (dB) | maps/s |" in table
     assert all(t in table for t in evaluate.METHODS.values())
     assert (out / "samples.png").is_file()
 
@@ -124,3 +129,54 @@ def test_distance_baseline_ignores_buildings_and_clamps():
     assert d[8, 8] == 0 and d[8, 9] == 0 and d[8, 11] == pytest.approx(np.log10(3))
     with pytest.raises(ValueError, match="IRT2"):
         fit.predict(cond, ["DPM", "IRT2"])
+
+
+# ----------------------------------------------------------------------------- protocols
+def test_predictions_npz_recomputes_every_number(evaluated, monkeypatch):
+    """--save-predictions writes exactly the arrays the metrics were computed on: the per-map
+    means and the set-level numbers of metrics.json follow from predictions.npz with NumPy."""
+    cfg, m, out = evaluated
+    assert run_main(evaluate, ["--config", cfg, "--steps", "1", "--sampler", "dpm", "--save-predictions"],
+                    monkeypatch) == 0
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["model"]["nmse"] == pytest.approx(m["model"]["nmse"], rel=1e-12)     # the same run again
+    with np.load(out / "predictions.npz") as z:
+        pred, target = z["pred"].astype(np.float64), z["target"].astype(np.float64)
+        keys = list(zip(z["map_id"].tolist(), z["tx"].tolist(), z["simulation"].tolist()))
+    assert pred.shape == target.shape == (m["num_maps"], 32, 32) and pred.min() >= 0 and pred.max() <= 1
+    err = ((pred - target) ** 2).reshape(len(pred), -1)
+    t2 = (target ** 2).reshape(len(pred), -1)
+    assert again["model"]["nmse"] == pytest.approx(np.mean(err.sum(1) / t2.sum(1)), rel=1e-5)
+    assert again["model"]["rmse"] == pytest.approx(np.mean(np.sqrt(err.mean(1))), rel=1e-5)
+    assert again["model"]["nmse_set"] == pytest.approx(err.sum() / t2.sum(), rel=1e-5)
+    assert again["model"]["rmse_set"] == pytest.approx(np.sqrt(err.mean()), rel=1e-5)
+    assert again["model"]["rmse_db"] == pytest.approx(80 * again["model"]["rmse_set"], rel=1e-12)
+    for map_id, tx, sim in keys:
+        png = np.asarray(Image.open(out / "predictions" / sim / f"{map_id}_{tx}.png"))
+        i = keys.index((map_id, tx, sim))
+        assert png.dtype == np.uint8 and np.abs(png / 255.0 - pred[i]).max() <= 0.5 / 255 + 1e-6
+
+
+def test_evaluate_refuses_maps_a_model_trained_on(evaluated, monkeypatch, capsys):
+    cfg, _, out = evaluated
+    before = (out / "metrics.json").read_bytes()
+    # split_seed 3 puts a training map of split_seed 0 (the models') into the test maps
+    assert run_main(evaluate, ["--config", cfg, "--steps", "1", "--set", "data.split_seed=3"], monkeypatch) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "1 of the 2 test maps were training maps of the VAE checkpoint" in err and "--allow-overlap" in err
+    assert (out / "metrics.json").read_bytes() == before
+    assert run_main(evaluate, ["--config", cfg, "--steps", "1", "--set", "data.split_seed=3", "--allow-overlap"],
+                    monkeypatch) == 0
+    p = json.loads((out / "metrics.json").read_text())["protocol"]
+    assert [o["model"] for o in p["allow_overlap"]] == ["VAE checkpoint", "prior checkpoint"]
+    assert "--allow-overlap" in (out / "metrics.md").read_text()
+
+
+def test_prior_checkpoint_vae_carries_the_scaling_factor(evaluated):
+    from diffusers import AutoencoderKL
+    _, m, _ = evaluated
+    folder = Path(m["checkpoints"]["prior"])
+    state = json.loads((folder / "trainer_state.json").read_text())
+    vae = AutoencoderKL.from_pretrained(folder / "vae")
+    assert vae.config.scaling_factor == pytest.approx(state["latent_scale"], rel=1e-12) != 0.18215
+    assert state["split"]["name"] == "random" and state["vae_step"] == 3

@@ -9,6 +9,7 @@ import torch
 
 from lib.metrics import (
     METRIC_NAMES,
+    SUM_NAMES,
     NMSE_EPS,
     PSNR_MAX_DB,
     MetricAccumulator,
@@ -32,7 +33,7 @@ def test_to_unit_maps_and_clamps():
 def test_perfect_prediction():
     target = _rand_maps(4, seed=0)
     m = per_map_metrics(target.clone(), target)
-    assert set(m) == set(METRIC_NAMES)
+    assert set(m) == set(METRIC_NAMES) | set(SUM_NAMES)
     for v in m.values():
         assert v.shape == (4,) and v.dtype == torch.float64 and v.device.type == "cpu"
     assert torch.all(m["nmse"] == 0)
@@ -151,7 +152,23 @@ def test_accumulator_mean_and_population_std_match_numpy():
         assert res[k] == pytest.approx(np.mean(v), rel=1e-12)
         assert res[f"{k}_std"] == pytest.approx(np.std(v, ddof=0), rel=1e-9, abs=1e-15)
         assert np.array_equal(acc.values()[k].numpy(), v)
-    assert set(res) == set(METRIC_NAMES) | {f"{k}_std" for k in METRIC_NAMES} | {"num_maps"}
+    assert set(res) == set(METRIC_NAMES) | {f"{k}_std" for k in METRIC_NAMES} | {"num_maps", "nmse_set", "rmse_set"}
+
+
+def test_set_level_metrics_equal_a_direct_computation():
+    """nmse_set and rmse_set sum over every pixel of the set (RadioUNet's convention); the mean of
+    per-map RMSEs (RadioDiff's) reads lower whenever the maps' errors differ."""
+    acc = MetricAccumulator()
+    preds, targets = [], []
+    for pred, target in _batches(seed=9):
+        acc.update(pred, target)
+        preds.append(to_unit(pred.double()).numpy())
+        targets.append(to_unit(target.double()).numpy())
+    p, t = np.concatenate(preds), np.concatenate(targets)
+    res = acc.compute()
+    assert res["nmse_set"] == pytest.approx(((p - t) ** 2).sum() / (t ** 2).sum(), rel=1e-12)
+    assert res["rmse_set"] == pytest.approx(np.sqrt(((p - t) ** 2).mean()), rel=1e-12)
+    assert res["rmse_set"] > res["rmse"]
 
 
 def test_groups_split_correctly():
@@ -201,7 +218,7 @@ def test_summarize_of_two_processes_equals_one_accumulator():
 
     # what the trainer does after gathering: concatenate per-map tensors and group lists
     v0, v1 = rank0.values(), rank1.values()
-    gathered = {k: torch.cat([v0[k], v1[k]]) for k in METRIC_NAMES}
+    gathered = {k: torch.cat([v0[k], v1[k]]) for k in METRIC_NAMES + SUM_NAMES}
     gathered_groups = rank0.groups() + rank1.groups()
     expected, expected_groups = whole.compute(), whole.compute_groups()
     for got in (

@@ -196,3 +196,16 @@ def test_dry_run_prints_key_points(tmp_path, prior_trainer, monkeypatch, capsys)
         assert label in out
     assert "lr 1.000e-04  (100%)" in out and "prior:" in out
     assert not (tmp_path / "run").exists()
+
+
+def test_prior_refuses_validation_maps_the_vae_trained_on(tmp_path, prior_trainer, monkeypatch, capsys):
+    cfg = trainer_config(tmp_path, prior_trainer, **{"data": {"split_seed": 1},
+                                                    "prior.train": {"max_steps": 1, "warmup_steps": 0}})
+    assert run(monkeypatch, cfg) == 2
+    err = error_line(capsys)
+    assert "2 of the 2 validation maps were training maps of the VAE checkpoint" in err and "--allow-overlap" in err
+    assert not (tmp_path / "run" / "prior").exists()         # nothing written
+    assert run(monkeypatch, cfg, "--allow-overlap") == 0
+    run_json = json.loads((tmp_path / "run" / "prior" / "run.json").read_text())
+    assert run_json["allow_overlap"][0]["maps"] == 2 and run_json["split"]["seed"] == 1
+    assert run_json["vae_step"] == 3

@@ -40,9 +40,10 @@ def test_layout_and_counts(data):
     assert {p.name for p in (data / "png/buildings_complete").iterdir()} == maps
     assert {p.name for p in (data / "png/cars").iterdir()} == maps
     assert {p.name for p in (data / "png/antennas").iterdir()} == pairs
-    for sim in SIMS:
-        assert {p.name for p in (data / "gain" / sim).iterdir()} == pairs
-    load(data / "gain/IRT4/3_2.png")          # mode L, SIZE x SIZE
+    for sim in SIMS:                          # like RadioMapSeer: IRT4 only for transmitters 0 and 1
+        expected = {f"{m}_{t}.png" for m in range(N_MAPS) for t in (0, 1)} if sim.endswith("IRT4") else pairs
+        assert {p.name for p in (data / "gain" / sim).iterdir()} == expected
+    load(data / "gain/IRT4/3_1.png")          # mode L, SIZE x SIZE
     # no temporary folder left next to the dataset
     assert [p.name for p in data.parent.iterdir()] == ["city"]
 
@@ -90,7 +91,7 @@ def test_transmitters_and_cars_outside_buildings(data):
 
 
 def gains(data: Path, m: int, t: int) -> dict[str, np.ndarray]:
-    return {s: load(data / f"gain/{s}/{m}_{t}.png") for s in SIMS}
+    return {s: load(data / f"gain/{s}/{m}_{t}.png") for s in SIMS if t < 2 or not s.endswith("IRT4")}
 
 
 def test_gain_zero_in_buildings_and_decreasing_with_distance(data):
@@ -117,9 +118,9 @@ def test_simulations_differ_as_dpm_and_ray_tracing_do(data):
             assert (g["DPM"] != g["IRT2"]).mean() > 0.2
             # ray tracing: lower penetration plus canyon paths -> more coverage than DPM
             assert g["IRT2"].mean() > g["DPM"].mean()
-            # IRT4 adds interactions on top of IRT2: never darker, brighter somewhere
-            assert (g["IRT4"] >= g["IRT2"]).all()
-            more_irt4 += (g["IRT4"] > g["IRT2"]).sum()
+            if "IRT4" in g:   # IRT4 adds interactions on top of IRT2: never darker, brighter somewhere
+                assert (g["IRT4"] >= g["IRT2"]).all()
+                more_irt4 += (g["IRT4"] > g["IRT2"]).sum()
     assert more_irt4 > 0
 
 
@@ -128,7 +129,7 @@ def test_cars_variants_only_add_loss_behind_cars(data):
     for m in range(N_MAPS):
         for t in range(N_TX):
             g = gains(data, m, t)
-            for base in ("DPM", "IRT2", "IRT4"):
+            for base in ("DPM", "IRT2", "IRT4")[:3 if t < 2 else 2]:
                 assert (g["cars" + base] <= g[base]).all(), (m, t, base)
                 darker += (g["cars" + base] < g[base]).sum()
     assert darker > 0
