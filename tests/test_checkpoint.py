@@ -77,3 +77,28 @@ def test_clean_temporaries(tmp_path):
     ck.begin(tmp_path, 7)
     assert [p.name for p in ck.clean_temporaries(tmp_path)] == [".tmp-step-0000007"]
     assert not list(tmp_path.iterdir())
+
+
+def test_best_stage1_checkpoint_is_chosen_after_disc_start(tmp_path):
+    """prior.vae_checkpoint best: the pixel loss favours checkpoints from before the GAN term,
+    so once a run went past disc_start only the checkpoints after it are candidates."""
+    from lib.weights import resolve_trained
+    ckpt_dir = tmp_path / "vae" / "checkpoints"
+
+    def vae_ckpt(step, val_loss, disc_start=20):
+        tmp = ck.begin(ckpt_dir, step)
+        (tmp / "vae").mkdir()
+        (tmp / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"w")
+        (tmp / "config.yaml").write_text(f"vae:\n  loss:\n    disc_start: {disc_start}\n    disc_weight: 0.5\n")
+        return ck.commit(tmp, {"step": step, "val_loss": val_loss})
+
+    for step, loss in ((10, 0.10), (20, 0.05), (30, 0.30), (40, 0.20)):
+        vae_ckpt(step, loss)
+    assert resolve_trained("vae", "best", tmp_path, option="prior.vae_checkpoint").step == 40
+    assert resolve_trained("vae", "latest", tmp_path).step == 40
+    assert ck.best_of(ck.list_checkpoints(ckpt_dir)).step == 20          # what best meant before
+    ckpt_dir2 = tmp_path / "early" / "vae" / "checkpoints"
+    ckpt_dir = ckpt_dir2
+    for step, loss in ((10, 0.10), (20, 0.05)):                          # not past disc_start yet
+        vae_ckpt(step, loss)
+    assert resolve_trained("vae", "best", tmp_path / "early").step == 20
