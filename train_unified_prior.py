@@ -4,11 +4,9 @@
     accelerate launch train_unified_prior.py --config configs/m.yaml --resume latest
     python train_unified_prior.py --config configs/m.yaml --dry-run        # schedule at its key points
 
-Reads top to bottom like train_vae.py: ``build_models``, ``train_step`` (which bench.py times),
-then ``main``: config, the frozen stage-1 VAE (``prior.vae_checkpoint``), data, models, resume
-and the latent scale (measured on the training data, restored on resume), and the loop with
-its ``if`` triggers. One model for every simulator in ``data.simulation`` (a class embedding).
-Outputs go to ``{output_dir}/prior/``.
+Reads like train_vae.py: ``build_models``, ``train_step`` (bench.py times it), then ``main``:
+config, the frozen stage-1 VAE, data, models, resume and the latent scale, and the loop with its
+``if`` triggers. One model for all simulators in ``data.simulation``. Outputs: ``{output_dir}/prior/``.
 """
 from __future__ import annotations
 
@@ -41,9 +39,9 @@ from lib.images import save_grid
 from lib.latents import encode_latents, measure_latent_scale
 from lib.models import count_parameters
 from lib.numfmt import fmt, fmt_lr
-from lib.optim import build_optimizer, update
-from lib.prior import MODEL_KEYS, LatentPrior, prior_files
-from lib.resume import restore_run
+from lib.optim import any_process, build_optimizer, update
+from lib.prior import RESUME_KEYS, LatentPrior, prior_files
+from lib.resume import check_resume, restore_run
 from lib.run import begin_run, close_run, open_run, print_dry_run
 from lib.runlog import MeanTracker, StartupLog, mean_logs, update_run_json
 from lib.schedule import build_scheduler, check_schedules
@@ -125,9 +123,10 @@ def main() -> int:
     accelerator = begin_run(cfg, "prior", run_dir, resuming=args.resume is not None)   # nothing written yet
     start = StartupLog(accelerator.is_main_process, cfg.warnings)   # goes to train.log once it exists
     resume = ckpt.resolve(args.resume, ckpt_dir, start.warning) if args.resume else None
+    checked = check_resume(resume, cfg, RESUME_KEYS, args.allow_data_change) if resume else None
 
     # ------------------------------------------------------------------ the frozen stage-1 VAE, data
-    vae_info = stage1_checkpoint(cfg, args.config, resume)   # a resumed run keeps the VAE it had
+    vae_info = stage1_checkpoint(cfg, args.config, resume, start.warning)   # a resumed run keeps its VAE
     loaded = load_vae(vae_info.path, cfg)                 # frozen, eval mode; a mismatch is an error
     with accelerator.main_process_first():      # the synthetic default is generated once
         split = prepare_data(cfg.data, cfg.seed, start.info)
@@ -147,19 +146,16 @@ def main() -> int:
     m = build_models(cfg, accelerator, loaded.vae, loaded.downsample)
     set_seed(cfg.seed + accelerator.process_index)   # same init everywhere, own noise and timesteps per process
     log.info(f"VAE {vae_info.path} (step {vae_info.step}{', EMA weights' if loaded.ema else ''}); prior "
-             f"{count_parameters(m.prior_raw) / 1e6:.2f}M parameters on {m.prior_raw.latent_channels}x"
-             f"{m.prior_raw.latent_size}x{m.prior_raw.latent_size} latents")
+             f"{count_parameters(m.prior_raw) / 1e6:.2f}M parameters on {m.prior_raw.latent_shape} latents")
 
     # ------------------------------------------------------------------ resume, latent scale
     step, batches, best_val = 0, 0, math.inf
     faults = FaultPolicy(accelerator, train_cfg, "prior", log, ckpt_dir)   # non-finite, divergence, signals
     resume_note = None
     if resume is not None:
-        # data.simulation too: sim_id i must keep meaning the same simulator.
-        state, resume_note = restore_run(accelerator, resume, cfg, "prior", MODEL_KEYS + ["data.simulation"],
-                                         log, {"prior": m.sched}, m.ema, m.prior_raw)
-        step, batches = state["step"], state["batches"]
-        best_val = state.get("best_val_loss") or math.inf
+        state, resume_note = restore_run(accelerator, resume, cfg, "prior", checked, log, {"prior": m.sched},
+                                         m.ema, m.prior_raw)
+        step, batches, best_val = state["step"], state["batches"], state.get("best_val_loss") or math.inf
         faults.load_state_dict(state)
         m.latent_scale = float(state["latent_scale"])
         log.info(f"latent scale factor {m.latent_scale:.6g} (from the checkpoint)")
@@ -168,17 +164,17 @@ def main() -> int:
                                               cfg.prior.latent_scale_batches, accelerator.device, log.info)
     m.vae.register_to_config(scaling_factor=m.latent_scale)   # in the VAE copy each checkpoint holds
     scale_info = {"latent_scale": m.latent_scale, "vae_checkpoint": str(vae_info.path), "vae_step": vae_info.step,
-                  "simulations": sims}
+                  "vae_ema": loaded.ema, "vae_split": vae_info.state.get("split"), "simulations": sims}
     if accelerator.is_main_process:
         update_run_json(run_dir, "prior", resume_note, {**scale_info, "split": split_info, "allow_overlap": overlaps})
     log.event("start", step, f"training to step {train_cfg.max_steps}, {len(sims)} simulation(s), "
               f"{diffusion_cfg.prediction_type} prediction, {accelerator.num_processes} process(es), "
               f"mixed precision {train_cfg.mixed_precision}", level="INFO")
 
-    def validate(step: int) -> float:
+    def validate(step: int) -> Optional[float]:
         """The validation maps with the EMA weights: the denoising loss (returned: it picks the
-        "best" checkpoint) and the metrics of sampled maps. Noise and timesteps come from a fixed
-        generator, never the global RNG: a resumed run must draw the same noise as a straight one."""
+        "best" checkpoint; None when a preemption signal abandoned it) and the metrics of sampled
+        maps. Noise comes from a fixed generator: a resumed run draws the training noise a straight one does."""
         nonlocal best_val
         t0, losses = time.perf_counter(), []
         rng = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)
@@ -186,7 +182,7 @@ def main() -> int:
         def sample(batch: dict) -> torch.Tensor:
             with accelerator.autocast():
                 latents = encode_latents(m.vae, batch["image"]).float() * m.latent_scale
-                losses.append(diffusion_loss(m.prior_raw, m.noise, latents, batch["cond"], batch["sim_id"], rng).reshape(1))
+                losses.append(diffusion_loss(m.prior_raw, m.noise, latents, batch["cond"], batch["sim_id"], rng))
                 return generate_maps(m.prior_raw, m.vae, m.latent_scale, batch["cond"], batch["sim_id"],
                                      diffusion_cfg, generator=rng)
 
@@ -194,11 +190,14 @@ def main() -> int:
             m.prior_raw.eval()
             scores = score_methods(eval_batches(val_ds, cfg.batch_size("prior"), train_cfg.val_batches,
                                                 accelerator.process_index, accelerator.num_processes),
-                                   {"prediction": sample}, accelerator.device, sims)
+                                   {"prediction": sample}, accelerator.device, sims,
+                                   stop=lambda: faults.preemption.requested)
             m.prior_raw.train()
+        if any_process(accelerator, scores.stopped):
+            return None
         acc = gather_accumulator(accelerator, scores.accs["prediction"])
         metrics, by_sim = acc.compute(), acc.compute_groups()
-        val_loss = float(gather_values(accelerator, torch.cat(losses).cpu()).mean())
+        val_loss = float(gather_values(accelerator, torch.stack(losses).cpu()).mean())
         best_val = min(best_val, val_loss)
         log.record("val", step, {"loss": val_loss, **{k: metrics[k] for k in ("nmse", "rmse", "ssim", "psnr")},
                                  **{f"nmse_{s}": v["nmse"] for s, v in by_sim.items()},
@@ -218,7 +217,7 @@ def main() -> int:
                  "latent_scale.json": scale_info}
         ckpt.save_checkpoint(accelerator, ckpt_dir, step, cfg, {
             "stage": "prior", "batches": batches, "val_loss": val_loss, "best_val_loss": best_val,
-            **scale_info, "split": split_info, "vae_split": vae_info.state.get("split"), "allow_overlap": overlaps, "vae_ema": loaded.ema, **faults.state_dict(),
+            **scale_info, "split": split_info, "allow_overlap": overlaps, **faults.state_dict(),
             "ema_step": m.ema.optimization_step if m.ema is not None else None,
         }, files, train_cfg.keep_last, log)
 
@@ -231,7 +230,7 @@ def main() -> int:
     tracker, lrs = MeanTracker(), {"lr": m.opt}
     log.start_clock(step)
     with faults.signals(), tqdm(total=train_cfg.max_steps, initial=step, desc="prior", dynamic_ncols=True,
-                                disable=not accelerator.is_main_process) as bar:   # SIGTERM/SIGINT: checkpoint, exit 3
+                                disable=not accelerator.is_main_process) as bar:   # SIGTERM/SIGINT: exit 3
         while step < stop_at and not faults.stopping:
             applied, logs = train_step(m, data_iter, accelerator, cfg)
             batches += train_cfg.gradient_accumulation_steps
@@ -245,11 +244,12 @@ def main() -> int:
                 check_schedules(train_cfg, step, lrs)      # the schedule guard: LR == lr_at(step)
                 bar.set_postfix_str(f"loss {fmt(record['loss'])} lr {fmt_lr(record['lr'])}")
                 faults.after_record(step, record["loss"], "loss")   # the divergence watchdog
-            faults.check_preemption(step)
-            if faults.stopping or (applied and (step % train_cfg.checkpoint_every == 0 or step == stop_at)):
-                save(step, None if faults.stopping else validate(step))
-            elif applied and step % train_cfg.val_every == 0:
-                validate(step)
+            checkpoint_due = applied and (step % train_cfg.checkpoint_every == 0 or step == stop_at)
+            validation_due = applied and step % train_cfg.val_every == 0
+            val_loss = validate(step) if (checkpoint_due or validation_due) and not faults.stopping else None
+            faults.check_preemption(step)                  # a signal in the step or the validation
+            if faults.stopping or checkpoint_due:
+                save(step, val_loss)
     close_run(accelerator, log, step, train_cfg.max_steps, faults.exit_code, ckpt_dir)
     return faults.exit_code
 

@@ -38,8 +38,8 @@ from lib.images import save_grid
 from lib.losses import discriminator_loss, generator_loss, load_perceptual, reconstruction_map
 from lib.models import PatchDiscriminator, VAEWithLogvar, build_discriminator, count_parameters, frozen
 from lib.numfmt import fmt, fmt_lr
-from lib.optim import build_optimizer, update
-from lib.resume import restore_run
+from lib.optim import any_process, build_optimizer, update
+from lib.resume import check_resume, restore_run
 from lib.run import begin_run, close_run, open_run, print_dry_run
 from lib.runlog import MeanTracker, StartupLog, mean_logs, update_run_json
 from lib.schedule import build_scheduler, check_schedules
@@ -139,6 +139,7 @@ def main() -> int:
     accelerator = begin_run(cfg, "vae", run_dir, resuming=args.resume is not None)   # nothing written yet
     start = StartupLog(accelerator.is_main_process, cfg.warnings)   # goes to train.log once it exists
     resume = ckpt.resolve(args.resume, ckpt_dir, start.warning) if args.resume else None
+    checked = check_resume(resume, cfg, MODEL_KEYS, args.allow_data_change) if resume else None
 
     # ------------------------------------------------------------------ data
     with accelerator.main_process_first():      # the synthetic default is generated once
@@ -162,10 +163,9 @@ def main() -> int:
     faults = FaultPolicy(accelerator, train_cfg, "vae", log, ckpt_dir)   # non-finite, divergence, signals
     resume_note = None
     if resume is not None:
-        state, resume_note = restore_run(accelerator, resume, cfg, "vae", MODEL_KEYS, log,
+        state, resume_note = restore_run(accelerator, resume, cfg, "vae", checked, log,
                                          {"g": m.sched_g, "d": m.sched_d}, m.ema, m.vae_raw.vae)
-        step, batches = state["step"], state["batches"]
-        best_val = state.get("best_val_loss") or math.inf
+        step, batches, best_val = state["step"], state["batches"], state.get("best_val_loss") or math.inf
         faults.load_state_dict(state)
     if accelerator.is_main_process:
         update_run_json(run_dir, "vae", resume_note, {"split": split_record(split, cfg.data)})
@@ -173,8 +173,9 @@ def main() -> int:
               f"{accelerator.num_processes} process(es), mixed precision {train_cfg.mixed_precision}",
               level="INFO")
 
-    def validate(step: int) -> float:
-        """Reconstruction loss and metrics of the held-back maps (EMA weights when enabled)."""
+    def validate(step: int) -> Optional[float]:
+        """Reconstruction loss and metrics of the held-back maps (EMA weights when enabled);
+        None when a preemption signal abandoned it."""
         nonlocal best_val
         t0, rec_losses = time.perf_counter(), []
 
@@ -189,8 +190,11 @@ def main() -> int:
             m.vae_raw.eval()
             scores = score_methods(eval_batches(val_ds, cfg.batch_size("vae"), train_cfg.val_batches,
                                                 accelerator.process_index, accelerator.num_processes),
-                                   {"reconstruction": reconstruct}, accelerator.device, val_ds.simulations)
+                                   {"reconstruction": reconstruct}, accelerator.device, val_ds.simulations,
+                                   stop=lambda: faults.preemption.requested)
             m.vae_raw.train()
+        if any_process(accelerator, scores.stopped):
+            return None
         metrics = gather_accumulator(accelerator, scores.accs["reconstruction"]).compute()
         val_loss = float(gather_values(accelerator, torch.cat(rec_losses)).mean())
         best_val = min(best_val, val_loss)
@@ -198,8 +202,8 @@ def main() -> int:
                                  "num_maps": metrics["num_maps"], "seconds": time.perf_counter() - t0})
         if accelerator.is_main_process and scores.first is not None:
             x, rec = scores.first["image"], scores.first["reconstruction"]
-            save_grid(run_dir / "samples" / f"step-{step:07d}.png",
-                      [("input", x, "map"), ("reconstruction", rec, "map"), ("|error|", (rec - x).abs() / 2, "error")])
+            save_grid(run_dir / "samples" / f"step-{step:07d}.png", [("input", x, "map"), ("reconstruction", rec, "map"),
+                                                                      ("|error|", (rec - x).abs() / 2, "error")])
         return val_loss
 
     def save(step: int, val_loss: Optional[float]) -> None:
@@ -221,7 +225,7 @@ def main() -> int:
     disc_started = step > loss_cfg.disc_start
     log.start_clock(step)
     with faults.signals(), tqdm(total=train_cfg.max_steps, initial=step, desc="vae", dynamic_ncols=True,
-                                disable=not accelerator.is_main_process) as bar:   # SIGTERM/SIGINT: checkpoint, exit 3
+                                disable=not accelerator.is_main_process) as bar:   # SIGTERM/SIGINT: exit 3
         while step < stop_at and not faults.stopping:
             disc_active = step >= loss_cfg.disc_start and loss_cfg.disc_weight > 0
             if disc_active and not disc_started:
@@ -239,11 +243,12 @@ def main() -> int:
                 check_schedules(train_cfg, step, lrs)      # the schedule guard: LR == lr_at(step)
                 bar.set_postfix_str(f"rec_loss {fmt(record['rec_loss'])} lr {fmt_lr(record['lr'])}")
                 faults.after_record(step, record["rec_loss"], "rec_loss")   # the divergence watchdog
-            faults.check_preemption(step)
-            if faults.stopping or (applied and (step % train_cfg.checkpoint_every == 0 or step == stop_at)):
-                save(step, None if faults.stopping else validate(step))
-            elif applied and step % train_cfg.val_every == 0:
-                validate(step)
+            checkpoint_due = applied and (step % train_cfg.checkpoint_every == 0 or step == stop_at)
+            validation_due = applied and step % train_cfg.val_every == 0
+            val_loss = validate(step) if (checkpoint_due or validation_due) and not faults.stopping else None
+            faults.check_preemption(step)                  # a signal in the step or the validation
+            if faults.stopping or checkpoint_due:
+                save(step, val_loss)
     close_run(accelerator, log, step, train_cfg.max_steps, faults.exit_code, ckpt_dir)
     return faults.exit_code
 

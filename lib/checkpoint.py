@@ -9,11 +9,14 @@ Layout of ``{run_dir}/checkpoints/step-{N:07d}/`` (the state after N optimizer s
 
 A checkpoint is written into ``.tmp-step-N`` and renamed when complete, so a crash (even
 ``kill -9``) mid-write leaves no folder named ``step-*``. ``trainer_state.json`` lists every
-file with its size; a folder whose manifest does not match (copied half-way, truncated) is
-reported and skipped, never loaded.
+file with its size and SHA-256; a folder whose files do not match (copied half-way, truncated,
+or damaged in place) is reported and skipped, never loaded: listing compares the sizes, and
+resolving a checkpoint to load (:func:`resolve`) also the contents, falling back to the newest
+intact one with a warning that names the damaged one.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -69,13 +72,19 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _manifest(folder: Path) -> dict[str, int]:
-    return {str(p.relative_to(folder)): p.stat().st_size
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _manifest(folder: Path) -> dict[str, dict[str, Any]]:
+    return {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)}
             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != STATE_FILE}
 
 
-def check_complete(folder: Path) -> Optional[str]:
-    """None if ``folder`` is a complete checkpoint, else the reason it is not."""
+def check_complete(folder: Path, verify: bool = False) -> Optional[str]:
+    """None if ``folder`` is a complete checkpoint, else the reason it is not: a missing file or
+    one of another size; with ``verify``, also one whose contents changed (SHA-256)."""
     state_path = folder / STATE_FILE
     if not state_path.is_file():
         return f"no {STATE_FILE} (the write did not finish)"
@@ -86,12 +95,15 @@ def check_complete(folder: Path) -> Optional[str]:
     files = state.get("files")
     if not isinstance(files, dict) or not isinstance(state.get("step"), int):
         return f"{STATE_FILE} has no step or file manifest"
-    for rel, size in files.items():
+    for rel, entry in files.items():
+        size, digest = (entry, None) if isinstance(entry, int) else (entry.get("size"), entry.get("sha256"))
         p = folder / rel
         if not p.is_file():
             return f"missing file {rel}"
         if p.stat().st_size != size:
             return f"file {rel} has {p.stat().st_size} bytes, expected {size}"
+        if verify and digest is not None and _sha256(p) != digest:
+            return f"file {rel} is damaged (its SHA-256 differs from the one recorded when it was written)"
     return None
 
 
@@ -123,27 +135,50 @@ def best_of(infos: list[CheckpointInfo]) -> Optional[CheckpointInfo]:
     return min(reversed(scored), key=lambda c: c.val_loss) if scored else None
 
 
-def resolve(spec: str, ckpt_dir: Path, warn: Callable[[str], None] = print) -> CheckpointInfo:
-    """``latest`` | ``best`` | a path to a ``step-N`` folder -> a complete checkpoint, or a one-line error."""
+def intact(infos: list[CheckpointInfo], warn: Callable[[str], None] = print) -> list[CheckpointInfo]:
+    """The checkpoints of ``infos`` whose contents are as written (SHA-256), newest last; the
+    damaged ones are named in a warning."""
+    out = []
+    for info in infos:
+        reason = check_complete(info.path, verify=True)
+        if reason:
+            warn(f"skipping damaged checkpoint {info.path}: {reason}")
+        else:
+            out.append(info)
+    return out
+
+
+def newest_intact(infos: list[CheckpointInfo], warn: Callable[[str], None] = print) -> Optional[CheckpointInfo]:
+    """The newest checkpoint of ``infos`` (oldest first) whose contents are as written; the
+    damaged newer ones are named in a warning. Verifies only as many as it needs to."""
+    for info in reversed(infos):
+        if intact([info], warn):
+            return info
+    return None
+
+
+def resolve(spec: str, ckpt_dir: Path, warn: Callable[[str], None] = print,
+            option: str = "--resume") -> CheckpointInfo:
+    """``latest`` | ``best`` | a path to a ``step-N`` folder -> a complete checkpoint whose
+    files are as written, or a one-line error. ``latest`` and ``best`` skip damaged
+    checkpoints (falling back to the newest intact one) with a warning naming each."""
     if spec in ("latest", "best"):
         infos = list_checkpoints(ckpt_dir, warn)
-        if not infos:
-            raise CheckpointError(f"--resume {spec}: no complete checkpoint under {ckpt_dir} "
+        found = newest_intact(infos, warn) if spec == "latest" else best_of(intact(infos, warn))
+        if not infos or (spec == "latest" and found is None):
+            raise CheckpointError(f"{option} {spec}: no complete checkpoint under {ckpt_dir} "
                                   f"(start without --resume, or pass a checkpoint folder)")
-        if spec == "latest":
-            return infos[-1]
-        best = best_of(infos)
-        if best is None:
-            raise CheckpointError(f"--resume best: no checkpoint under {ckpt_dir} has a validation "
-                                  f"result (use --resume latest)")
-        return best
+        if found is None:
+            raise CheckpointError(f"{option} best: no checkpoint under {ckpt_dir} has a validation result "
+                                  f"(damaged ones are skipped; use latest)")
+        return found
     folder = Path(spec)
     if not folder.exists():
-        raise CheckpointError(f"--resume {spec}: no such checkpoint folder "
+        raise CheckpointError(f"{option} {spec}: no such checkpoint folder "
                               f"(expected latest, best, or a path like {ckpt_dir}/step-0005000)")
-    reason = check_complete(folder)
+    reason = check_complete(folder, verify=True)
     if reason:
-        raise CheckpointError(f"--resume {spec}: not a complete checkpoint: {reason}")
+        raise CheckpointError(f"{option} {spec}: not a complete checkpoint: {reason}")
     state = read_state(folder)
     return CheckpointInfo(folder, int(state["step"]), state)
 

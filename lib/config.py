@@ -56,8 +56,7 @@ class DataConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def validate(self, v: "_Validator") -> None:
-        v.check(self.image_size >= 8 and self.image_size % 8 == 0, "data.image_size",
-                self.image_size, "a multiple of 8, at least 8")
+        v.check(self.image_size >= 8, "data.image_size", self.image_size, "an integer >= 8")
         v.check(self.batch_size >= 1, "data.batch_size", self.batch_size, "an integer >= 1")
         v.check(self.num_workers >= 0, "data.num_workers", self.num_workers, "an integer >= 0")
         v.check(bool(self.cache.strip()), "data.cache", self.cache,
@@ -312,6 +311,14 @@ class Config:
         v.check(self.prior.latent_scale_batches >= 1, "prior.latent_scale_batches",
                 self.prior.latent_scale_batches, "an integer >= 1")
         self.prior.model.validate(v)
+        # Both models halve the maps: the VAE once per level after the first, the prior's UNet
+        # (and its condition encoder) the latent again.
+        vae_halvings = len(self.vae.model.block_out_channels) - 1
+        prior_halvings = len(self.prior.model.block_out_channels) - 1
+        divisor = 2 ** (vae_halvings + prior_halvings)
+        v.check(self.data.image_size % divisor == 0, "data.image_size", self.data.image_size,
+                f"a multiple of {divisor} (the VAE halves the maps {vae_halvings} time(s), the prior's UNet "
+                f"its latent {prior_halvings} more)")
         self.prior.diffusion.validate(v)
         self.prior.train.validate(v, "prior.train")
         self.warnings = v.warnings
@@ -492,7 +499,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             where = f" at line {mark.line + 1}" if mark is not None else ""
             raise ConfigError(f"{p}: not valid YAML{where}") from None
         if loaded is None:
-            loaded = {}
+            raise ConfigError(f"{p}: the file is empty; a config needs the sections data, vae and prior "
+                              f"(copy configs/demo.yaml or configs/m.yaml)")
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: expected a mapping with sections data, vae, prior")
         raw = loaded

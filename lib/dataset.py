@@ -24,13 +24,14 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 from lib.cache import open_configured_cache
 from lib.cache_read import PackedMaps
 from lib.condition import assemble_condition, scale_pixel
 from lib.errors import DataError
-from lib.layout import (NO_TX_PIXEL, BadFile, SamplePaths, cars_channels, discover_maps, list_samples, read_sample,
-                        resize_maps, sample_paths, threshold_into, to_unit, unit_into)
+from lib.layout import (NO_TX_PIXEL, BadFile, SamplePaths, cars_channels, check_headers, discover_maps, list_samples,
+                        read_sample, resize_maps, sample_paths, threshold_into, to_unit, unit_into)
 from lib.splits import Split, make_split
 from lib.synthetic import ensure_synthetic
 
@@ -64,6 +65,11 @@ class RadioMapDataset(Dataset):
         self._bad: set[int] = set()
         self._cars = np.array(cars_channels(self.simulations, cars_input), dtype=bool)
         listing = list_samples(self.root, self.simulations, map_ids, tx_per_map, on_bad_file, self._cars.tolist())
+        # Every file is checked now (headers, or the cache's record), not found bad at step N.
+        with tqdm(total=len(listing) * 3, desc=f"checking {self.root} files", unit="file", leave=False,
+                  disable=len(listing) < 20_000, mininterval=1.0) as bar:
+            listing = check_headers(self.root, listing, self.simulations, self._cars.tolist(), on_bad_file,
+                                    None if cache is None else cache.bad, bar.update)
         self._map, self._tx, self._sim = listing.maps, listing.txs, listing.sims
         self.skipped: list[tuple[str, str]] = listing.skipped
         self.map_ids = sorted(set(self._map.tolist()))

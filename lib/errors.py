@@ -1,11 +1,13 @@
 """User-facing errors: one line that names the file, key or value and what would be valid.
 
 Every entry point wraps its ``main`` in :func:`run_cli`, which prints a :class:`UserError`
-as a single ``error: ...`` line (no traceback) and exits with status 2. Anything else is a
-bug and keeps its traceback.
+as a single ``error: ...`` line (no traceback) and exits with status 2, and turns SIGINT /
+SIGTERM outside the training loop into one line and exit status 128 + the signal. Anything
+else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Callable
 
@@ -46,16 +48,67 @@ def one_line(message: str) -> str:
     return last
 
 
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM before the training loop (which catches them itself: lib/faults.py)."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
+
+
+# Called with the one-line message when an entry point fails (lib/run.py registers the run
+# folder's cleanup: an ``error`` record in its log, or, before the log exists, removing what
+# the start created); emptied after each failure.
+FAILURE_HOOKS: list[Callable[[str], None]] = []
+
+
+def _failed(message: str) -> None:
+    hooks = list(FAILURE_HOOKS)
+    FAILURE_HOOKS.clear()
+    for hook in hooks:
+        try:
+            hook(message)
+        except Exception:       # cleanup must never hide the error it reports
+            pass
+
+
 def run_cli(main: Callable[[], int | None]) -> None:
-    """Run ``main`` and turn a :class:`UserError` into one line on stderr and exit code 2."""
+    """Run ``main``: a :class:`UserError` becomes one ``error: ...`` line on stderr and exit
+    code 2; SIGINT/SIGTERM (outside the training loop) one ``interrupted`` line and 128 + the
+    signal. Either way the failure hooks run first (the run's own log says why it stopped, and
+    a failed start leaves nothing behind). Other exceptions are bugs and keep their traceback."""
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, _interrupt)     # also when inherited as ignored
+        except ValueError:        # not the main thread
+            pass
     try:
         code = main()
     except UserError as exc:
-        print(f"error: {one_line(str(exc))}", file=sys.stderr)
+        message = one_line(str(exc))
+        _failed(message)
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
+    except (Interrupted, KeyboardInterrupt) as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        message = f"interrupted by {signal.Signals(signum).name} before training could checkpoint"
+        _failed(message)
+        print(f"{message}", file=sys.stderr)
+        sys.exit(128 + signum)
     except Exception as exc:  # DataLoader workers re-raise our errors as RuntimeError-like copies
         if type(exc).__name__ in {"DataError", "ConfigError", "CheckpointError", "UserError"}:
-            print(f"error: {one_line(str(exc))}", file=sys.stderr)
+            message = one_line(str(exc))
+            _failed(message)
+            print(f"error: {message}", file=sys.stderr)
             sys.exit(EXIT_USER_ERROR)
+        _failed(f"{type(exc).__name__}: {one_line(str(exc))} (a bug: the traceback is on stderr)")
         raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     sys.exit(code or 0)

@@ -42,15 +42,21 @@ class Scores:
     seconds: dict[str, float]                   # per method: wall time of its predictions
     first: Optional[dict[str, torch.Tensor]] = None   # the first batch (CPU): image, cond, each method's maps
     batches: int = 0
+    stopped: bool = False                       # ``stop`` said so before the last batch
 
 
 def score_methods(batches: Iterable[dict], methods: dict[str, Method], device: torch.device,
-                  simulations: list[str], after: Optional[Callable[[dict, dict], None]] = None) -> Scores:
+                  simulations: list[str], after: Optional[Callable[[dict, dict], None]] = None,
+                  stop: Optional[Callable[[], bool]] = None) -> Scores:
     """Run every method on every batch (moved to ``device``) and score its maps against the
     batch's ``image``, per map, grouped by simulation name (``simulations[sim_id]``);
-    ``after(batch, predictions)`` is called after each batch."""
+    ``after(batch, predictions)`` is called after each batch. When ``stop()`` says so (checked
+    before each batch: a preemption signal) the rest is abandoned (``stopped``)."""
     out = Scores({k: MetricAccumulator() for k in methods}, dict.fromkeys(methods, 0.0))
     for batch in batches:
+        if stop is not None and stop():
+            out.stopped = True
+            break
         batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
                  for k, v in batch.items()}
         x = batch["image"]

@@ -24,7 +24,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -219,6 +219,63 @@ def list_samples(root: Path, simulations: Sequence[str], map_ids: Sequence[int],
     p_idx, s_idx = np.nonzero(keep)          # row-major: map, tx, then simulation
     pair_arr = np.array(pairs, dtype=np.int64).reshape(-1, 2)
     return Listing(pair_arr[p_idx, 0].copy(), pair_arr[p_idx, 1].copy(), s_idx.astype(np.int64), skipped)
+
+
+def check_headers(root: Path, listing: Listing, simulations: Sequence[str], cars: Sequence[bool],
+                  on_bad_file: str = "error", bad: Optional[dict[str, str]] = None,
+                  progress: Optional[Callable[[int], Any]] = None) -> Listing:
+    """Every file ``listing``'s samples read, checked before training starts: from its PNG
+    header (format, 8-bit grayscale, the size of its building map; no pixel is decoded), or,
+    with ``bad`` (a cache's record of the files it could not decode, root-relative), against
+    that record. A bad file raises :class:`BadFile` (``on_bad_file: error``) or is recorded
+    and its samples left out (``skip``). ``progress(n)`` is called as files are checked."""
+    skipped = list(listing.skipped)
+    reasons: dict[str, Optional[str]] = {}
+
+    def reason(path: Path, shape: Optional[tuple[int, int]], like: Optional[Path]) -> Optional[str]:
+        key = str(path)
+        if key not in reasons:
+            if bad is not None:
+                reasons[key] = bad.get(relative(path))
+            else:
+                try:
+                    with Image.open(path) as im:
+                        if im.format != "PNG":
+                            reasons[key] = f"not a PNG file ({im.format}); expected an 8-bit grayscale PNG"
+                        elif im.mode != "L":
+                            reasons[key] = f"image mode {im.mode!r}; expected 8-bit grayscale (mode 'L')"
+                        elif shape is not None and (im.height, im.width) != shape:
+                            reasons[key] = (f"size {im.width}x{im.height}; expected {shape[1]}x{shape[0]} like "
+                                            f"its building map {like}")
+                        else:
+                            reasons[key] = None
+                            sizes[key] = (im.height, im.width)
+                except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+                    reasons[key] = f"corrupt or truncated PNG ({' '.join(str(exc).split()) or type(exc).__name__})"
+            if progress is not None:
+                progress(1)
+        return reasons[key]
+
+    sizes: dict[str, tuple[int, int]] = {}
+    keep = np.ones(len(listing), bool)
+    for i, (m, tx, s) in enumerate(zip(listing.maps.tolist(), listing.txs.tolist(), listing.sims.tolist())):
+        p = sample_paths(root, m, tx, simulations[s], bool(cars[s]))
+        problem = None
+        for path in (p.buildings, p.antenna, p.gain) + ((p.cars,) if p.cars is not None else ()):
+            shape = None if path == p.buildings else sizes.get(str(p.buildings))   # buildings come first
+            why = reason(path, shape, p.buildings)
+            if why is not None:
+                problem = (path, why)
+                break
+        if problem is None:
+            continue
+        path, why = problem
+        if on_bad_file == "error":
+            raise BadFile(path, why)
+        keep[i] = False
+        if all(str(path) != q for q, _ in skipped):
+            skipped.append((str(path), why))
+    return Listing(listing.maps[keep], listing.txs[keep], listing.sims[keep], skipped)
 
 
 # ------------------------------------------------------------------------ files of a sample

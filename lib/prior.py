@@ -27,6 +27,8 @@ COND_ENCODER_FILE = "cond_encoder.safetensors"
 # Config keys that make a checkpoint another model: resume and evaluate refuse a difference.
 MODEL_KEYS = ["prior.model", "prior.diffusion.num_train_timesteps", "prior.diffusion.beta_schedule",
               "prior.diffusion.prediction_type", "vae.model", "data.image_size"]
+# Resuming also needs the same simulations: sim_id i must keep meaning the same simulator.
+RESUME_KEYS = MODEL_KEYS + ["data.simulation"]
 
 
 # --------------------------------------------------------------------------- networks
@@ -92,6 +94,10 @@ class LatentPrior(nn.Module):
                 p.requires_grad_(False)
         self.latent_channels = latent_channels
         self.latent_size = image_size // downsample
+
+    @property
+    def latent_shape(self) -> str:
+        return f"{self.latent_channels}x{self.latent_size}x{self.latent_size}"
 
     def encode_cond(self, cond: torch.Tensor) -> torch.Tensor:
         if self.distance_channel:

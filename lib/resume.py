@@ -19,6 +19,7 @@ from lib.runlog import RunLog
 from lib.schedule import rebase_scheduler
 
 SCHEDULE_KEYS = ("lr", "min_lr", "lr_scheduler", "warmup_steps", "lr_power", "max_steps")
+DATA_KEYS = ("simulation", "threshold", "cars_input", "split", "split_seed", "tx_per_map", "image_size")
 
 
 def check_compatible(info: ckpt.CheckpointInfo, cfg: Config, sections: list[str]) -> dict[str, Any]:
@@ -70,22 +71,43 @@ def rebase_if_changed(saved_train: dict[str, Any], cfg: TrainConfig, step: int,
     return changes
 
 
+def check_resume(resume: ckpt.CheckpointInfo, cfg: Config, model_keys: list[str],
+                 allow_data_change: bool = False) -> dict[str, Any]:
+    """Before anything is written: the checkpoint must be of the same model (``model_keys``),
+    and of the same data (:data:`DATA_KEYS` of ``data``) unless ``allow_data_change``
+    (``--allow-data-change``). Returns ``{"saved": its config, "data_changes": {key: [old,
+    new]}}`` for :func:`restore_run`."""
+    saved = check_compatible(resume, cfg, model_keys)
+    then, now = saved.get("data", {}), cfg.to_dict()["data"]
+    changes = {k: [then.get(k), now[k]] for k in DATA_KEYS if k in then and then.get(k) != now[k]}
+    if changes and not allow_data_change:
+        key, (old, new) = next(iter(changes.items()))
+        raise CheckpointError(f"{resume.path} was trained on other data: data.{key} = {old!r} there, {new!r} "
+                              f"now ({len(changes)} differing key(s)); resume with the same data, or pass "
+                              f"--allow-data-change (recorded in run.json)")
+    return {"saved": saved, "data_changes": changes}
+
+
 def restore_run(accelerator: Accelerator, resume: ckpt.CheckpointInfo, cfg: Config, stage: str,
-                model_keys: list[str], log: RunLog, schedulers: dict[str, Any],
+                checked: dict[str, Any], log: RunLog, schedulers: dict[str, Any],
                 ema: Optional[EMAModel] = None, ema_module: Optional[torch.nn.Module] = None
                 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Continue from ``resume``: check the model keys, restore the Accelerate state (models,
-    optimizers, schedulers, RNG) and the EMA weights, and rebase the schedules if this config
-    changed them. Returns the checkpoint's trainer state and the note for ``run.json``."""
-    saved = check_compatible(resume, cfg, model_keys)
+    """Continue from ``resume`` (checked by :func:`check_resume`): restore the Accelerate state
+    (models, optimizers, schedulers, RNG) and the EMA weights, and rebase the schedules if this
+    config changed them. Returns the checkpoint's trainer state and the note for ``run.json``."""
     load_training_state(accelerator, resume)
     state = resume.state
     step = state["step"]
     if ema is not None:
         load_ema(ema, ema_module, resume.path / EMA_FILE, state.get("ema_step", step))
-    changes = rebase_if_changed(saved[stage]["train"], getattr(cfg, stage).train, step, schedulers)
+    changes = rebase_if_changed(checked["saved"][stage]["train"], getattr(cfg, stage).train, step, schedulers)
+    data_changes = checked["data_changes"]
     note = {"from_checkpoint": str(resume.path), "step": step, "changes": changes}
+    if data_changes:
+        note["data_changes"] = data_changes
     log.event("resume", step, f"resumed from {resume.path} at step {step}" +
-              (f"; schedule changed {changes}, continuing it from step {step}" if changes else ""),
-              level="INFO", from_checkpoint=str(resume.path), from_step=step, changes=changes)
+              (f"; schedule changed {changes}, continuing it from step {step}" if changes else "") +
+              (f"; data changed {data_changes} (--allow-data-change)" if data_changes else ""),
+              level="INFO", from_checkpoint=str(resume.path), from_step=step, changes=changes,
+              data_changes=data_changes)
     return state, note

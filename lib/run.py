@@ -3,6 +3,7 @@ and ``--dry-run``, which shows what a run would do without starting one.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -13,38 +14,84 @@ from accelerate.utils import set_seed
 from lib import checkpoint as ckpt
 from lib.accel import make_accelerator
 from lib.config import Config, save_config
-from lib.errors import UserError
+from lib.errors import FAILURE_HOOKS, UserError
 from lib.numfmt import fmt_lr
+from lib.runlock import RunLock
 from lib.runlog import RunLog, StartupLog
 from lib.schedule import key_points
 from lib.splits import configured_split
 
-RUN_MARKERS = ("metrics.jsonl", "checkpoints", "run.json")
+RUN_FILES = ("metrics.jsonl", "train.log", "run.json", "config.yaml", "tb", "samples", "checkpoints")
+
+
+def _checkpoint_folders(run_dir: Path) -> list[Path]:
+    folder = run_dir / "checkpoints"
+    return sorted(p for p in folder.iterdir() if ckpt.NAME_RE.match(p.name)) if folder.is_dir() else []
 
 
 def check_new_run_dir(run_dir: Path, resuming: bool) -> None:
-    """Refuse to start a fresh run in a folder that already holds one (nothing is wiped)."""
-    if resuming or not run_dir.exists():
+    """Refuse to start a fresh run in a folder that holds one: one with a checkpoint (nothing
+    is wiped). A folder whose earlier start wrote no checkpoint is not a run (see open_run)."""
+    if resuming or not run_dir.is_dir():
         return
-    found = [m for m in RUN_MARKERS if (run_dir / m).exists()]
+    found = _checkpoint_folders(run_dir)
     if found:
-        raise UserError(f"{run_dir} already holds a run ({', '.join(found)}); continue it with "
-                        f"--resume latest, or start elsewhere with --set output_dir=NEW_DIR")
+        raise UserError(f"{run_dir} already holds a run ({len(found)} checkpoint(s), the newest "
+                        f"{found[-1].name}); continue it with --resume latest, or start elsewhere "
+                        f"with --set output_dir=NEW_DIR")
+
+
+class _Started:
+    """This process's run: its lock, and its log once open (for the failure hook)."""
+
+    def __init__(self, lock: Optional[RunLock]) -> None:
+        self.lock, self.log = lock, None
+
+    def fail(self, message: str) -> None:
+        """The failure hook (lib/errors.py): the reason in the run's own log, or, when the
+        start failed before its log existed, no trace left but the folders that were there."""
+        if self.log is not None:
+            self.log.event("error", self.log.last_step, message, level="ERROR", echo=False)
+            self.log.close()
+        if self.lock is not None:
+            self.lock.release(remove_created=self.log is None)
 
 
 def begin_run(cfg: Config, stage: str, run_dir: Path, resuming: bool) -> Accelerator:
-    """Before anything is written: refuse a fresh start over an existing run, create the
-    Accelerator and seed everything."""
-    check_new_run_dir(run_dir, resuming=resuming)
+    """Before anything but the lock is written: create the Accelerator, take the run folder's
+    lock (lib/runlock.py: a second run into the folder stops here, naming the first), refuse a
+    fresh start over an existing run, and seed everything."""
     accelerator = make_accelerator(getattr(cfg, stage).train)
+    lock = RunLock(run_dir) if accelerator.is_main_process else None
+    stale = lock.acquire() if lock is not None else None
+    started = _Started(lock)
+    FAILURE_HOOKS.append(started.fail)
+    _STARTED[0] = started
+    check_new_run_dir(run_dir, resuming=resuming)
+    if stale:
+        cfg.warnings.append(stale)
     set_seed(cfg.seed)
     return accelerator
 
 
+_STARTED: list[Optional[_Started]] = [None]
+
+
 def open_run(cfg: Config, run_dir: Path, accelerator: Accelerator, earlier: StartupLog) -> RunLog:
     """Once every input has been checked: the run folder with its log (the ``earlier``
-    messages first), ``config.yaml``, and no checkpoint folders a killed write left behind."""
+    messages first), ``config.yaml``, and no checkpoint folders a killed write left behind.
+    The files of an earlier start that wrote no checkpoint are moved aside first."""
+    if accelerator.is_main_process and not _checkpoint_folders(run_dir):
+        leftovers = [run_dir / f for f in RUN_FILES if (run_dir / f).exists()]
+        if leftovers:
+            aside = run_dir / f"failed-start-{time.strftime('%Y%m%d-%H%M%S')}"
+            aside.mkdir()
+            for path in leftovers:
+                path.rename(aside / path.name)
+            earlier.warning(f"{run_dir}: an earlier start wrote no checkpoint; its files are in {aside}")
     log = RunLog(run_dir, accelerator.is_main_process, earlier=earlier)
+    if _STARTED[0] is not None:
+        _STARTED[0].log = log
     if accelerator.is_main_process:
         save_config(cfg, run_dir / "config.yaml")
         ckpt.clean_temporaries(run_dir / "checkpoints")
@@ -80,3 +127,9 @@ def close_run(accelerator: Accelerator, log: RunLog, step: int, max_steps: int, 
                   logging_seconds=round(log.seconds, 4))
     accelerator.wait_for_everyone()
     log.close()
+    started, _STARTED[0] = _STARTED[0], None
+    if started is not None:
+        if started.fail in FAILURE_HOOKS:
+            FAILURE_HOOKS.remove(started.fail)
+        if started.lock is not None:
+            started.lock.release()

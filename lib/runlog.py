@@ -123,6 +123,7 @@ class RunLog:
         self._text = None
         self._tb = None
         self.seconds = 0.0                      # spent writing records and events
+        self.last_step = 0                      # of the newest record or event
         self._last_train: Optional[tuple[float, int]] = None   # (time, step) of the last train record
         if not is_main:
             return
@@ -155,9 +156,10 @@ class RunLog:
     def record(self, split: str, step: int, values: dict[str, Any], echo: bool = True) -> dict[str, Any]:
         """Write one record (``split`` = train | val) to metrics.jsonl, TensorBoard and train.log."""
         t0 = time.perf_counter()
+        self.last_step = int(step)
         rec = {"step": int(step), "split": split, "time": time.time()}
         rec.update({k: _plain(v) for k, v in values.items()})
-        if not self.is_main:
+        if not self.is_main or self._jsonl is None:
             return rec
         self._jsonl.write(json.dumps(rec) + "\n")
         self._jsonl.flush()
@@ -196,17 +198,24 @@ class RunLog:
         """Measure the next record's ``steps_per_sec`` from now, at ``step``."""
         self._last_train = (time.perf_counter(), step)
 
-    def event(self, name: str, step: int, message: str, level: str = "WARNING", **extra: Any) -> None:
-        """An event record (start, resume, preempted, nonfinite, divergence, ...) plus a log line."""
-        if not self.is_main:
+    def event(self, name: str, step: int, message: str, level: str = "WARNING", echo: bool = True,
+              **extra: Any) -> None:
+        """An event record (start, resume, preempted, nonfinite, divergence, error, ...) plus a
+        log line (on stderr too unless not ``echo``)."""
+        if not self.is_main or self._jsonl is None:
             return
         t0 = time.perf_counter()
+        self.last_step = int(step)
         rec = {"step": int(step), "split": "event", "time": time.time(), "event": name,
                "message": message}
         rec.update({k: _plain(v) for k, v in extra.items()})
         self._jsonl.write(json.dumps(rec) + "\n")
         self._jsonl.flush()
-        self._line(level, f"[{name} at step {step}] {message}")
+        if echo:
+            self._line(level, f"[{name} at step {step}] {message}")
+        else:
+            self._text.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {level} [{name} at step {step}] {message}\n")
+            self._text.flush()
         self.seconds += time.perf_counter() - t0
 
     def flush(self) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import yaml
@@ -40,9 +40,10 @@ def _disc_start(info: ckpt.CheckpointInfo) -> Optional[int]:
 
 
 def resolve_trained(stage: str, spec: str, output_dir: str | Path, config_path: str = "CONFIG",
-                    option: str = "--checkpoint") -> ckpt.CheckpointInfo:
+                    option: str = "--checkpoint", warn: Callable[[str], None] = print) -> ckpt.CheckpointInfo:
     """``best`` | ``latest`` (under ``{output_dir}/{stage}/checkpoints``) | a folder -> a
-    complete checkpoint of ``stage``; ``option`` is how the user named it (for the error).
+    complete checkpoint of ``stage`` whose files are as written (damaged ones are skipped, with
+    a warning); ``option`` is how the user named it (for the error).
 
     ``best`` of a stage-1 run that went past ``disc_start`` considers only the checkpoints
     after it: the reconstruction loss favours the checkpoints before the GAN term."""
@@ -51,15 +52,16 @@ def resolve_trained(stage: str, spec: str, output_dir: str | Path, config_path: 
     first = f"run `python {script} --config {config_path}` first"
     if spec in ("latest", "best"):
         infos = ckpt.list_checkpoints(ckpt_dir, lambda m: None)
-        if not infos:
+        latest = ckpt.newest_intact(infos, warn)
+        if latest is None:
             raise CheckpointError(f"no {name} checkpoint under {ckpt_dir} ({option} {spec}); {first} "
                                   f"(or set {option} to a checkpoint folder)")
         if spec == "latest":
-            return infos[-1]
+            return latest
         disc_start = _disc_start(infos[-1]) if stage == "vae" else None
         if disc_start is not None and infos[-1].step > disc_start:
             infos = [c for c in infos if c.step > disc_start]
-        best = ckpt.best_of(infos)
+        best = ckpt.best_of(ckpt.intact(infos, warn))
         if best is None:
             raise CheckpointError(f"{option} best: no {name} checkpoint under {ckpt_dir} has a "
                                   f"validation result; use latest")
@@ -68,21 +70,20 @@ def resolve_trained(stage: str, spec: str, output_dir: str | Path, config_path: 
     if not folder.is_dir():
         raise CheckpointError(f"{option} {spec}: no such folder; {first}, or pass best, latest or a "
                               f"folder like {ckpt_dir}/step-0005000")
-    reason = ckpt.check_complete(folder)
-    if reason or not (folder / weights).is_file():
-        raise CheckpointError(f"{option} {spec}: not a complete {name} checkpoint ({reason or 'no ' + weights})")
-    return ckpt.resolve(spec, ckpt_dir)
+    if not (folder / weights).is_file():
+        raise CheckpointError(f"{option} {spec}: not a {name} checkpoint (no {weights})")
+    return ckpt.resolve(spec, ckpt_dir, warn, option)
 
 
-def stage1_checkpoint(cfg: Config, config_path: str,
-                      resume: Optional[ckpt.CheckpointInfo] = None) -> ckpt.CheckpointInfo:
+def stage1_checkpoint(cfg: Config, config_path: str, resume: Optional[ckpt.CheckpointInfo] = None,
+                      warn: Callable[[str], None] = print) -> ckpt.CheckpointInfo:
     """The stage-1 checkpoint a prior trains on: ``prior.vae_checkpoint``, or for a resumed
-    prior the one it was trained on (which must still be there)."""
+    prior the one it was trained on (which must still be there, intact)."""
     if resume is None:
         return resolve_trained("vae", cfg.prior.vae_checkpoint, cfg.output_dir, config_path,
-                               "prior.vae_checkpoint")
+                               "prior.vae_checkpoint", warn)
     path = Path(resume.state["vae_checkpoint"])
-    if ckpt.check_complete(path) is not None:
+    if ckpt.check_complete(path, verify=True) is not None:
         raise CheckpointError(f"{resume.path} was trained on the VAE checkpoint {path}, which is gone or "
                               f"incomplete; the prior cannot continue without it")
     return ckpt.CheckpointInfo(path, int(ckpt.read_state(path)["step"]), ckpt.read_state(path))

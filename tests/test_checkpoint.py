@@ -16,7 +16,9 @@ def test_commit_is_atomic_and_manifested(tmp_path):
     final = make(tmp_path, 5, 0.3)
     assert final.name == "step-0000005" and not list(tmp_path.glob(".tmp-*"))
     state = json.loads((final / ck.STATE_FILE).read_text())
-    assert state["files"] == {"model.safetensors": 7} and state["step"] == 5
+    import hashlib
+    assert state["files"] == {"model.safetensors": {"size": 7, "sha256": hashlib.sha256(b"weights").hexdigest()}}
+    assert state["step"] == 5
     assert ck.check_complete(final) is None
 
 

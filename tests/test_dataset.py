@@ -201,15 +201,28 @@ def read_cases():
 
 @pytest.mark.parametrize("damage", read_cases(), ids=lambda f: f.__name__)
 def test_unreadable_files(copy, damage):
+    """A file whose header is wrong (size, mode, format, not an image) is found when the dataset
+    is built, before any training; one damaged further in (truncated data) when it is read."""
     path = copy / "gain/DPM/1_1.png"
     reason = damage(path)
-    d = ds(copy)                                               # construction does not decode
+    at_start = damage.__name__ != "truncated"
+    if at_start:
+        with pytest.raises(DataError) as err:
+            ds(copy)
+        assert str(err.value).startswith(f"{path}: ") and reason in str(err.value)
+        lines: list[str] = []
+        d = ds(copy, on_bad_file="skip", log=lines.append)      # its samples are left out
+        assert (1, 1, "DPM") not in [d.sample_key(i) for i in range(len(d))]
+        assert d.skipped == [(str(path), d.skipped[0][1])] and reason in d.skipped[0][1]
+        assert len(d) == N_MAPS * N_TX - 1 and len(lines) == 1
+        return
+    d = ds(copy)                                               # the header is fine
     bad = [i for i in range(len(d)) if d.sample_key(i) == (1, 1, "DPM")][0]
     d[bad - 1]
     with pytest.raises(DataError) as err:
         d[bad]
     assert str(err.value).startswith(f"{path}: ") and reason in str(err.value)
-    lines: list[str] = []
+    lines = []
     d = ds(copy, on_bad_file="skip", log=lines.append)
     s = d[bad]                                                 # the next readable sample instead
     assert (s["map_id"], s["tx"]) == d.sample_key(bad + 1)[:2]
@@ -225,7 +238,7 @@ def test_bad_transmitter_and_building_files(copy):
         ds(copy, maps=[0])[1]
     (copy / "png/buildings_complete/2.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     with pytest.raises(DataError, match=r"buildings_complete/2.png: corrupt or truncated"):
-        ds(copy, maps=[2])[0]
+        ds(copy, maps=[2])
 
 
 # ------------------------------------------------------------------- build_datasets
