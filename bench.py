@@ -30,7 +30,10 @@ batch size and workers), from the PNGs and from the packed cache, without buildi
 """
 from __future__ import annotations
 
-import argparse
+if __name__ == "__main__":       # answer --help and honour Ctrl-C before the slow imports below
+    from lib.cli import bench_parser, early_start
+    early_start(bench_parser)
+
 import json
 import subprocess
 import sys
@@ -46,6 +49,7 @@ from accelerate.utils import set_seed
 import train_unified_prior
 import train_vae
 from lib.accel import make_accelerator
+from lib.cli import bench_parser
 from lib.batching import train_batches
 from lib.benchmarking import PHASES, PhaseTimer, machine, measure_data, peak_memory_mb, time_steps
 from lib.config import Config, load_config
@@ -239,28 +243,7 @@ def bench_prior(cfg: Config, steps: int, warmup: int, work: Path, log,
 
 # --------------------------------------------------------------------------- main
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True, help="experiment YAML, e.g. configs/demo.yaml")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key (repeatable), e.g. --set data.image_size=64")
-    p.add_argument("--stage", choices=["vae", "prior", "data"], required=True,
-                   help="data: the data loader alone, PNG against cached")
-    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps per measurement")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps before each measurement")
-    p.add_argument("--batch-size", type=int, default=None, help="data.batch_size for this benchmark")
-    p.add_argument("--phase", choices=["pre", "post", "both"], default="both",
-                   help="vae: before disc_start, after it, or both (default)")
-    p.add_argument("--no-reference", action="store_true", help="vae: skip the reference step")
-    p.add_argument("--trainer-run", type=int, default=0, metavar="N",
-                   help="vae: also run train_vae.py for N steps and report the share of its time "
-                        "spent in validation, checkpoints and training records")
-    p.add_argument("--data-seconds", type=float, default=0.5,
-                   help="seconds per round (3 rounds) of the data-loader-alone measurement")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--no-memory", action="store_true",
-                   help="vae: skip the peak-memory probes (two child processes)")
-    p.add_argument("--json", default=None, metavar="OUT", help="also write the results here")
-    p.add_argument("--memory-probe", choices=["toolkit", "reference"], help=argparse.SUPPRESS)
+    p = bench_parser()
     a = p.parse_args(argv)
     if a.steps < 1 or a.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")

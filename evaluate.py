@@ -17,7 +17,10 @@ guard; ``--allow-overlap`` measures anyway and says so). Writes ``{output_dir}/e
 """
 from __future__ import annotations
 
-import argparse
+if __name__ == "__main__":       # answer --help and honour Ctrl-C before the slow imports below
+    from lib.cli import early_start, evaluate_parser
+    early_start(evaluate_parser)
+
 import dataclasses
 import json
 import time
@@ -31,6 +34,7 @@ from tqdm import tqdm
 
 from lib.baselines import fit_distance_baseline
 from lib.batching import eval_batches
+from lib.cli import evaluate_parser
 from lib.config import load_config
 from lib.dataset import build_datasets, prepare_data
 from lib.diffusion import generate_maps
@@ -48,29 +52,6 @@ from lib.weights import load_prior, load_prior_vae, resolve_trained
 
 METHODS = {"model": "model (prior + VAE decode)", "vae_ceiling": "VAE round trip (ceiling)",
            "distance_baseline": "distance only (log-distance fit)"}
-
-
-def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True, help="experiment YAML, e.g. configs/demo.yaml")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key (dotted, value parsed as YAML); repeatable")
-    p.add_argument("--split", choices=("test", "val"), default="test", help="maps to evaluate on")
-    p.add_argument("--steps", type=int, default=None, metavar="K",
-                   help="sampling steps (default: prior.diffusion.num_inference_steps)")
-    p.add_argument("--sampler", choices=("ddim", "dpm"), default=None,
-                   help="sampler (default: prior.diffusion.sampler)")
-    p.add_argument("--checkpoint", default="best", metavar="best|latest|PATH",
-                   help="stage-2 checkpoint under {output_dir}/prior/checkpoints, or a folder")
-    p.add_argument("--baseline-samples", type=int, default=4000, metavar="N",
-                   help="training samples (spread evenly) the distance baseline is fitted on")
-    p.add_argument("--max-maps", type=int, default=None, metavar="N",
-                   help="evaluate N of the split's maps, spread evenly over it (a fixed subset)")
-    p.add_argument("--save-predictions", action="store_true",
-                   help="also write eval/predictions.npz and one PNG per predicted map")
-    p.add_argument("--allow-overlap", action="store_true",
-                   help="evaluate on maps the VAE or the prior was trained on (recorded in metrics.json)")
-    return p.parse_args()
 
 
 def method_summary(acc: MetricAccumulator, seconds: float, db_factor: float) -> dict[str, Any]:
@@ -119,7 +100,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main() -> int:
-    args = parse_args()
+    args = evaluate_parser().parse_args()
     cfg = load_config(args.config, args.set)
     dcfg = cfg.prior.diffusion
     steps = dcfg.num_inference_steps if args.steps is None else args.steps

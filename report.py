@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Optional
@@ -28,7 +30,7 @@ from lib.analysis import analyze
 from lib.errors import UserError, run_cli
 from lib.read_run import load_run, resolve_inputs
 from lib.report_figures import finish_helper, make_figures, start_helper
-from lib.report_text import build_summary, span_text, write_csv, write_markdown
+from lib.report_text import FIGURES, build_summary, span_text, write_csv, write_markdown
 
 
 # --------------------------------------------------------------------------- CLI
@@ -59,7 +61,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         return _main(argv)
     except BrokenPipeError:                    # e.g. `report.py RUN | head`: the outputs are written
-        import os
         import sys
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
@@ -71,11 +72,51 @@ def _main(argv: Optional[list[str]] = None) -> int:
     t0 = time.perf_counter()
     run = load_run(args.runs, args.config)
     timings["parse"] = time.perf_counter() - t0
-    out = Path(args.out) if args.out else default_out(args.runs)
+    if len(run.steps) == 0:
+        reasons = ", ".join(f"{k}: {v}" for k, v in run.skipped.items()) or "none"
+        raise UserError(f"nothing could be read from {' '.join(args.runs)}: {run.lines_read} non-empty line(s), "
+                        f"{run.skipped_total} skipped ({reasons}); no report written")
+    final = Path(args.out) if args.out else default_out(args.runs)
+    others = sorted(p.name for p in final.iterdir() if p.name not in REPORT_FILES) if final.is_dir() else []
+    if others:
+        raise UserError(f"--out {final} holds files that are not a report's ({', '.join(others[:3])}); "
+                        f"pass an empty or new folder")
+    # Written into a new folder that replaces the old report only when complete: a report that
+    # fails leaves the previous one as it was, and no figure of an older report stays behind.
+    out = final.parent / f".{final.name}.tmp-{os.getpid()}"
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
     except OSError as exc:
-        raise UserError(f"cannot create the output folder {out}: {exc.strerror or exc}") from None
+        raise UserError(f"cannot create the output folder {final}: {exc.strerror or exc}") from None
+    try:
+        summary, figures, a = _write_report(args, run, out, timings, t0)
+        _replace(out, final)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    counts = {sev: sum(1 for f in a.findings if f.severity == sev) for sev in ("error", "warning", "info")}
+    print(f"{len(run.steps)} rows from {len(run.sources)} source(s), {run.skipped_total} line(s) skipped; "
+          f"findings: {counts['error']} error, {counts['warning']} warning, {counts['info']} info")
+    for f in a.findings:
+        print(f"  [{f.severity}] {f.id}: {f.title} ({span_text(f.steps)})")
+    print(f"wrote {final / 'report.md'}, summary.json, metrics.csv and {len(figures)} figures")
+    return 0
+
+
+REPORT_FILES = {"metrics.csv", "summary.json", "report.md", *FIGURES.values()}
+
+
+def _replace(new: Path, final: Path) -> None:
+    """Put the finished report folder ``new`` in the place of ``final`` (an older report there is
+    removed once the new one is in place)."""
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    if final.exists():
+        final.rename(old)
+    new.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_report(args: argparse.Namespace, run, out: Path, timings: dict[str, float], t0: float):
     t1 = time.perf_counter()
     csv_helper = start_helper(write_csv, run, out / "metrics.csv")
     a = analyze(run)
@@ -97,13 +138,7 @@ def _main(argv: Optional[list[str]] = None) -> int:
         pass
     summary = build_summary(run, a, figures, timings)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, allow_nan=False), encoding="utf-8")
-    counts = {sev: sum(1 for f in a.findings if f.severity == sev) for sev in ("error", "warning", "info")}
-    print(f"{len(run.steps)} rows from {len(run.sources)} source(s), {run.skipped_total} line(s) skipped; "
-          f"findings: {counts['error']} error, {counts['warning']} warning, {counts['info']} info")
-    for f in a.findings:
-        print(f"  [{f.severity}] {f.id}: {f.title} ({span_text(f.steps)})")
-    print(f"wrote {out / 'report.md'}, summary.json, metrics.csv and {len(figures)} figures")
-    return 0
+    return summary, figures, a
 
 
 if __name__ == "__main__":

@@ -4,11 +4,14 @@
     accelerate launch train_unified_prior.py --config configs/m.yaml --resume latest
     python train_unified_prior.py --config configs/m.yaml --dry-run        # schedule at its key points
 
-Reads like train_vae.py: ``build_models``, ``train_step`` (bench.py times it), then ``main``:
-config, the frozen stage-1 VAE, data, models, resume and the latent scale, and the loop with its
-``if`` triggers. One model for all simulators in ``data.simulation``. Outputs: ``{output_dir}/prior/``.
+Reads like train_vae.py: ``build_models``, ``train_step`` (bench.py times it), then ``main``: config, the
+frozen stage-1 VAE, data, models, resume, latent scale, the loop. Outputs: ``{output_dir}/prior/``.
 """
 from __future__ import annotations
+
+if __name__ == "__main__":       # answer --help and honour Ctrl-C before the slow imports below
+    from lib.cli import early_start, trainer_parser
+    early_start(lambda: trainer_parser(__doc__.splitlines()[0], allow_overlap=True))
 
 import math
 import time
@@ -31,7 +34,7 @@ from lib.cli import trainer_parser
 from lib.config import Config, load_config
 from lib.dataset import build_datasets, prepare_data
 from lib.diffusion import diffusion_loss, generate_maps, train_scheduler
-from lib.ema import ema_files, ema_weights, make_ema
+from lib.ema import ema_files, ema_state, ema_weights, make_ema
 from lib.errors import run_cli
 from lib.evaluation import gather_accumulator, gather_values, score_methods
 from lib.faults import FaultPolicy
@@ -53,9 +56,8 @@ Phase = Callable[[str], ContextManager]              # bench.py passes a timer o
 
 @dataclass
 class Stage2:
-    """What one stage-2 update touches: the prior as prepared by Accelerate (a DDP wrapper on N
-    processes) and plain, its optimizer, schedule and EMA, the frozen VAE, its latent scale
-    factor, and the training noise schedule."""
+    """What one stage-2 update touches: the prior as prepared by Accelerate (a DDP wrapper on N processes)
+    and plain, its optimizer, schedule and EMA, the frozen VAE and its latent scale, the noise schedule."""
     prior: torch.nn.Module
     prior_raw: LatentPrior
     opt: torch.optim.Optimizer
@@ -217,8 +219,7 @@ def main() -> int:
                  "latent_scale.json": scale_info}
         ckpt.save_checkpoint(accelerator, ckpt_dir, step, cfg, {
             "stage": "prior", "batches": batches, "val_loss": val_loss, "best_val_loss": best_val,
-            **scale_info, "split": split_info, "allow_overlap": overlaps, **faults.state_dict(),
-            "ema_step": m.ema.optimization_step if m.ema is not None else None,
+            **scale_info, "split": split_info, "allow_overlap": overlaps, **faults.state_dict(), **ema_state(m.ema),
         }, files, train_cfg.keep_last, log)
 
     # ------------------------------------------------------------------ loop

@@ -4,12 +4,15 @@
     accelerate launch train_vae.py --config configs/m.yaml --resume latest
     python train_vae.py --config configs/m.yaml --dry-run       # schedule at its key points
 
-Reads top to bottom: the models (``build_models``) and one optimizer update (``train_step``,
-which bench.py times as it is), then ``main``: config, data, models, resume, and the loop,
-whose log, validation and checkpoint triggers are the ``if`` lines at its end. Shared pieces
-live in lib/ (README, "Layout"). Outputs go to ``{output_dir}/vae/``.
+Reads top to bottom: ``build_models``, ``train_step`` (one optimizer update; bench.py times it as
+it is), then ``main``: config, data, models, resume, and the loop, whose log, validation and
+checkpoint triggers are the ``if`` lines at its end. Outputs go to ``{output_dir}/vae/``.
 """
 from __future__ import annotations
+
+if __name__ == "__main__":       # answer --help and honour Ctrl-C before the slow imports below
+    from lib.cli import early_start, trainer_parser
+    early_start(lambda: trainer_parser(__doc__.splitlines()[0]))
 
 import math
 import time
@@ -30,7 +33,7 @@ from lib.batching import eval_batches, train_batches
 from lib.cli import trainer_parser
 from lib.config import Config, load_config
 from lib.dataset import build_datasets, prepare_data
-from lib.ema import ema_files, ema_weights, make_ema
+from lib.ema import ema_files, ema_state, ema_weights, make_ema
 from lib.errors import run_cli
 from lib.evaluation import gather_accumulator, gather_values, score_methods
 from lib.faults import FaultPolicy
@@ -51,9 +54,8 @@ Phase = Callable[[str], ContextManager]              # bench.py passes a timer o
 
 @dataclass
 class VAEGAN:
-    """What one stage-1 update touches: ``vae`` and ``disc`` as prepared by Accelerate (DDP
-    wrappers on N processes: forward passes go through them), ``vae_raw`` / ``disc_raw`` the
-    plain modules, the two optimizers and schedules, the EMA of the VAE, the perceptual net."""
+    """What one stage-1 update touches: ``vae`` and ``disc`` as prepared by Accelerate (DDP wrappers on
+    N processes; forwards go through them), the plain modules, optimizers, schedules, EMA, perceptual net."""
     vae: torch.nn.Module
     disc: torch.nn.Module
     vae_raw: VAEWithLogvar
@@ -211,8 +213,7 @@ def main() -> int:
         files = {"vae": m.vae_raw.vae, "discriminator.safetensors": m.disc_raw, **ema_files(m.ema, m.vae_raw.vae)}
         ckpt.save_checkpoint(accelerator, ckpt_dir, step, cfg, {
             "stage": "vae", "batches": batches, "val_loss": val_loss, "best_val_loss": best_val,
-            "split": split_record(split, cfg.data),
-            **faults.state_dict(), "ema_step": m.ema.optimization_step if m.ema is not None else None,
+            "split": split_record(split, cfg.data), **faults.state_dict(), **ema_state(m.ema),
         }, files, train_cfg.keep_last, log)
 
     # ------------------------------------------------------------------ loop

@@ -1,7 +1,32 @@
-"""Command-line arguments shared by the trainers."""
+"""Command-line arguments of the entry points, and what they do before their slow imports.
+
+Importing torch and diffusers takes seconds. Each script starts with :func:`early_start`, which
+needs only this module: ``--help`` is answered at once, and SIGINT / SIGTERM end the program
+during the imports (a process started in the background inherits SIGINT ignored; a user who
+sends it means it). From ``main`` on, :func:`lib.errors.run_cli` and then the training loop
+handle the signals.
+"""
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import sys
+from typing import Callable
+
+
+def _exit_now(signum: int, frame: object) -> None:
+    sys.stderr.write(f"interrupted by {signal.Signals(signum).name} while starting\n")
+    os._exit(128 + signum)      # nothing is written yet: nothing to clean up
+
+
+def early_start(parser: Callable[[], argparse.ArgumentParser]) -> None:
+    """Before the slow imports of a script run as a program: honour SIGINT/SIGTERM, and answer
+    ``-h`` / ``--help`` (``parser()`` builds the script's parser)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _exit_now)
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):
+        parser().parse_args()
 
 
 def positive_int(text: str) -> int:
@@ -36,4 +61,55 @@ def trainer_parser(description: str, allow_overlap: bool = False) -> argparse.Ar
         p.add_argument("--allow-overlap", action="store_true",
                        help="measure on maps a loaded model was trained on (a different data.split); "
                             "recorded in the outputs")
+    return p
+
+
+def evaluate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Evaluate the full pipeline (condition -> prior sampling -> VAE "
+                                            "decode) on held-out maps.")
+    p.add_argument("--config", required=True, help="experiment YAML, e.g. configs/demo.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (dotted, value parsed as YAML); repeatable")
+    p.add_argument("--split", choices=("test", "val"), default="test", help="maps to evaluate on")
+    p.add_argument("--steps", type=int, default=None, metavar="K",
+                   help="sampling steps (default: prior.diffusion.num_inference_steps)")
+    p.add_argument("--sampler", choices=("ddim", "dpm"), default=None,
+                   help="sampler (default: prior.diffusion.sampler)")
+    p.add_argument("--checkpoint", default="best", metavar="best|latest|PATH",
+                   help="stage-2 checkpoint under {output_dir}/prior/checkpoints, or a folder")
+    p.add_argument("--baseline-samples", type=int, default=4000, metavar="N",
+                   help="training samples (spread evenly) the distance baseline is fitted on")
+    p.add_argument("--max-maps", type=int, default=None, metavar="N",
+                   help="evaluate N of the split's maps, spread evenly over it (a fixed subset)")
+    p.add_argument("--save-predictions", action="store_true",
+                   help="also write eval/predictions.npz and one PNG per predicted map")
+    p.add_argument("--allow-overlap", action="store_true",
+                   help="evaluate on maps the VAE or the prior was trained on (recorded in metrics.json)")
+    return p
+
+
+def bench_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Benchmark a training stage: steps/s, samples/s, peak memory, the data "
+                                            "loader alone, where the time of a step goes, and the reference step.")
+    p.add_argument("--config", required=True, help="experiment YAML, e.g. configs/demo.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (repeatable), e.g. --set data.image_size=64")
+    p.add_argument("--stage", choices=["vae", "prior", "data"], required=True,
+                   help="data: the data loader alone, PNG against cached")
+    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps per measurement")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before each measurement")
+    p.add_argument("--batch-size", type=int, default=None, help="data.batch_size for this benchmark")
+    p.add_argument("--phase", choices=["pre", "post", "both"], default="both",
+                   help="vae: before disc_start, after it, or both (default)")
+    p.add_argument("--no-reference", action="store_true", help="vae: skip the reference step")
+    p.add_argument("--trainer-run", type=int, default=0, metavar="N",
+                   help="vae: also run train_vae.py for N steps and report the share of its time "
+                        "spent in validation, checkpoints and training records")
+    p.add_argument("--data-seconds", type=float, default=0.5,
+                   help="seconds per round (3 rounds) of the data-loader-alone measurement")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--no-memory", action="store_true",
+                   help="vae: skip the peak-memory probes (two child processes)")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the results here")
+    p.add_argument("--memory-probe", choices=["toolkit", "reference"], help=argparse.SUPPRESS)
     return p

@@ -43,6 +43,11 @@ def ema_files(ema: Optional[EMAModel], module: torch.nn.Module) -> dict[str, dic
     return {} if ema is None else {EMA_FILE: ema_state_dict(ema, module)}
 
 
+def ema_state(ema: Optional[EMAModel]) -> dict[str, Optional[int]]:
+    """What a checkpoint's trainer state records of the EMA: its update count."""
+    return {"ema_step": ema.optimization_step if ema is not None else None}
+
+
 def load_ema(ema: EMAModel, module: torch.nn.Module, path: Path, optimization_step: int) -> None:
     """Restore ``ema`` from a file written from :func:`ema_state_dict` of ``module``."""
     tensors = load_file(str(path))

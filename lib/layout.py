@@ -24,14 +24,15 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from lib.errors import DataError
+
+if TYPE_CHECKING:
+    import torch
 
 BUILDINGS_DIR = "png/buildings_complete"
 ANTENNAS_DIR = "png/antennas"
@@ -353,17 +354,19 @@ def unit_into(out: np.ndarray, layer: np.ndarray) -> None:
         np.copyto(out, layer)
 
 
-def to_unit(*maps: np.ndarray) -> torch.Tensor:
+def to_unit(*maps: np.ndarray) -> "torch.Tensor":
     """uint8 (H, W) maps -> one float32 (len(maps), H, W) tensor of ``pixel / 255 * 2 - 1``."""
+    import torch                  # here, not at the top: the data tools (lib.synthetic) start fast
     out = np.empty((len(maps), *maps[0].shape), dtype=np.float32)
     for i, layer in enumerate(maps):
         unit_into(out[i], layer)
     return torch.from_numpy(out)
 
 
-def resize_maps(maps: torch.Tensor, size: int) -> torch.Tensor:
+def resize_maps(maps: "torch.Tensor", size: int) -> "torch.Tensor":
     """(C, H, W) maps in [-1, 1] -> (C, size, size): antialiased bilinear (area-like when
     shrinking), clamped to [-1, 1]. Channels are resized independently."""
+    import torch.nn.functional as F
     return F.interpolate(maps[None], size=(size, size), mode="bilinear", antialias=True,
                          align_corners=False)[0].clamp_(-1.0, 1.0)
 

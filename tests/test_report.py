@@ -133,17 +133,30 @@ def test_robust_original_log(tmp_path):
     assert "skipped: 6" in md
 
 
-def test_empty_and_garbage_files_give_a_report_not_a_traceback(tmp_path):
+def test_nothing_readable_is_an_error_and_keeps_the_old_report(tmp_path):
+    """Empty or garbage input: one-line error (exit 2 from the command line), no report, and a
+    report already in --out stays as it was; a new report replaces an old one whole."""
+    from lib.errors import UserError
+    out = tmp_path / "report_out"
+    log = original_log(tmp_path / "good.log", list(range(0, 501, 100)))
+    assert report.main([str(log), "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "fig1_training_phases.png" in before
     empty = tmp_path / "empty.log"
     empty.write_bytes(b"")
-    summary, out = run_report(tmp_path, str(empty), figures=True)
-    assert summary["stats"]["rows"] == 0
-    assert [f["id"] for f in summary["findings"]] == ["no_records"]
-    assert (out / "fig5_dashboard.png").read_bytes()[:4] == b"\x89PNG"
     garbage = tmp_path / "garbage.bin"
     garbage.write_bytes(bytes(range(256)) * 40)
-    summary, _ = run_report(tmp_path, str(garbage))
-    assert summary["stats"]["rows"] == 0 and summary["skipped_lines"]["total"] >= 1
+    for bad in (empty, garbage):
+        with pytest.raises(UserError, match=r"nothing could be read from .*no report written"):
+            report.main([str(bad), "--out", str(out)])
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert report.main([str(log), "--out", str(out), "--no-figures"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.csv", "report.md", "summary.json"]   # no stale figure
+    assert not list(tmp_path.glob(".report_out*"))
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="holds files that are not a report's"):
+        report.main([str(log), "--out", str(out)])
+    assert (out / "notes.txt").read_text() == "mine"
 
 
 # --------------------------------------------------------------------------- this toolkit
