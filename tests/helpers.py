@@ -200,10 +200,11 @@ def trainer_config(tmp_path: Path, trainer: TrainerSpec, name: str = "tiny.yaml"
 
 
 def run_injected(tmp_path: Path, trainer: TrainerSpec, cfg: Path, patch: str, *args: Any,
-                 processes: int = 1, timeout: int = 600, name: str = "inject.py"):
+                 processes: int = 1, timeout: int = 600, name: str = "inject.py", background: bool = False):
     """Run a trainer in fresh process(es) after executing ``patch`` (Python source) in each.
 
     ``processes > 1`` launches them with ``accelerate launch --multi_gpu`` on the CPU (gloo).
+    ``background``: start it and return the ``subprocess.Popen`` (output in ``name``.out/.err).
     """
     import os
     import subprocess
@@ -229,6 +230,9 @@ def run_injected(tmp_path: Path, trainer: TrainerSpec, cfg: Path, patch: str, *a
                "--dynamo_backend", "no", "--main_process_port", str(_free_port()), str(script)]
     else:
         cmd = [sys.executable, str(script)]
+    if background:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, text=True, stdout=open(f"{script}.out", "w"),
+                                stderr=open(f"{script}.err", "w"))
     return subprocess.run(cmd, cwd=ROOT, env=env, timeout=timeout, capture_output=True, text=True)
 
 

@@ -1,0 +1,273 @@
+"""A run folder that is safe: one run at a time (the lock), preemption within one step and one
+checkpoint, failed starts that leave nothing behind, rejected resumes that change nothing,
+damaged checkpoints skipped, and every stop explained in the run's own log. Each case runs for
+both trainers where it concerns them both."""
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lib.faults import EXIT_PREEMPTED
+from tests.helpers import ROOT, TRAINERS, read_records, run_injected, run_main, tiny_config, trainer_config
+
+both = pytest.mark.parametrize("trainer", list(TRAINERS), indirect=True)
+
+
+def last_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err, "no error printed"
+    return err[-1]
+
+
+# ----------------------------------------------------------------------------- one run at a time
+SLOW_STEPS = """
+import time, lib.optim as optim
+orig = optim.apply_updates
+def apply_updates(*a, **k):
+    time.sleep(0.5)
+    return orig(*a, **k)
+optim.apply_updates = apply_updates
+"""
+
+
+@both
+def test_a_second_run_into_a_live_runs_folder_is_refused(tmp_path, trainer, monkeypatch, capsys):
+    section = f"{trainer.subdir}.train"
+    cfg = trainer_config(tmp_path, trainer, **{section: {"max_steps": 40, "checkpoint_every": 2,
+                                                         "val_every": 40}})
+    live = run_injected(tmp_path, trainer, cfg, SLOW_STEPS, background=True)
+    run_dir = tmp_path / "run" / trainer.subdir
+    try:
+        deadline = time.time() + 120
+        while not (run_dir / "checkpoints" / "step-0000002").is_dir():      # it is training
+            assert live.poll() is None and time.time() < deadline, (tmp_path / "inject.py.err").read_text()[-2000:]
+            time.sleep(0.2)
+        before = (run_dir / "metrics.jsonl").read_bytes()
+        for extra in (["--resume", "latest"], []):
+            assert run_main(trainer.module, ["--config", cfg, *extra], monkeypatch) == 2
+            err = last_error(capsys)
+            assert f"is in use by another run (PID {live.pid} on " in err
+        assert (run_dir / "metrics.jsonl").read_bytes()[:len(before)] == before   # untouched (it only grows)
+        assert live.poll() is None
+    finally:
+        live.kill()
+        live.wait()
+    # killed: its lock is stale now; a resume takes it over and says so
+    assert run_main(trainer.module, ["--config", cfg, "--resume", "latest", "--until-step", "5"], monkeypatch) == 0
+    assert "stale lock" in (run_dir / "train.log").read_text()
+
+
+def test_two_runs_started_together_one_refuses(tmp_path, tiny_data):
+    vae = TRAINERS["vae"]
+    cfg = tiny_config(tmp_path, tiny_data)
+    runs = [run_injected(tmp_path, vae, cfg, "", background=True, name=f"r{i}.py") for i in range(2)]
+    codes = [r.wait(timeout=300) for r in runs]
+    assert sorted(codes) == [0, 2], codes
+    loser = codes.index(2)
+    err = (tmp_path / f"r{loser}.py.err").read_text()
+    assert "is in use by another run (PID" in err or "already holds a run" in err
+    run_dir = tmp_path / "run" / "vae"
+    records = read_records(run_dir)
+    assert [r["event"] for r in records if r["split"] == "event"].count("start") == 1
+    assert [r["step"] for r in records if r["split"] == "train"] == list(range(1, 7))   # one run's records
+    assert not (run_dir / ".lock").exists()
+
+
+# ----------------------------------------------------------------------------- preemption
+SLOW_VALIDATION = """
+import time, signal, lib.evaluation as ev
+from pathlib import Path
+orig = ev.timed
+def timed(fn, device):
+    if not Path(os.environ["SIGNAL_FILE"]).exists():
+        Path(os.environ["SIGNAL_FILE"]).write_text(str(time.time()))
+        os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(2.0)                       # a validation of 4 batches would take 8 s
+    return orig(fn, device)
+ev.timed = timed
+"""
+
+
+@both
+def test_sigterm_during_validation_checkpoints_within_a_step(tmp_path, trainer, monkeypatch):
+    signal_file = tmp_path / "signalled"
+    monkeypatch.setenv("SIGNAL_FILE", str(signal_file))
+    section = f"{trainer.subdir}.train"
+    cfg = trainer_config(tmp_path, trainer, **{"data": {"batch_size": 1}, section: {"val_batches": 0}})
+    r = run_injected(tmp_path, trainer, cfg, SLOW_VALIDATION)
+    ended = time.time()
+    assert r.returncode == EXIT_PREEMPTED, r.stderr[-2000:]
+    elapsed = ended - float(signal_file.read_text())
+    assert elapsed < 5.0, elapsed           # one validation batch + the checkpoint, not the validation
+    run_dir = tmp_path / "run" / trainer.subdir
+    events = read_records(run_dir, "event")
+    assert [e["step"] for e in events if e["event"] == "preempted"] == [3]
+    assert (run_dir / "checkpoints" / "step-0000003").is_dir()
+    assert read_records(run_dir, "val") == []                                  # abandoned, not written
+    state = json.loads((run_dir / "checkpoints" / "step-0000003" / "trainer_state.json").read_text())
+    assert state["val_loss"] is None
+
+
+# ----------------------------------------------------------------------------- failed starts
+def test_failed_starts_leave_nothing_and_the_corrected_command_starts(tmp_path, tiny_data, monkeypatch, capsys):
+    import train_vae
+    run_dir = tmp_path / "run"
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    victim = data / "gain/DPM/2_1.png"                                          # a training map
+    good = victim.read_bytes()
+    Image.fromarray(np.zeros((34, 32), np.uint8)).save(victim)                  # the wrong size
+    cases = [(["--set", f"data.root={tmp_path / 'nowhere'}", "--set", "data.source=radiomapseer"], "nowhere"),
+             ([], "gain/DPM/2_1.png: size 32x34; expected 32x32"),
+             (["--until-step", "-5"], None)]
+    cfg = tiny_config(tmp_path, data, data={"source": "radiomapseer"})
+    for extra, expected in cases:
+        assert run_main(train_vae, ["--config", cfg, *extra], monkeypatch) == 2
+        err = capsys.readouterr().err
+        if expected:
+            assert expected in err.strip().splitlines()[-1]
+        else:
+            assert "--until-step: -5 is not a step" in err
+        assert not run_dir.exists(), sorted(p.name for p in run_dir.rglob("*"))    # nothing behind
+    victim.write_bytes(good)
+    assert run_main(train_vae, ["--config", cfg], monkeypatch) == 0                 # corrected: starts
+
+
+def test_ctrl_c_during_synthetic_generation_leaves_nothing(tmp_path, tiny_data):
+    vae = TRAINERS["vae"]
+    data = tmp_path / "syn"
+    cfg = tiny_config(tmp_path, data, data={"synthetic": {"num_maps": 8, "tx_per_map": 2, "size": 32}})
+    patch = """
+import lib.synthetic as syn
+orig = syn._write_map
+def write(root, map_id, *a, **k):
+    if map_id == 2:
+        os.kill(os.getpid(), signal.SIGINT)
+    return orig(root, map_id, *a, **k)
+syn._write_map = write
+"""
+    r = run_injected(tmp_path, vae, cfg, patch)
+    assert r.returncode == 128 + signal.SIGINT, r.stderr[-2000:]
+    assert "interrupted by SIGINT" in r.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "run").exists() and not data.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".syn")]   # no half-written dataset
+    assert run_injected(tmp_path, vae, cfg, "").returncode == 0
+
+
+def test_a_failure_after_the_start_is_in_the_runs_own_log(tmp_path, tiny_data, monkeypatch):
+    """A crash before the first checkpoint: the log says why, and the same command starts anew
+    in the folder (the failed start's files moved aside, not lost)."""
+    vae = TRAINERS["vae"]
+    cfg = tiny_config(tmp_path, tiny_data)
+    patch = """
+import lib.optim as optim
+orig, calls = optim.apply_updates, [0]
+def apply_updates(*a, **k):
+    calls[0] += 1
+    if calls[0] == 2:
+        raise RuntimeError("simulated crash in the second update")
+    return orig(*a, **k)
+optim.apply_updates = apply_updates
+"""
+    r = run_injected(tmp_path, vae, cfg, patch)
+    assert r.returncode == 1 and "simulated crash" in r.stderr
+    run_dir = tmp_path / "run" / "vae"
+    errors = [e for e in read_records(run_dir, "event") if e["event"] == "error"]
+    assert len(errors) == 1 and "RuntimeError: simulated crash in the second update" in errors[0]["message"]
+    assert "ERROR [error at step 1] RuntimeError: simulated crash" in (run_dir / "train.log").read_text()
+    assert not (run_dir / ".lock").exists()
+    import train_vae
+    assert run_main(train_vae, ["--config", cfg], monkeypatch) == 0
+    aside = list(run_dir.glob("failed-start-*"))
+    assert len(aside) == 1 and (aside[0] / "metrics.jsonl").is_file()
+    assert [e["event"] for e in read_records(run_dir, "event")].count("error") == 0
+
+
+# ----------------------------------------------------------------------------- resumes
+@both
+def test_a_rejected_resume_changes_nothing(tmp_path, trainer, monkeypatch, capsys):
+    cfg = trainer_config(tmp_path, trainer, **{f"{trainer.subdir}.train": {"max_steps": 3}})
+    assert run_main(trainer.module, ["--config", cfg], monkeypatch) == 0
+    run_dir = tmp_path / "run" / trainer.subdir
+    snapshot = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    for override, expected in ((trainer.shape_override, "was saved with a different model"),
+                               ("data.simulation=[DPM, IRT2]", "data.simulation" if trainer.subdir == "prior"
+                                else "trained on other data: data.simulation")):
+        assert run_main(trainer.module, ["--config", cfg, "--resume", "latest", "--set", override], monkeypatch) == 2
+        assert expected in last_error(capsys)
+        assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == snapshot   # config.yaml too
+
+
+def test_a_data_change_on_resume_needs_the_flag_and_is_recorded(tmp_path, tiny_data, monkeypatch, capsys):
+    import train_vae
+    cfg = tiny_config(tmp_path, tiny_data, **{"vae.train": {"max_steps": 6}})
+    assert run_main(train_vae, ["--config", cfg, "--until-step", "3"], monkeypatch) == 0
+    args = ["--config", cfg, "--resume", "latest", "--set", "data.threshold=0.2"]
+    assert run_main(train_vae, args, monkeypatch) == 2
+    err = last_error(capsys)
+    assert "data.threshold = 0.0 there, 0.2 now" in err and "--allow-data-change" in err
+    assert run_main(train_vae, args + ["--allow-data-change"], monkeypatch) == 0
+    run_json = json.loads((tmp_path / "run" / "vae" / "run.json").read_text())
+    assert run_json["resumes"][-1]["data_changes"] == {"threshold": [0.0, 0.2]}
+
+
+@both
+def test_a_checkpoint_damaged_in_place_is_skipped(tmp_path, trainer, monkeypatch, capsys):
+    cfg = trainer_config(tmp_path, trainer)
+    assert run_main(trainer.module, ["--config", cfg, "--until-step", "6"], monkeypatch) == 0
+    ck_dir = tmp_path / "run" / trainer.subdir / "checkpoints"
+    victim = sorted((ck_dir / "step-0000006").rglob("*.safetensors"))[0]
+    data = bytearray(victim.read_bytes())
+    data[:8] = b"\xff" * 8                                    # the header length: same size, unreadable
+    victim.write_bytes(bytes(data))
+    assert run_main(trainer.module, ["--config", cfg, "--resume", "latest", "--set",
+                                     f"{trainer.subdir}.train.max_steps=7"], monkeypatch) == 0
+    err = capsys.readouterr().err
+    assert "skipping damaged checkpoint" in err and "step-0000006" in err
+    resumed = [r for r in read_records(tmp_path / "run" / trainer.subdir, "event") if r["event"] == "resume"]
+    assert resumed[-1]["from_step"] == 3
+
+
+# ----------------------------------------------------------------------------- misreadings
+def test_misreadings_are_one_line_errors(tmp_path, tiny_data, monkeypatch, capsys):
+    import evaluate
+    import train_vae
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert run_main(train_vae, ["--config", empty], monkeypatch) == 2
+    assert "the file is empty" in last_error(capsys)
+    cfg = tiny_config(tmp_path, tiny_data)
+    assert run_main(train_vae, ["--config", cfg, "--until-step", "0"], monkeypatch) == 2
+    assert "--until-step: 0 is not a step" in capsys.readouterr().err
+    assert run_main(evaluate, ["--config", cfg, "--steps", "0"], monkeypatch) == 2
+    assert "--steps 0: expected 1 .. 1000" in last_error(capsys)
+    assert run_main(train_vae, ["--config", cfg, "--set", "data.image_size=36"], monkeypatch) == 2
+    assert "data.image_size = 36 is invalid; expected a multiple of" in last_error(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def test_help_is_quick_and_ctrl_c_is_honoured_while_starting(tmp_path, tiny_data):
+    for script in ("train_vae.py", "train_unified_prior.py", "evaluate.py", "bench.py", "report.py"):
+        r = subprocess.run([sys.executable, "-X", "importtime", script, "--help"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 0 and "usage:" in r.stdout
+        imported = {line.split("|")[-1].strip() for line in r.stderr.splitlines() if "|" in line}
+        assert not {"torch", "diffusers", "accelerate"} & imported, script
+    # started in the background, SIGINT is inherited as ignored; it still stops the start
+    cfg = tiny_config(tmp_path, tiny_data)
+    proc = subprocess.Popen([sys.executable, "train_vae.py", "--config", str(cfg)], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGINT and "interrupted by SIGINT" in err
+    assert not (tmp_path / "run").exists()
