@@ -37,13 +37,13 @@ from lib.batching import eval_batches
 from lib.cli import evaluate_parser
 from lib.config import load_config
 from lib.dataset import build_datasets, prepare_data
-from lib.diffusion import generate_maps
 from lib.errors import UserError, run_cli
 from lib.evaluation import PredictionStore, score_methods
 from lib.images import save_grid
 from lib.latents import decode_latents, encode_latents
 from lib.metrics import DB_PER_GRAY_LEVEL, METRIC_NAMES, MetricAccumulator, summarize, summarize_groups
 from lib.numfmt import fmt
+from lib.objectives import SAMPLERS, generate_maps, make_objective
 from lib.prior import MODEL_KEYS
 from lib.resume import check_compatible
 from lib.runlog import echo
@@ -75,8 +75,8 @@ def markdown(result: dict[str, Any]) -> str:
              f"simulations {', '.join(result['simulations'])}", "",
              f"Split `{pr['split']}` ({pr['maps']} {result['split']} maps), threshold {pr['threshold']:g}; "
              f"prior `{ck['prior']}` ({'EMA' if ck['prior_ema'] else 'raw'} weights), "
-             f"{result['sampler']} sampler, {result['num_inference_steps']} steps, "
-             f"{result['prediction_type']} prediction; VAE `{ck['vae']}`. Metrics on [0, 1] maps: "
+             f"objective {result['objective']}, {result['sampler']} sampler, {result['num_inference_steps']} steps "
+             f"({result['network_evaluations']} network evaluations); VAE `{ck['vae']}`. Metrics on [0, 1] maps: "
              f"mean ± std over maps (RadioDiff's convention), and set level over every pixel "
              f"(RadioUNet's: NMSE_set, RMSE_set; RMSE in dB = {pr['rmse_db_factor']:g} x RMSE_set).", "",
              "| method | NMSE | RMSE | SSIM | PSNR (dB) | NMSE_set | RMSE_set | RMSE (dB) | maps/s |",
@@ -109,7 +109,11 @@ def main() -> int:
     for flag, value in (("--baseline-samples", args.baseline_samples), ("--max-maps", args.max_maps)):
         if value is not None and value < 1:
             raise UserError(f"{flag} {value}: expected an integer >= 1")
-    sampler = args.sampler or dcfg.sampler
+    objective = make_objective(dcfg)
+    sampler = args.sampler or dcfg.sampler or SAMPLERS[dcfg.objective][0]
+    if args.sampler is not None and args.sampler not in SAMPLERS[dcfg.objective]:
+        raise UserError(f"--sampler {args.sampler}: objective {dcfg.objective} samples with "
+                        f"{' or '.join(SAMPLERS[dcfg.objective])}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
 
@@ -161,7 +165,7 @@ def main() -> int:
     store = PredictionStore(out_dir, len(eval_ds), cfg.data.image_size) if args.save_predictions else None
     rng = torch.Generator().manual_seed(cfg.seed)      # the same sampling noise every evaluation
     methods = {
-        "model": lambda b: generate_maps(prior, vae, latent_scale, b["cond"], to_model_id[b["sim_id"]], dcfg,
+        "model": lambda b: generate_maps(prior, vae, latent_scale, b["cond"], to_model_id[b["sim_id"]], objective,
                                          steps, sampler, rng),
         "vae_ceiling": lambda b: decode_latents(vae, encode_latents(vae, b["image"])),
         "distance_baseline": lambda b: baseline.predict(b["cond"], [sims[i] for i in b["sim_id"].tolist()]),
@@ -180,7 +184,8 @@ def main() -> int:
     db_factor = DB_PER_GRAY_LEVEL * (1.0 - cfg.data.threshold)
     result: dict[str, Any] = {
         "split": args.split, "num_maps": scores.accs["model"].num_maps, "simulations": sims,
-        "sampler": sampler, "num_inference_steps": steps, "prediction_type": dcfg.prediction_type,
+        "objective": dcfg.objective, "sampler": sampler, "num_inference_steps": steps,
+        "network_evaluations": objective.evaluations(steps, sampler), "prediction_type": dcfg.prediction_type,
         "latent_scale": latent_scale,
         "checkpoints": {"prior": str(info.path), "prior_step": info.step, "prior_ema": prior_ema,
                         "vae": state["vae_checkpoint"], "vae_step": state.get("vae_step"), "vae_ema": loaded.ema},
@@ -192,7 +197,8 @@ def main() -> int:
         "split": split.name, "split_seed": split.seed, "part": args.split, "maps": len(part_maps),
         "map_ids": part_maps, "map_ids_hash": maps_hash(part_maps), "max_maps": args.max_maps,
         "threshold": cfg.data.threshold, "cars_input": cfg.data.cars_input, "simulations": sims,
-        "sampler": sampler, "steps": steps, "ms_per_map": result["model"]["ms_per_map"],
+        "objective": dcfg.objective, "sampler": sampler, "steps": steps,
+        "network_evaluations": result["network_evaluations"], "ms_per_map": result["model"]["ms_per_map"],
         "rmse_db_factor": db_factor, "allow_overlap": overlaps,
         "conventions": {"mean": "per map (map x transmitter x simulation), then mean and std over them",
                         "set": "nmse_set = sum (pred - target)^2 / sum target^2 and rmse_set = sqrt(mean "

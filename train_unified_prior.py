@@ -23,7 +23,7 @@ from typing import Any, Callable, ContextManager, Iterator, Optional
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from diffusers import AutoencoderKL, DDPMScheduler
+from diffusers import AutoencoderKL
 from diffusers.training_utils import EMAModel
 from tqdm import tqdm
 
@@ -33,7 +33,6 @@ from lib.batching import eval_batches, train_batches
 from lib.cli import trainer_parser
 from lib.config import Config, load_config
 from lib.dataset import build_datasets, prepare_data
-from lib.diffusion import diffusion_loss, generate_maps, train_scheduler
 from lib.ema import ema_files, ema_state, ema_weights, make_ema
 from lib.errors import run_cli
 from lib.evaluation import gather_accumulator, gather_values, score_methods
@@ -41,6 +40,7 @@ from lib.faults import FaultPolicy
 from lib.images import save_grid
 from lib.latents import encode_latents, measure_latent_scale
 from lib.models import count_parameters
+from lib.objectives import Objective, generate_maps, make_objective
 from lib.numfmt import fmt, fmt_lr
 from lib.optim import any_process, build_optimizer, update
 from lib.prior import RESUME_KEYS, LatentPrior, prior_files
@@ -57,7 +57,7 @@ Phase = Callable[[str], ContextManager]              # bench.py passes a timer o
 @dataclass
 class Stage2:
     """What one stage-2 update touches: the prior as prepared by Accelerate (a DDP wrapper on N processes)
-    and plain, its optimizer, schedule and EMA, the frozen VAE and its latent scale, the noise schedule."""
+    and plain, its optimizer, schedule and EMA, the frozen VAE and its latent scale, the objective."""
     prior: torch.nn.Module
     prior_raw: LatentPrior
     opt: torch.optim.Optimizer
@@ -65,27 +65,27 @@ class Stage2:
     ema: Optional[EMAModel]
     vae: AutoencoderKL
     latent_scale: float
-    noise: DDPMScheduler
+    objective: Objective              # what the prior learns and how it samples (lib/objectives.py)
 
 
 def build_models(cfg: Config, accelerator: Accelerator, vae: AutoencoderKL, downsample: int) -> Stage2:
-    train_cfg = cfg.prior.train
+    train_cfg, objective = cfg.prior.train, make_objective(cfg.prior.diffusion)
     prior = LatentPrior(cfg.prior.model, cfg.vae.model.latent_channels, cfg.data.image_size,
-                        downsample, len(cfg.data.simulation))
+                        downsample, len(cfg.data.simulation), objective.outputs)
     prior = prepare_model(prior, train_cfg)                # channels_last, compile
     opt = build_optimizer(prior.parameters(), train_cfg)
     sched = build_scheduler(opt, train_cfg)                # sets the LR, every step
     prior, opt, sched = accelerator.prepare(prior, opt, sched)
     prior_raw = accelerator.unwrap_model(prior)
     return Stage2(prior, prior_raw, opt, sched, make_ema(prior_raw, train_cfg, accelerator.device),
-                  vae.to(accelerator.device), 1.0, train_scheduler(cfg.prior.diffusion))
+                  vae.to(accelerator.device), 1.0, objective)
 
 
 def train_step(m: Stage2, batches: Iterator[dict], accelerator: Accelerator, cfg: Config,
                phase: Phase = lambda name: nullcontext()) -> tuple[bool, dict]:
     """One optimizer update: ``gradient_accumulation_steps`` micro-batches, each encoded by the
     frozen VAE (scaled latents), noised at random timesteps and denoised by the prior given its
-    condition (lib/diffusion.py), with the backward of that loss; then clip, check and step
+    condition (lib/objectives.py), with the backward of that loss; then clip, check and step
     (lib/optim.py) and the EMA. Returns whether the update was applied and the loss and
     gradient norm (detached)."""
     train_cfg, device = cfg.prior.train, accelerator.device
@@ -100,7 +100,7 @@ def train_step(m: Stage2, batches: Iterator[dict], accelerator: Accelerator, cfg
             with phase("encode"), accelerator.autocast():
                 latents = encode_latents(m.vae, x).float() * m.latent_scale     # frozen, no grad
             with phase("forward"), accelerator.autocast():
-                loss = diffusion_loss(m.prior, m.noise, latents, cond, sim_id)
+                loss = m.objective.loss(m.prior, latents, cond, sim_id)
             with phase("backward"):
                 accelerator.backward(loss)
             logs.append({"loss": loss.detach()})
@@ -170,7 +170,7 @@ def main() -> int:
     if accelerator.is_main_process:
         update_run_json(run_dir, "prior", resume_note, {**scale_info, "split": split_info, "allow_overlap": overlaps})
     log.event("start", step, f"training to step {train_cfg.max_steps}, {len(sims)} simulation(s), "
-              f"{diffusion_cfg.prediction_type} prediction, {accelerator.num_processes} process(es), "
+              f"objective {diffusion_cfg.objective}, {accelerator.num_processes} process(es), "
               f"mixed precision {train_cfg.mixed_precision}", level="INFO")
 
     def validate(step: int) -> Optional[float]:
@@ -184,9 +184,9 @@ def main() -> int:
         def sample(batch: dict) -> torch.Tensor:
             with accelerator.autocast():
                 latents = encode_latents(m.vae, batch["image"]).float() * m.latent_scale
-                losses.append(diffusion_loss(m.prior_raw, m.noise, latents, batch["cond"], batch["sim_id"], rng))
+                losses.append(m.objective.loss(m.prior_raw, latents, batch["cond"], batch["sim_id"], rng))
                 return generate_maps(m.prior_raw, m.vae, m.latent_scale, batch["cond"], batch["sim_id"],
-                                     diffusion_cfg, generator=rng)
+                                     m.objective, generator=rng)
 
         with ema_weights(m.ema, m.prior_raw.parameters()), torch.no_grad():
             m.prior_raw.eval()

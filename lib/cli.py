@@ -73,8 +73,8 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("test", "val"), default="test", help="maps to evaluate on")
     p.add_argument("--steps", type=int, default=None, metavar="K",
                    help="sampling steps (default: prior.diffusion.num_inference_steps)")
-    p.add_argument("--sampler", choices=("ddim", "dpm"), default=None,
-                   help="sampler (default: prior.diffusion.sampler)")
+    p.add_argument("--sampler", choices=("ddim", "dpm", "euler", "heun"), default=None,
+                   help="sampler (default: prior.diffusion.sampler): ddim | dpm for ddpm, euler | heun for flow")
     p.add_argument("--checkpoint", default="best", metavar="best|latest|PATH",
                    help="stage-2 checkpoint under {output_dir}/prior/checkpoints, or a folder")
     p.add_argument("--baseline-samples", type=int, default=4000, metavar="N",
@@ -112,4 +112,25 @@ def bench_parser() -> argparse.ArgumentParser:
                    help="vae: skip the peak-memory probes (two child processes)")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the results here")
     p.add_argument("--memory-probe", choices=["toolkit", "reference"], help=argparse.SUPPRESS)
+    return p
+
+
+def predict_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Radio maps for new environments from a trained stage-2 checkpoint.")
+    p.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="a stage-2 checkpoint folder, e.g. runs/demo/prior/checkpoints/step-0000600")
+    p.add_argument("--buildings", metavar="PNG", help="building map of one city (8-bit grayscale, 255 = building)")
+    p.add_argument("--tx", action="append", default=[], metavar="X,Y",
+                   help="a transmitter at column X, row Y of --buildings (repeatable)")
+    p.add_argument("--cars", metavar="PNG", help="cars map of that city (for models that take cars as input)")
+    p.add_argument("--root", metavar="FOLDER", help="a RadioMapSeer-layout folder: every transmitter of its maps")
+    p.add_argument("--maps", type=int, nargs="+", metavar="ID", help="with --root: only these maps")
+    p.add_argument("--simulation", required=True, help="the simulator to predict, one the checkpoint was trained on")
+    p.add_argument("--steps", type=int, default=None, metavar="K",
+                   help="sampling steps (default: prior.diffusion.num_inference_steps of the checkpoint)")
+    p.add_argument("--sampler", choices=("ddim", "dpm", "euler", "heun"), default=None,
+                   help="sampler (default: the checkpoint's)")
+    p.add_argument("--batch-size", type=int, default=16, metavar="N", help="maps sampled together")
+    p.add_argument("--seed", type=int, default=None, help="sampling noise (default: the checkpoint's seed)")
+    p.add_argument("--out", required=True, metavar="FOLDER", help="where {simulation}/{name}_{tx}.png/.npy go")
     return p

@@ -6,8 +6,9 @@ A condition is a ``(3, S, S)`` float32 stack in [-1, 1] (:data:`CHANNELS`):
 - 1 ``transmitter``: +1 at the transmitter's pixel, -1 everywhere else;
 - 2 ``cars``: the cars map for the cars* simulations, the building map again otherwise.
 
-:func:`assemble_condition` writes it: the dataset (:mod:`lib.dataset`) calls it for every
-sample. The prior (:mod:`lib.prior`) adds one channel computed from it on the device,
+:func:`fill_condition` makes it from an environment (the maps at their own size, resized like
+the gain maps): the dataset (:mod:`lib.dataset`) for every sample, and ``predict.py`` for a new
+city. The prior (:mod:`lib.prior`) adds one channel computed from it on the device,
 :func:`distance_map` (log-distance to the transmitter), before its condition encoder.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from lib.layout import unit_into
+from lib.layout import resize_maps, to_unit, unit_into
 
 CHANNELS = ("buildings", "transmitter", "cars")
 
@@ -41,6 +42,18 @@ def assemble_condition(cond: np.ndarray, buildings: np.ndarray, cars: Optional[n
     unit_into(cond[2], cars if cars is not None else buildings)
     cond[1].fill(-1.0)
     cond[1, transmitter[0], transmitter[1]] = 1.0
+
+
+def fill_condition(cond: np.ndarray, buildings: np.ndarray, cars: Optional[np.ndarray],
+                   transmitter: tuple[int, int], native: tuple[int, int]) -> None:
+    """The condition of an environment into ``cond`` ((3, S, S) float32): ``buildings`` and
+    ``cars`` (None: the buildings again) as uint8 pixels at their own size ``native``, or float32
+    maps already at S (a cache's resized copy); ``transmitter`` is the (row, column) at ``native``.
+    Maps of another size than S are resized as the gain maps are (:func:`lib.layout.resize_maps`)."""
+    size = cond.shape[-1]
+    if buildings.shape != (size, size):
+        buildings, cars = resize_maps(to_unit(buildings, buildings if cars is None else cars), size).numpy()
+    assemble_condition(cond, buildings, cars, scale_pixel(transmitter, native, size))
 
 
 def transmitter_position(cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,3 +81,30 @@ def distance_map(cond: torch.Tensor) -> torch.Tensor:
     a few convolutions would otherwise take many steps to learn to do."""
     size = cond.shape[-1]
     return (log_distance(cond) / math.log10(size * math.sqrt(2)) * 2.0 - 1.0).to(cond.dtype)
+
+
+def obstruction_map(cond: torch.Tensor, samples: int = 32, resolution: int = 64) -> torch.Tensor:
+    """(B, 1, S, S) in [-1, 1]: the share of the straight path from the transmitter to each pixel
+    that runs through buildings (-1: line of sight, +1: all building), from the condition's
+    building channel. Sampled at ``samples`` points per path, on a grid of at most
+    ``resolution`` px (bilinearly brought to S), so that its cost does not grow with S."""
+    b, _, size, _ = cond.shape
+    n = min(size, resolution)
+    buildings = (cond[:, :1] > 0).to(torch.float32)
+    if n != size:
+        buildings = torch.nn.functional.interpolate(buildings, size=(n, n), mode="area")
+    rows, cols = transmitter_position(cond)
+    # pixel centres in grid_sample's coordinates (align_corners=False: -1 and 1 are the outer edges)
+    centre = lambda i, m: (2.0 * i.to(torch.float32) + 1.0) / m - 1.0  # noqa: E731
+    ty, tx = centre(rows, size).view(b, 1, 1, 1), centre(cols, size).view(b, 1, 1, 1)
+    grid_1d = centre(torch.arange(n, device=cond.device), n)
+    py, px = grid_1d.view(1, 1, n, 1), grid_1d.view(1, 1, 1, n)
+    f = (torch.arange(samples, device=cond.device, dtype=torch.float32) + 0.5).view(1, samples, 1, 1) / samples
+    x = (tx + f * (px - tx)).expand(b, samples, n, n)
+    y = (ty + f * (py - ty)).expand(b, samples, n, n)
+    grid = torch.stack([x, y], dim=-1).reshape(b, samples * n, n, 2)
+    inside = torch.nn.functional.grid_sample(buildings, grid, mode="bilinear", align_corners=False)
+    share = inside.view(b, samples, n, n).mean(dim=1, keepdim=True)
+    if n != size:
+        share = torch.nn.functional.interpolate(share, size=(size, size), mode="bilinear", align_corners=False)
+    return (share * 2.0 - 1.0).to(cond.dtype)

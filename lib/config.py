@@ -234,6 +234,7 @@ class PriorModelConfig:
     attention_head_dim: int = 64       # channels per attention head (attention levels, mid block)
     cond_channels: int = 64            # width of the condition encoder
     distance_channel: bool = True      # also give the encoder log-distance to the transmitter
+    obstruction_channel: bool = True   # ... and the share of the direct path inside buildings
 
     def validate(self, v: "_Validator") -> None:
         v.check(len(self.block_out_channels) >= 1, "prior.model.block_out_channels",
@@ -258,11 +259,16 @@ class PriorModelConfig:
 
 @dataclass
 class DiffusionConfig:
-    num_train_timesteps: int = 1000
-    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
-    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
-    sampler: Literal["ddim", "dpm"] = "ddim"
-    num_inference_steps: int = 50
+    """What the prior learns and how it samples (lib/objectives.py)."""
+    objective: Literal["ddpm", "radiodiff", "flow", "regression"] = "ddpm"
+    num_train_timesteps: int = 1000    # ddpm: the discrete noise schedule
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"   # ddpm
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"          # ddpm
+    sampler: Optional[Literal["ddim", "dpm", "euler", "heun"]] = None   # ddpm: ddim | dpm; flow: euler | heun
+    num_inference_steps: int = 50      # sampling steps (regression: one forward pass whatever this says)
+    radiodiff_weighting: bool = True   # radiodiff: w1 = 2 e^(1-t), w2 = e^sqrt(t) (false: 1 and 1)
+    radiodiff_loss: Literal["l2", "l1_l2"] = "l1_l2"   # radiodiff: squared errors, or (L2 + L1) / 2 as RadioDiff
+    time_eps: float = 1e-4             # radiodiff: t ~ U(time_eps, 1)
 
     def validate(self, v: "_Validator") -> None:
         v.check(self.num_train_timesteps >= 2, "prior.diffusion.num_train_timesteps",
@@ -270,6 +276,11 @@ class DiffusionConfig:
         v.check(1 <= self.num_inference_steps <= self.num_train_timesteps,
                 "prior.diffusion.num_inference_steps", self.num_inference_steps,
                 f"an integer in [1, {self.num_train_timesteps}]")
+        valid = {"ddpm": ("ddim", "dpm"), "flow": ("euler", "heun")}.get(self.objective, ())
+        v.check(self.sampler is None or self.sampler in valid, "prior.diffusion.sampler", self.sampler,
+                f"null or one of {list(valid)} for objective {self.objective}" if valid else
+                f"null: objective {self.objective} has one sampler")
+        v.check(0 < self.time_eps < 1, "prior.diffusion.time_eps", self.time_eps, "a number in (0, 1)")
 
 
 def _prior_train_defaults() -> TrainConfig:

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from lib.cache import open_configured_cache
 from lib.cache_read import PackedMaps
-from lib.condition import assemble_condition, scale_pixel
+from lib.condition import fill_condition
 from lib.errors import DataError
 from lib.layout import (NO_TX_PIXEL, BadFile, SamplePaths, cars_channels, check_headers, discover_maps, list_samples,
                         read_sample, resize_maps, sample_paths, threshold_into, to_unit, unit_into)
@@ -156,12 +156,10 @@ class RadioMapDataset(Dataset):
                                                    size, lambda: self.sample_paths(index))
         if pixel is None:
             raise BadFile(self.sample_paths(index).antenna, NO_TX_PIXEL)
-        if layers[0].shape != (size, size):
-            layers = resize_maps(to_unit(*layers), size).numpy()
         gain, buildings, third = layers
-        unit_into(image[0], gain)
+        unit_into(image[0], gain if gain.shape == (size, size) else resize_maps(to_unit(gain), size).numpy()[0])
         threshold_into(image[0], self.threshold)
-        assemble_condition(cond, buildings, third, scale_pixel(pixel, shape, size))
+        fill_condition(cond, buildings, third, pixel, shape)
         return s, map_id, tx
 
 

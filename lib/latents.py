@@ -3,7 +3,7 @@
 Latents are the posterior mean (``latent_dist.mode()``): deterministic, so the scale factor,
 the training targets and the VAE round trip draw nothing from the random number generators.
 The diffusion works on latents multiplied by the scale factor (unit variance on the
-training data, the LDM convention); :func:`lib.diffusion.generate_maps` divides it out
+training data, the LDM convention); :func:`lib.objectives.generate_maps` divides it out
 before decoding.
 """
 from __future__ import annotations

@@ -2,13 +2,14 @@
 
 - :class:`ConditionEncoder`: a small conv net that brings the condition maps
   (:mod:`lib.condition`: buildings, transmitter, cars-or-buildings; (3, S, S) in [-1, 1]),
-  plus with ``distance_channel`` the log-distance to the transmitter computed from its map,
-  down to the latent resolution.
+  plus, computed from them on the device, the log-distance to the transmitter
+  (``distance_channel``) and the share of the direct path that runs through buildings
+  (``obstruction_channel``), down to the latent resolution.
 - :class:`LatentPrior`: a diffusers ``UNet2DModel`` on ``concat(noisy latent, condition
   features)``, with the simulator id as its class embedding (``num_class_embeds`` = number
   of simulations), so one model serves every simulator and is asked for one at sampling time.
 
-What it is trained to predict, and how maps are sampled from it, is :mod:`lib.diffusion`.
+What it is trained to predict, and how latents are sampled from it, is :mod:`lib.objectives`.
 """
 from __future__ import annotations
 
@@ -18,15 +19,15 @@ import torch
 from diffusers import UNet2DModel
 from torch import nn
 
-from lib.condition import CHANNELS, distance_map
+from lib.condition import CHANNELS, distance_map, obstruction_map
 from lib.config import PriorModelConfig
 
 COND_CHANNELS = len(CHANNELS)
 UNET_DIR = "unet"
 COND_ENCODER_FILE = "cond_encoder.safetensors"
 # Config keys that make a checkpoint another model: resume and evaluate refuse a difference.
-MODEL_KEYS = ["prior.model", "prior.diffusion.num_train_timesteps", "prior.diffusion.beta_schedule",
-              "prior.diffusion.prediction_type", "vae.model", "data.image_size"]
+MODEL_KEYS = ["prior.model", "prior.diffusion.objective", "prior.diffusion.num_train_timesteps",
+              "prior.diffusion.beta_schedule", "prior.diffusion.prediction_type", "vae.model", "data.image_size"]
 # Resuming also needs the same simulations: sim_id i must keep meaning the same simulator.
 RESUME_KEYS = MODEL_KEYS + ["data.simulation"]
 
@@ -58,13 +59,13 @@ class ConditionEncoder(nn.Module):
 
 
 def build_unet(cfg: PriorModelConfig, latent_channels: int, latent_size: int,
-               num_simulations: int) -> UNet2DModel:
+               num_simulations: int, outputs: int = 1) -> UNet2DModel:
     down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention_levels)
     up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.attention_levels))
     return UNet2DModel(
         sample_size=latent_size,
         in_channels=latent_channels + cfg.cond_channels,
-        out_channels=latent_channels,
+        out_channels=latent_channels * outputs,
         down_block_types=down,
         up_block_types=up,
         block_out_channels=tuple(cfg.block_out_channels),
@@ -80,12 +81,12 @@ class LatentPrior(nn.Module):
     one DDP wrapper, one EMA)."""
 
     def __init__(self, cfg: PriorModelConfig, latent_channels: int, image_size: int,
-                 downsample: int, num_simulations: int) -> None:
+                 downsample: int, num_simulations: int, outputs: int = 1) -> None:
         super().__init__()
-        self.distance_channel = cfg.distance_channel
+        self.distance_channel, self.obstruction_channel = cfg.distance_channel, cfg.obstruction_channel
         self.cond_encoder = ConditionEncoder(cfg.cond_channels, downsample,
-                                             COND_CHANNELS + int(cfg.distance_channel))
-        self.unet = build_unet(cfg, latent_channels, image_size // downsample, num_simulations)
+                                             COND_CHANNELS + int(cfg.distance_channel) + int(cfg.obstruction_channel))
+        self.unet = build_unet(cfg, latent_channels, image_size // downsample, num_simulations, outputs)
         # Softmax attention ignores a bias added to every key, so the key biases' true gradient
         # is zero; AdamW would turn its rounding noise into steps of size lr (and runs with
         # other thread counts, e.g. a resume elsewhere, would drift apart). Keep them fixed.
@@ -100,9 +101,9 @@ class LatentPrior(nn.Module):
         return f"{self.latent_channels}x{self.latent_size}x{self.latent_size}"
 
     def encode_cond(self, cond: torch.Tensor) -> torch.Tensor:
-        if self.distance_channel:
-            cond = torch.cat([cond, distance_map(cond)], dim=1)
-        return self.cond_encoder(cond)
+        extra = ([distance_map(cond)] if self.distance_channel else []) + \
+            ([obstruction_map(cond)] if self.obstruction_channel else [])
+        return self.cond_encoder(torch.cat([cond, *extra], dim=1) if extra else cond)
 
     def denoise(self, z: torch.Tensor, t: torch.Tensor, features: torch.Tensor,
                 sim_id: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from lib.config import Config
 from lib.ema import EMA_FILE
 from lib.errors import CheckpointError
 from lib.models import build_vae
+from lib.objectives import make_objective
 from lib.prior import COND_ENCODER_FILE, UNET_DIR, LatentPrior
 
 VAE_WEIGHTS = "vae/diffusion_pytorch_model.safetensors"
@@ -159,7 +160,7 @@ def load_prior(folder: Path, cfg: Config, downsample: int, num_simulations: int,
     """The prior of stage-2 checkpoint ``folder``, built as ``cfg.prior.model`` says, frozen,
     in eval mode (its EMA weights when saved and ``use_ema``); and whether EMA was used."""
     prior = LatentPrior(cfg.prior.model, cfg.vae.model.latent_channels, cfg.data.image_size,
-                        downsample, num_simulations)
+                        downsample, num_simulations, make_objective(cfg.prior.diffusion).outputs)
     tensors, ema = read_weights(folder, {"unet.": PRIOR_WEIGHTS, "cond_encoder.": COND_ENCODER_FILE}, use_ema)
     load_weights(prior, tensors, str(folder), "set prior.model as in that checkpoint's config.yaml")
     prior.requires_grad_(False).eval().to(device)

@@ -1,6 +1,7 @@
 """Shared test utilities: tiny configs, in-process trainer runs, reading run outputs."""
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import sys
@@ -189,12 +190,16 @@ TRAINERS: dict[str, TrainerSpec] = {
                          shape_override="prior.model.cond_channels=16", watched="loss",
                          setup=tiny_prior_sections),
 }
+# Every stage-2 objective (lib/objectives.py) keeps the trainer's guarantees: the stage-2 cases of
+# the shared trainer tests run for each (the ddpm prior above is the fourth).
+for _objective in ("radiodiff", "flow", "regression"):
+    TRAINERS[f"prior-{_objective}"] = dataclasses.replace(
+        TRAINERS["prior"], extra_sections={"prior.diffusion": {"objective": _objective}})
 
 
 def trainer_config(tmp_path: Path, trainer: TrainerSpec, name: str = "tiny.yaml", **sections) -> Path:
-    merged = dict(trainer.extra_sections)
-    if trainer.setup is not None:
-        merged.update(trainer.setup(trainer.data_root))
+    merged = trainer.setup(trainer.data_root) if trainer.setup is not None else {}
+    merged.update(trainer.extra_sections)        # after the setup's sections: they refine them
     merged.update(sections)
     return tiny_config(tmp_path, trainer.data_root, name, **merged)
 

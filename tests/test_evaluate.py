@@ -43,8 +43,9 @@ def evaluated(tiny_data, tmp_path_factory):
 
 def test_metrics_json_has_the_documented_keys(evaluated):
     cfg, m, out = evaluated
-    assert set(m) == {"split", "num_maps", "simulations", "sampler", "num_inference_steps", "prediction_type",
-                      "latent_scale", "checkpoints", "model", "vae_ceiling", "distance_baseline", "protocol"}
+    assert set(m) == {"split", "num_maps", "simulations", "objective", "sampler", "num_inference_steps",
+                      "network_evaluations", "prediction_type", "latent_scale", "checkpoints", "model",
+                      "vae_ceiling", "distance_baseline", "protocol"}
     assert (m["split"], m["sampler"], m["num_inference_steps"], m["simulations"]) == ("test", "dpm", 1, SIMS)
     assert set(m["checkpoints"]) == {"prior", "prior_step", "prior_ema", "vae", "vae_step", "vae_ema"}
     p = m["protocol"]

@@ -11,9 +11,9 @@ import torch
 
 import train_unified_prior
 from lib.config import load_config
-from lib.condition import distance_map
+from lib.condition import distance_map, obstruction_map
 from lib.dataset import build_datasets
-from lib.diffusion import diffusion_loss, generate_maps, sampling_scheduler, train_scheduler
+from lib.objectives import RadioDiff, generate_maps, make_objective
 from lib.prior import LatentPrior
 from lib.schedule import lr_at
 from lib.latents import encode_latents, measure_latent_scale
@@ -32,10 +32,15 @@ def tiny(tiny_data, tmp_path_factory):
     return cfg, data, load_vae(Path(cfg.prior.vae_checkpoint), cfg)
 
 
-def build_prior(cfg, vae, seed=0):
+def build_prior(cfg, vae, seed=0, outputs=1):
     torch.manual_seed(seed)
     return LatentPrior(cfg.prior.model, cfg.vae.model.latent_channels, cfg.data.image_size,
-                       vae.downsample, len(cfg.data.simulation)).eval()
+                       vae.downsample, len(cfg.data.simulation), outputs).eval()
+
+
+def diffusion_cfg(cfg, **changes):
+    from dataclasses import replace
+    return replace(cfg.prior.diffusion, **changes)
 
 
 def batch_of(ds, n=2):
@@ -68,9 +73,20 @@ def test_simulator_embedding_changes_the_prediction(tiny):
     assert (as_dpm - as_irt2).abs().max() > 1e-4
     # and the sampled maps differ too: one model, asked for either simulator
     gen = lambda: torch.Generator().manual_seed(0)
-    maps = [generate_maps(prior, loaded.vae, 1.0, b["cond"], torch.tensor([s, s]), cfg.prior.diffusion, 2,
-                          generator=gen()) for s in (0, 1)]
+    maps = [generate_maps(prior, loaded.vae, 1.0, b["cond"], torch.tensor([s, s]), make_objective(cfg.prior.diffusion),
+                          2, generator=gen()) for s in (0, 1)]
     assert (maps[0] - maps[1]).abs().max() > 1e-5
+
+
+def test_obstruction_channel_is_the_share_of_the_path_in_buildings():
+    cond = -torch.ones(1, 3, 64, 64)
+    cond[0, 0, 20:30, :] = 1.0                                   # a wall across the map, rows 20-29
+    cond[0, 1, 5, 5] = 1.0                                        # the transmitter above it
+    m = (obstruction_map(cond)[0, 0] + 1) / 2                     # share in [0, 1]
+    assert m[5, 60] == 0 and m[15, 5] == 0                        # line of sight: nothing crossed
+    assert m[60, 5].item() == pytest.approx(10 / 55, abs=0.03)    # straight down: 10 of 55 px are wall
+    assert m[40, 5] > m[60, 5]                                    # the same wall is a larger share of a shorter path
+    assert obstruction_map(cond).shape == (1, 1, 64, 64) and obstruction_map(cond).min() >= -1
 
 
 def test_distance_channel_spreads_the_transmitter_over_the_map():
@@ -81,32 +97,122 @@ def test_distance_channel_spreads_the_transmitter_over_the_map():
     assert d[3, 10] < d[3, 20] < d[3, 31]                     # grows with the distance
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "dpm"])
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
-def test_one_and_multi_step_sampling(tiny, sampler, prediction_type):
+SAMPLINGS = ([("ddpm", {"prediction_type": p, "sampler": sp}) for p in ("epsilon", "v_prediction", "sample")
+              for sp in ("ddim", "dpm")] + [("flow", {"sampler": "euler"}), ("flow", {"sampler": "heun"}),
+                                            ("radiodiff", {}), ("regression", {})])
+
+
+@pytest.mark.parametrize("objective,changes", SAMPLINGS, ids=lambda v: v if isinstance(v, str) else "-".join(v.values()))
+def test_one_and_multi_step_sampling(tiny, objective, changes):
     cfg, data, loaded = tiny
-    dcfg = type(cfg.prior.diffusion)(**{**vars(cfg.prior.diffusion), "prediction_type": prediction_type,
-                                        "sampler": sampler})
-    prior = build_prior(cfg, loaded)
+    dcfg = diffusion_cfg(cfg, objective=objective, **changes)
+    obj = make_objective(dcfg)
+    prior = build_prior(cfg, loaded, outputs=obj.outputs)
     b = batch_of(data["val"], 3)
     rng = torch.get_rng_state()
+    if objective == "ddpm":
+        sched = obj.sampling_scheduler()
+        sched.set_timesteps(1)
+        assert sched.timesteps[0] == dcfg.num_train_timesteps - 1      # one step starts from pure noise
     for steps in (1, 4):
-        sched = sampling_scheduler(dcfg)
-        sched.set_timesteps(steps)
-        assert sched.timesteps[0] == dcfg.num_train_timesteps - 1      # starts from pure noise
-        maps = generate_maps(prior, loaded.vae, 2.0, b["cond"], b["sim_id"], dcfg, steps,
+        maps = generate_maps(prior, loaded.vae, 2.0, b["cond"], b["sim_id"], obj, steps,
                              generator=torch.Generator().manual_seed(1))
         assert maps.shape == (3, 1, cfg.data.image_size, cfg.data.image_size)
         assert torch.isfinite(maps).all() and maps.min() >= -1 and maps.max() <= 1
-        again = generate_maps(prior, loaded.vae, 2.0, b["cond"], b["sim_id"], dcfg, steps,
+        again = generate_maps(prior, loaded.vae, 2.0, b["cond"], b["sim_id"], obj, steps,
                               generator=torch.Generator().manual_seed(1))
         assert torch.equal(maps, again)
     # the validation loss with a generator is reproducible and draws nothing from the global RNG
     latents = encode_latents(loaded.vae, b["image"])
-    losses = [diffusion_loss(prior, train_scheduler(dcfg), latents, b["cond"], b["sim_id"],
-                             torch.Generator().manual_seed(2)) for _ in range(2)]
+    losses = [obj.loss(prior, latents, b["cond"], b["sim_id"], torch.Generator().manual_seed(2)) for _ in range(2)]
     assert losses[0].item() == losses[1].item() and torch.isfinite(losses[0])
     assert torch.equal(torch.get_rng_state(), rng)
+
+
+# ----------------------------------------------------------------------------- the objectives' equations
+class Oracle(torch.nn.Module):
+    """A network that knows the clean latent x0: given x_t and t it returns the true target of
+    its objective (exactly what a perfect model would), so a sampler must return x0."""
+
+    def __init__(self, x0: torch.Tensor, objective: str) -> None:
+        super().__init__()
+        self.x0, self.objective = x0, objective
+        self.latent_channels, self.latent_size = x0.shape[1], x0.shape[-1]
+        self.calls = 0
+
+    def encode_cond(self, cond):
+        return cond
+
+    def denoise(self, x, t, features, sim_id):
+        self.calls += 1
+        t = (t.double() / 1000.0).view(-1, 1, 1, 1)
+        x, x0 = x.double(), self.x0.double()
+        if self.objective == "radiodiff":                 # x_t = (1 - t) x0 + sqrt(t) eps
+            eps = (x - (1 - t) * x0) / t.sqrt()
+            return torch.cat([-x0, eps], dim=1).float()
+        return ((x - x0) / t).float()                     # flow: x_t = (1 - t) x0 + t eps, v = eps - x0
+
+    def forward(self, x, t, cond, sim_id):
+        return self.denoise(x, t, cond, sim_id)
+
+
+@pytest.mark.parametrize("objective", ["radiodiff", "flow"])
+def test_forward_process_and_reconstruction_are_exact_inverses(objective):
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64), torch.randn(4, 3, 8, 8, generator=g,
+                                                                                     dtype=torch.float64)
+    t = torch.rand(4, generator=g, dtype=torch.float64) * 0.999 + 1e-3
+    tt = t.view(-1, 1, 1, 1)
+    if objective == "radiodiff":
+        x_t = RadioDiff.forward_process(x0, t, eps)
+        assert torch.allclose(x_t, (1 - tt) * x0 + tt.sqrt() * eps, atol=1e-12)     # x0 + C t + sqrt(t) eps
+        assert torch.allclose(RadioDiff.reconstruct(x_t, t, -x0, eps), x0, atol=1e-12)
+        assert torch.allclose(RadioDiff.forward_process(x0, torch.ones(4, dtype=torch.float64), eps), eps)
+    else:
+        x_t = (1 - tt) * x0 + tt * eps
+        assert torch.allclose(x_t - tt * (eps - x0), x0, atol=1e-12)                 # one Euler step to t = 0
+
+
+@pytest.mark.parametrize("objective,sampler", [("radiodiff", None), ("flow", "euler"), ("flow", "heun")])
+@pytest.mark.parametrize("steps", [1, 4])
+def test_an_oracle_network_makes_the_sampler_return_x0(tiny, objective, sampler, steps):
+    cfg, _, _ = tiny
+    x0 = torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(3))
+    oracle = Oracle(x0, objective)
+    obj = make_objective(diffusion_cfg(cfg, objective=objective, sampler=sampler))
+    out = obj.sample(oracle, torch.zeros(2, 3, 32, 32), torch.zeros(2, dtype=torch.long), steps,
+                     generator=torch.Generator().manual_seed(4))
+    assert (out - x0).abs().max() < 1e-5
+    assert oracle.calls == obj.evaluations(steps, sampler)
+
+
+def test_radiodiff_loss_weights_and_l1_variant(tiny):
+    """The loss is w1 |C^ - C|^2 + w2 |eps^ - eps|^2 with w1 = 2 e^(1-t), w2 = e^sqrt(t); its
+    L1+L2 variant halves the sum of both kinds: checked against a direct computation."""
+    cfg, _, _ = tiny
+    x0 = torch.randn(3, 2, 8, 8, generator=torch.Generator().manual_seed(5))
+
+    class Constant(torch.nn.Module):             # predicts C^ = 0.5, eps^ = -0.25 everywhere
+        def forward(self, x, t, cond, sim_id):
+            self.t = t / 1000.0
+            return torch.cat([torch.full_like(x, 0.5), torch.full_like(x, -0.25)], dim=1)
+
+    net = Constant()
+    for loss_type, weighting in (("l2", True), ("l1_l2", True), ("l2", False)):
+        obj = make_objective(diffusion_cfg(cfg, objective="radiodiff", radiodiff_loss=loss_type,
+                                           radiodiff_weighting=weighting))
+        g = torch.Generator().manual_seed(6)
+        loss = obj.loss(net, x0, None, None, g)
+        g = torch.Generator().manual_seed(6)
+        eps = torch.randn(x0.shape, generator=g)
+        t = 1e-4 + (1 - 1e-4) * torch.rand(3, generator=g)
+        assert torch.allclose(net.t, t)
+        w1, w2 = (2 * torch.exp(1 - t), torch.exp(t.sqrt())) if weighting else (torch.ones(3), torch.ones(3))
+        c_err, e_err = 0.5 + x0, -0.25 - eps
+        expected = w1 * (c_err ** 2).mean((1, 2, 3)) + w2 * (e_err ** 2).mean((1, 2, 3))
+        if loss_type == "l1_l2":
+            expected = 0.5 * (expected + w1 * c_err.abs().mean((1, 2, 3)) + w2 * e_err.abs().mean((1, 2, 3)))
+        assert loss.item() == pytest.approx(expected.mean().item(), rel=1e-6)
 
 
 # ----------------------------------------------------------------------------- the trainer

@@ -1,0 +1,165 @@
+"""Radio maps for new environments from a trained stage-2 checkpoint.
+
+    python predict.py --checkpoint runs/demo/prior/checkpoints/step-0000600 --buildings city.png \\
+        --tx 120,37 --tx 30,200 --simulation DPM --out maps/
+    python predict.py --checkpoint runs/m/prior/checkpoints/step-0050000 --root /data/RadioMapSeer \\
+        --maps 2 14 15 --simulation DPM --steps 1 --out maps/
+
+The checkpoint holds everything needed: the prior, the VAE it decodes with (``vae/``), the latent
+scale, and in its ``config.yaml`` the model and the data conventions (image size, threshold,
+cars input). An environment is a building map (an 8-bit grayscale PNG, square, 255 = building,
+like RadioMapSeer's ``png/buildings_complete``; resized to the model's size like the training
+maps), transmitters at pixels ``--tx X,Y`` (column, row of that image) and, for a model that
+takes cars as input, a cars map. ``--root`` reads the environments of a RadioMapSeer-layout
+folder instead (``png/buildings_complete``, ``png/antennas``, ``png/cars``; all maps or
+``--maps``). Writes, per transmitter, ``{out}/{simulation}/{name}_{tx}.png`` (8 bits, the
+dataset's gray-level convention: with a threshold t the model's y is written as t + (1 - t) y)
+and ``.npy`` (the same gray level as float32 in [0, 1]), in batches, on a GPU when there is one.
+"""
+from __future__ import annotations
+
+if __name__ == "__main__":       # answer --help and honour Ctrl-C before the slow imports below
+    from lib.cli import early_start, predict_parser
+    early_start(predict_parser)
+
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from lib import checkpoint as ckpt
+from lib.cli import predict_parser
+from lib.condition import fill_condition
+from lib.config import load_config
+from lib.errors import UserError, run_cli
+from lib.layout import (ANTENNAS_DIR, BUILDINGS_DIR, CARS_DIR, BadFile, cars_channels, discover_maps,
+                        file_names, read_png, tx_pixel)
+from lib.metrics import to_unit
+from lib.objectives import SAMPLERS, generate_maps, make_objective
+from lib.runlog import echo
+from lib.weights import load_prior, load_prior_vae
+
+Environment = tuple[str, int, np.ndarray, tuple[int, int], "np.ndarray | None"]   # name, tx, buildings, pixel, cars
+
+
+def read_map(path: Path, what: str, size: int) -> np.ndarray:
+    """An environment map: an 8-bit grayscale PNG, square, at least the model's size."""
+    try:
+        arr = read_png(path, None)
+    except BadFile as exc:
+        raise UserError(f"{what} {path}: {exc.reason}") from None
+    if arr.shape[0] != arr.shape[1] or arr.shape[0] < size:
+        raise UserError(f"{what} {path}: {arr.shape[1]}x{arr.shape[0]} px; expected a square map of at least "
+                        f"{size}x{size} (the model's size; larger maps are resized to it)")
+    return arr
+
+
+def given_environment(args, size: int, cars_needed: bool) -> Iterator[Environment]:
+    """--buildings, --tx and --cars: one city, any number of transmitters."""
+    buildings = read_map(Path(args.buildings), "--buildings", size)
+    cars = read_map(Path(args.cars), "--cars", size) if args.cars else None
+    if cars is not None and cars.shape != buildings.shape:
+        raise UserError(f"--cars {args.cars}: {cars.shape[1]}x{cars.shape[0]} px, the buildings "
+                        f"{buildings.shape[1]}x{buildings.shape[0]}")
+    if cars_needed and cars is None:
+        raise UserError("this checkpoint takes cars as input (data.cars_input); pass --cars CARS.png")
+    n = buildings.shape[0]
+    for i, text in enumerate(args.tx):
+        try:
+            x, y = (int(v) for v in text.split(","))
+        except ValueError:
+            raise UserError(f"--tx {text}: expected X,Y (column,row in pixels), e.g. --tx 120,37") from None
+        if not (0 <= x < n and 0 <= y < n):
+            raise UserError(f"--tx {text}: outside the {n}x{n} map (X and Y in 0..{n - 1})")
+        if buildings[y, x] > 127:
+            echo(f"WARNING: --tx {text} is inside a building")
+        yield Path(args.buildings).stem, i, buildings, (y, x), cars if cars_needed else None
+
+
+def folder_environments(args, size: int, cars_needed: bool) -> Iterator[Environment]:
+    """--root: every transmitter of every map (or of --maps) of a RadioMapSeer-layout folder."""
+    root = Path(args.root)
+    found = discover_maps(root)
+    maps = args.maps if args.maps else found
+    missing = sorted(set(maps) - set(found))
+    if missing:
+        raise UserError(f"--maps: {len(missing)} map(s) not in {root / BUILDINGS_DIR} (first: {missing[0]})")
+    txs: dict[int, list[int]] = {}
+    for name in file_names(root / ANTENNAS_DIR):
+        m, _, t = name[:-4].partition("_")
+        if name.endswith(".png") and m.isdigit() and t.isdigit():
+            txs.setdefault(int(m), []).append(int(t))
+    for m in maps:
+        buildings = read_map(root / BUILDINGS_DIR / f"{m}.png", "buildings map", size)
+        cars = read_map(root / CARS_DIR / f"{m}.png", "cars map", size) if cars_needed else None
+        for t in sorted(txs.get(m, [])):
+            pixel = tx_pixel(read_png(root / ANTENNAS_DIR / f"{m}_{t}.png", buildings.shape))
+            if pixel is None:
+                raise UserError(f"{root / ANTENNAS_DIR / f'{m}_{t}.png'}: no transmitter pixel")
+            yield str(m), t, buildings, pixel, cars
+
+
+def main() -> int:
+    args = predict_parser().parse_args()
+    info = ckpt.resolve(args.checkpoint, Path(args.checkpoint).parent, echo, option="--checkpoint")
+    cfg = load_config(info.path / "config.yaml")
+    if (args.root is None) == (args.buildings is None):
+        raise UserError("give --buildings PNG (with --tx) or --root FOLDER")
+    if args.buildings and not args.tx:
+        raise UserError("--buildings needs at least one --tx X,Y")
+    trained = list(info.state["simulations"])
+    if args.simulation not in trained:
+        raise UserError(f"--simulation {args.simulation}: {info.path} was trained on {', '.join(trained)}")
+    dcfg = cfg.prior.diffusion
+    steps = dcfg.num_inference_steps if args.steps is None else args.steps
+    if not 1 <= steps <= dcfg.num_train_timesteps or args.batch_size < 1:
+        raise UserError(f"--steps {steps} / --batch-size {args.batch_size}: expected integers >= 1")
+    sampler = args.sampler or dcfg.sampler or SAMPLERS[dcfg.objective][0]
+    if args.sampler is not None and args.sampler not in SAMPLERS[dcfg.objective]:
+        raise UserError(f"--sampler {args.sampler}: objective {dcfg.objective} samples with "
+                        f"{' or '.join(SAMPLERS[dcfg.objective])}")
+    size, threshold = cfg.data.image_size, cfg.data.threshold
+    cars_needed = cars_channels([args.simulation], cfg.data.cars_input)[0]
+    environments = list((folder_environments if args.root else given_environment)(args, size, cars_needed))
+    if not environments:
+        raise UserError(f"--root {args.root}: no transmitters to predict for")
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    loaded = load_prior_vae(info, cfg, device)
+    prior, _ = load_prior(info.path, cfg, loaded.downsample, len(trained), device)
+    objective, latent_scale = make_objective(dcfg), float(info.state["latent_scale"])
+    out = Path(args.out) / args.simulation
+    out.mkdir(parents=True, exist_ok=True)
+    rng = torch.Generator().manual_seed(cfg.seed if args.seed is None else args.seed)
+    sim_id = trained.index(args.simulation)
+    seconds = 0.0
+    with torch.no_grad(), tqdm(total=len(environments), desc="predict", unit="map", dynamic_ncols=True) as bar:
+        for start in range(0, len(environments), args.batch_size):
+            batch = environments[start:start + args.batch_size]
+            cond = np.empty((len(batch), 3, size, size), dtype=np.float32)
+            for k, (_, _, buildings, pixel, cars) in enumerate(batch):
+                fill_condition(cond[k], buildings, cars, pixel, buildings.shape)
+            t0 = time.perf_counter()
+            maps = generate_maps(prior, loaded.vae, latent_scale, torch.from_numpy(cond).to(device),
+                                 torch.full((len(batch),), sim_id, device=device), objective, steps, sampler, rng)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds += time.perf_counter() - t0
+            gray = to_unit(maps.float()).cpu().numpy()[:, 0]
+            if threshold > 0:              # back from RadioUNet's thresholded units to the gray level
+                gray = threshold + (1.0 - threshold) * gray
+            for (name, tx, *_), g in zip(batch, gray):
+                np.save(out / f"{name}_{tx}.npy", g.astype(np.float32))
+                Image.fromarray(np.rint(g * 255.0).astype(np.uint8), mode="L").save(out / f"{name}_{tx}.png")
+            bar.update(len(batch))
+    echo(f"{len(environments)} maps in {seconds:.2f} s of sampling ({len(environments) / max(seconds, 1e-9):.3g} "
+         f"maps/s; objective {dcfg.objective}, {sampler}, {steps} steps, {device.type}); written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
