@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import Subset
-from tqdm import tqdm
 
 from lib.baselines import fit_distance_baseline
 from lib.batching import eval_batches
@@ -39,27 +38,28 @@ from lib.config import load_config
 from lib.dataset import build_datasets, prepare_data
 from lib.errors import UserError, run_cli
 from lib.evaluation import PredictionStore, score_methods
-from lib.images import save_grid
+from lib.images import save_samples
 from lib.latents import decode_latents, encode_latents
 from lib.metrics import DB_PER_GRAY_LEVEL, METRIC_NAMES, MetricAccumulator, summarize, summarize_groups
 from lib.numfmt import fmt
 from lib.objectives import SAMPLERS, generate_maps, make_objective
 from lib.prior import MODEL_KEYS
+from lib.progress import echo, progress
 from lib.resume import check_compatible
-from lib.runlog import echo
 from lib.splits import check_overlap, data_mismatch, maps_hash, protocol_warnings, split_record
 from lib.weights import load_prior, load_prior_vae, resolve_trained
 
 METHODS = {"model": "model (prior + VAE decode)", "vae_ceiling": "VAE round trip (ceiling)",
            "distance_baseline": "distance only (log-distance fit)"}
+GRID_TITLES = {"model": "model", "vae_ceiling": "VAE round trip", "distance_baseline": "distance only"}
 
 
 def method_summary(acc: MetricAccumulator, seconds: float, db_factor: float) -> dict[str, Any]:
     values, groups = acc.values(), acc.groups()
     out: dict[str, Any] = summarize(values)
     out["rmse_db"] = db_factor * out["rmse_set"]
-    out["maps_per_sec"] = out["num_maps"] / seconds if seconds > 0 else None
-    out["ms_per_map"] = 1000 * seconds / out["num_maps"] if out["num_maps"] else None
+    out["samples_per_sec"] = out["num_samples"] / seconds if seconds > 0 else None
+    out["ms_per_sample"] = 1000 * seconds / out["num_samples"] if out["num_samples"] else None
     out["per_simulator"] = summarize_groups(values, groups)
     for d in out["per_simulator"].values():
         d["rmse_db"] = db_factor * d["rmse_set"]
@@ -71,27 +71,27 @@ def markdown(result: dict[str, Any]) -> str:
         return f"{fmt(d[k])} ± {fmt(d[k + '_std'])}"
 
     ck, pr = result["checkpoints"], result["protocol"]
-    lines = [f"# Evaluation on the {result['split']} split: {result['num_maps']} maps, "
-             f"simulations {', '.join(result['simulations'])}", "",
+    lines = [f"# Evaluation on the {result['split']} split: {result['num_samples']} samples "
+             f"({result['protocol']['maps']} maps x transmitters x simulations {', '.join(result['simulations'])})", "",
              f"Split `{pr['split']}` ({pr['maps']} {result['split']} maps), threshold {pr['threshold']:g}; "
              f"prior `{ck['prior']}` ({'EMA' if ck['prior_ema'] else 'raw'} weights), "
              f"objective {result['objective']}, {result['sampler']} sampler, {result['num_inference_steps']} steps "
-             f"({result['network_evaluations']} network evaluations); VAE `{ck['vae']}`. Metrics on [0, 1] maps: "
-             f"mean ± std over maps (RadioDiff's convention), and set level over every pixel "
+             f"({result['network_evaluations']} network evaluations); VAE `{ck['vae']}`. Metrics on [0, 1] gray levels: "
+             f"mean ± std over samples (RadioDiff's convention), and set level over every pixel "
              f"(RadioUNet's: NMSE_set, RMSE_set; RMSE in dB = {pr['rmse_db_factor']:g} x RMSE_set).", "",
-             "| method | NMSE | RMSE | SSIM | PSNR (dB) | NMSE_set | RMSE_set | RMSE (dB) | maps/s |",
+             "| method | NMSE | RMSE | SSIM | PSNR (dB) | NMSE_set | RMSE_set | RMSE (dB) | samples/s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for key, title in METHODS.items():
         d = result[key]
         lines.append(f"| {title} | " + " | ".join(cell(d, m) for m in METRIC_NAMES) +
-                     f" | {fmt(d['nmse_set'])} | {fmt(d['rmse_set'])} | {fmt(d['rmse_db'])} | {fmt(d['maps_per_sec'])} |")
+                     f" | {fmt(d['nmse_set'])} | {fmt(d['rmse_set'])} | {fmt(d['rmse_db'])} | {fmt(d['samples_per_sec'])} |")
     lines += ["", "Per simulator:", "",
-              "| simulator | method | maps | NMSE | RMSE | SSIM | PSNR (dB) | NMSE_set | RMSE_set |",
+              "| simulator | method | samples | NMSE | RMSE | SSIM | PSNR (dB) | NMSE_set | RMSE_set |",
               "|---|---|---|---|---|---|---|---|---|"]
     for sim in result["simulations"]:
         for key, title in METHODS.items():
             d = result[key]["per_simulator"][sim]
-            lines.append(f"| {sim} | {title} | {d['num_maps']} | " +
+            lines.append(f"| {sim} | {title} | {d['num_samples']} | " +
                          " | ".join(cell(d, m) for m in METRIC_NAMES) + f" | {fmt(d['nmse_set'])} | {fmt(d['rmse_set'])} |")
     if pr["allow_overlap"]:
         lines += ["", "**Measured on maps a model was trained on (--allow-overlap):** " +
@@ -118,7 +118,7 @@ def main() -> int:
     torch.manual_seed(cfg.seed)
 
     # ------------------------------------------------------------------ checkpoints
-    info = resolve_trained("prior", args.checkpoint, cfg.output_dir, args.config)
+    info = resolve_trained("prior", args.checkpoint, cfg.output_dir, cfg.flags)
     check_compatible(info, cfg, MODEL_KEYS)
     state = info.state
     trained_sims = list(state["simulations"])
@@ -171,8 +171,7 @@ def main() -> int:
         "distance_baseline": lambda b: baseline.predict(b["cond"], [sims[i] for i in b["sim_id"].tolist()]),
     }
     batch_size = cfg.batch_size("prior")
-    with torch.no_grad(), tqdm(total=len(eval_ds), desc=f"evaluate {args.split}", unit="sample",
-                               dynamic_ncols=True) as bar:
+    with torch.no_grad(), progress(len(eval_ds), desc=f"evaluate {args.split}", unit="sample") as bar:
         def after(batch: dict, preds: dict) -> None:
             if store is not None:
                 store.add(preds["model"], batch["image"], batch["map_id"].tolist(), batch["tx"].tolist(),
@@ -183,7 +182,7 @@ def main() -> int:
     # ------------------------------------------------------------------ report
     db_factor = DB_PER_GRAY_LEVEL * (1.0 - cfg.data.threshold)
     result: dict[str, Any] = {
-        "split": args.split, "num_maps": scores.accs["model"].num_maps, "simulations": sims,
+        "split": args.split, "num_samples": scores.accs["model"].num_samples, "simulations": sims,
         "objective": dcfg.objective, "sampler": sampler, "num_inference_steps": steps,
         "network_evaluations": objective.evaluations(steps, sampler), "prediction_type": dcfg.prediction_type,
         "latent_scale": latent_scale,
@@ -198,7 +197,7 @@ def main() -> int:
         "map_ids": part_maps, "map_ids_hash": maps_hash(part_maps), "max_maps": args.max_maps,
         "threshold": cfg.data.threshold, "cars_input": cfg.data.cars_input, "simulations": sims,
         "objective": dcfg.objective, "sampler": sampler, "steps": steps,
-        "network_evaluations": result["network_evaluations"], "ms_per_map": result["model"]["ms_per_map"],
+        "network_evaluations": result["network_evaluations"], "ms_per_sample": result["model"]["ms_per_sample"],
         "rmse_db_factor": db_factor, "allow_overlap": overlaps,
         "conventions": {"mean": "per map (map x transmitter x simulation), then mean and std over them",
                         "set": "nmse_set = sum (pred - target)^2 / sum target^2 and rmse_set = sqrt(mean "
@@ -210,11 +209,8 @@ def main() -> int:
     (out_dir / "metrics.md").write_text(table, encoding="utf-8")
     written = [out_dir / "metrics.json", out_dir / "metrics.md"]
     if scores.first is not None:
-        f = scores.first
-        save_grid(out_dir / "samples.png",
-                  [("buildings+tx", f["cond"], "cond"), ("ground truth", f["image"], "map")]
-                  + [(k.replace("_", " "), f[k], "map") for k in METHODS]
-                  + [("|model error|", (f["model"] - f["image"]).abs() / 2, "error")])
+        save_samples(out_dir / "samples.png", scores.first, {GRID_TITLES[k]: k for k in METHODS}, sims,
+                     cfg.data.threshold)
         written.append(out_dir / "samples.png")
     if store is not None:
         written += [store.close(), out_dir / "predictions"]

@@ -29,7 +29,6 @@ from typing import Iterator
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from lib import checkpoint as ckpt
 from lib.cli import predict_parser
@@ -40,7 +39,7 @@ from lib.layout import (ANTENNAS_DIR, BUILDINGS_DIR, CARS_DIR, BadFile, cars_cha
                         file_names, read_png, tx_pixel)
 from lib.metrics import to_unit
 from lib.objectives import SAMPLERS, generate_maps, make_objective
-from lib.runlog import echo
+from lib.progress import echo, progress
 from lib.weights import load_prior, load_prior_vae
 
 Environment = tuple[str, int, np.ndarray, tuple[int, int], "np.ndarray | None"]   # name, tx, buildings, pixel, cars
@@ -137,7 +136,7 @@ def main() -> int:
     rng = torch.Generator().manual_seed(cfg.seed if args.seed is None else args.seed)
     sim_id = trained.index(args.simulation)
     seconds = 0.0
-    with torch.no_grad(), tqdm(total=len(environments), desc="predict", unit="map", dynamic_ncols=True) as bar:
+    with torch.no_grad(), progress(len(environments), desc="predict", unit="sample") as bar:
         for start in range(0, len(environments), args.batch_size):
             batch = environments[start:start + args.batch_size]
             cond = np.empty((len(batch), 3, size, size), dtype=np.float32)
@@ -156,8 +155,8 @@ def main() -> int:
                 np.save(out / f"{name}_{tx}.npy", g.astype(np.float32))
                 Image.fromarray(np.rint(g * 255.0).astype(np.uint8), mode="L").save(out / f"{name}_{tx}.png")
             bar.update(len(batch))
-    echo(f"{len(environments)} maps in {seconds:.2f} s of sampling ({len(environments) / max(seconds, 1e-9):.3g} "
-         f"maps/s; objective {dcfg.objective}, {sampler}, {steps} steps, {device.type}); written to {out}")
+    echo(f"{len(environments)} samples (radio maps) in {seconds:.2f} s of sampling ({len(environments) / max(seconds, 1e-9):.3g} "
+         f"samples/s; objective {dcfg.objective}, {sampler}, {steps} steps, {device.type}); written to {out}")
     return 0
 
 

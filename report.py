@@ -28,8 +28,9 @@ from typing import Optional
 
 from lib.analysis import analyze
 from lib.errors import UserError, run_cli
+from lib.forked import finish_helper, start_helper
 from lib.read_run import load_run, resolve_inputs
-from lib.report_figures import finish_helper, make_figures, start_helper
+from lib.report_figures import make_figures
 from lib.report_text import FIGURES, build_summary, span_text, write_csv, write_markdown
 
 

@@ -25,7 +25,6 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers import AutoencoderKL
 from diffusers.training_utils import EMAModel
-from tqdm import tqdm
 
 from lib import checkpoint as ckpt
 from lib.accel import prepare_model
@@ -37,13 +36,14 @@ from lib.ema import ema_files, ema_state, ema_weights, make_ema
 from lib.errors import run_cli
 from lib.evaluation import gather_accumulator, gather_values, score_methods
 from lib.faults import FaultPolicy
-from lib.images import save_grid
+from lib.images import save_samples
 from lib.latents import encode_latents, measure_latent_scale
 from lib.models import count_parameters
-from lib.objectives import Objective, generate_maps, make_objective
 from lib.numfmt import fmt, fmt_lr
+from lib.objectives import Objective, generate_maps, make_objective
 from lib.optim import any_process, build_optimizer, update
 from lib.prior import RESUME_KEYS, LatentPrior, prior_files
+from lib.progress import progress
 from lib.resume import check_resume, restore_run
 from lib.run import begin_run, close_run, open_run, print_dry_run
 from lib.runlog import MeanTracker, StartupLog, mean_logs, update_run_json
@@ -119,7 +119,9 @@ def main() -> int:
     cfg = load_config(args.config, args.set)
     train_cfg, diffusion_cfg = cfg.prior.train, cfg.prior.diffusion
     if args.dry_run:
-        return print_dry_run(cfg, "prior")
+        vae = stage1_checkpoint(cfg) if args.resume is None else None     # a resumed prior keeps its own
+        return print_dry_run(cfg, "prior", args.resume is not None,
+                             notes=[("stage-1 VAE", f"{vae.path} (step {vae.step})" if vae else "the resumed run's")])
     run_dir = Path(cfg.output_dir) / "prior"
     ckpt_dir = run_dir / "checkpoints"
     accelerator = begin_run(cfg, "prior", run_dir, resuming=args.resume is not None)   # nothing written yet
@@ -128,7 +130,7 @@ def main() -> int:
     checked = check_resume(resume, cfg, RESUME_KEYS, args.allow_data_change) if resume else None
 
     # ------------------------------------------------------------------ the frozen stage-1 VAE, data
-    vae_info = stage1_checkpoint(cfg, args.config, resume, start.warning)   # a resumed run keeps its VAE
+    vae_info = stage1_checkpoint(cfg, resume, start.warning)   # a resumed run keeps its VAE
     loaded = load_vae(vae_info.path, cfg)                 # frozen, eval mode; a mismatch is an error
     with accelerator.main_process_first():      # the synthetic default is generated once
         split = prepare_data(cfg.data, cfg.seed, start.info)
@@ -141,7 +143,7 @@ def main() -> int:
     for warning in protocol_warnings(split) + notes + data_mismatch(vae_info.state.get("split"), split_info):
         start.warning(warning)
     start.info(f"data: split {split.describe()}; {len(train_ds)} training and {len(val_ds)} validation samples "
-               f"of {sims} ({cfg.data.source}, {cfg.data.root}, {cfg.data.image_size} px)")
+               f"of {', '.join(sims)} ({cfg.data.source}, {cfg.data.root}, {cfg.data.image_size} px)")
     log = open_run(cfg, run_dir, accelerator, start)
 
     # ------------------------------------------------------------------ models, optimizer, schedule
@@ -163,7 +165,8 @@ def main() -> int:
         log.info(f"latent scale factor {m.latent_scale:.6g} (from the checkpoint)")
     else:
         m.latent_scale = measure_latent_scale(m.vae, train_ds, cfg.batch_size("prior"),
-                                              cfg.prior.latent_scale_batches, accelerator.device, log.info)
+                                              cfg.prior.latent_scale_batches, accelerator.device,
+                                              log.info if accelerator.is_main_process else None)   # + a bar
     m.vae.register_to_config(scaling_factor=m.latent_scale)   # in the VAE copy each checkpoint holds
     scale_info = {"latent_scale": m.latent_scale, "vae_checkpoint": str(vae_info.path), "vae_step": vae_info.step,
                   "vae_ema": loaded.ema, "vae_split": vae_info.state.get("split"), "simulations": sims}
@@ -203,13 +206,10 @@ def main() -> int:
         best_val = min(best_val, val_loss)
         log.record("val", step, {"loss": val_loss, **{k: metrics[k] for k in ("nmse", "rmse", "ssim", "psnr")},
                                  **{f"nmse_{s}": v["nmse"] for s, v in by_sim.items()},
-                                 "num_maps": metrics["num_maps"], "seconds": time.perf_counter() - t0})
+                                 "num_samples": metrics["num_samples"], "seconds": time.perf_counter() - t0})
         if accelerator.is_main_process and scores.first is not None:
-            f = scores.first
-            save_grid(run_dir / "samples" / f"step-{step:07d}.png",
-                      [("buildings+tx", f["cond"], "cond"), ("ground truth", f["image"], "map"),
-                       ("prediction", f["prediction"], "map"),
-                       ("|error|", (f["prediction"] - f["image"]).abs() / 2, "error")])
+            save_samples(run_dir / "samples" / f"step-{step:07d}.png", scores.first, {"prediction": "prediction"},
+                         sims, cfg.data.threshold)
         return val_loss
 
     def save(step: int, val_loss: Optional[float]) -> None:
@@ -230,8 +230,8 @@ def main() -> int:
     reduce = (lambda t: accelerator.reduce(t, "mean")) if accelerator.num_processes > 1 else None
     tracker, lrs = MeanTracker(), {"lr": m.opt}
     log.start_clock(step)
-    with faults.signals(), tqdm(total=train_cfg.max_steps, initial=step, desc="prior", dynamic_ncols=True,
-                                disable=not accelerator.is_main_process) as bar:   # SIGTERM/SIGINT: exit 3
+    with faults.signals(), progress(train_cfg.max_steps, step, "prior", show=accelerator.is_main_process) as bar:
+        # SIGTERM/SIGINT: finish the step, checkpoint, exit 3
         while step < stop_at and not faults.stopping:
             applied, logs = train_step(m, data_iter, accelerator, cfg)
             batches += train_cfg.gradient_accumulation_steps
@@ -241,7 +241,8 @@ def main() -> int:
                 step += 1
                 bar.update(1)
             if applied and (step % train_cfg.log_every == 0 or step == stop_at):
-                record = log.train_record(step, tracker, lrs, reduce, {"nonfinite_skipped": faults.nonfinite.total})
+                record = log.train_record(step, tracker, lrs, reduce, {"nonfinite_skipped": faults.nonfinite.total},
+                                          echo=bar.disable)        # no bar (not a terminal): the line instead
                 check_schedules(train_cfg, step, lrs)      # the schedule guard: LR == lr_at(step)
                 bar.set_postfix_str(f"loss {fmt(record['loss'])} lr {fmt_lr(record['lr'])}")
                 faults.after_record(step, record["loss"], "loss")   # the divergence watchdog

@@ -25,7 +25,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers.training_utils import EMAModel
-from tqdm import tqdm
 
 from lib import checkpoint as ckpt
 from lib.accel import prepare_model
@@ -37,11 +36,12 @@ from lib.ema import ema_files, ema_state, ema_weights, make_ema
 from lib.errors import run_cli
 from lib.evaluation import gather_accumulator, gather_values, score_methods
 from lib.faults import FaultPolicy
-from lib.images import save_grid
+from lib.images import save_samples
 from lib.losses import discriminator_loss, generator_loss, load_perceptual, reconstruction_map
 from lib.models import PatchDiscriminator, VAEWithLogvar, build_discriminator, count_parameters, frozen
 from lib.numfmt import fmt, fmt_lr
 from lib.optim import any_process, build_optimizer, update
+from lib.progress import progress
 from lib.resume import check_resume, restore_run
 from lib.run import begin_run, close_run, open_run, print_dry_run
 from lib.runlog import MeanTracker, StartupLog, mean_logs, update_run_json
@@ -135,7 +135,7 @@ def main() -> int:
     cfg = load_config(args.config, args.set)
     train_cfg, loss_cfg = cfg.vae.train, cfg.vae.loss
     if args.dry_run:
-        return print_dry_run(cfg, "vae", {"disc_start": loss_cfg.disc_start})
+        return print_dry_run(cfg, "vae", args.resume is not None, {"disc_start": loss_cfg.disc_start})
     run_dir = Path(cfg.output_dir) / "vae"
     ckpt_dir = run_dir / "checkpoints"
     accelerator = begin_run(cfg, "vae", run_dir, resuming=args.resume is not None)   # nothing written yet
@@ -201,11 +201,10 @@ def main() -> int:
         val_loss = float(gather_values(accelerator, torch.cat(rec_losses)).mean())
         best_val = min(best_val, val_loss)
         log.record("val", step, {"rec_loss": val_loss, **{k: metrics[k] for k in ("psnr", "ssim", "nmse", "rmse")},
-                                 "num_maps": metrics["num_maps"], "seconds": time.perf_counter() - t0})
+                                 "num_samples": metrics["num_samples"], "seconds": time.perf_counter() - t0})
         if accelerator.is_main_process and scores.first is not None:
-            x, rec = scores.first["image"], scores.first["reconstruction"]
-            save_grid(run_dir / "samples" / f"step-{step:07d}.png", [("input", x, "map"), ("reconstruction", rec, "map"),
-                                                                      ("|error|", (rec - x).abs() / 2, "error")])
+            save_samples(run_dir / "samples" / f"step-{step:07d}.png", scores.first, {"reconstruction": "reconstruction"},
+                         val_ds.simulations, cfg.data.threshold, truth="input", condition=False)
         return val_loss
 
     def save(step: int, val_loss: Optional[float]) -> None:
@@ -225,12 +224,13 @@ def main() -> int:
     tracker, lrs = MeanTracker(), {"lr": m.opt_g, "lr_disc": m.opt_d}
     disc_started = step > loss_cfg.disc_start
     log.start_clock(step)
-    with faults.signals(), tqdm(total=train_cfg.max_steps, initial=step, desc="vae", dynamic_ncols=True,
-                                disable=not accelerator.is_main_process) as bar:   # SIGTERM/SIGINT: exit 3
+    with faults.signals(), progress(train_cfg.max_steps, step, "vae", show=accelerator.is_main_process) as bar:
+        # SIGTERM/SIGINT: finish the step, checkpoint, exit 3
         while step < stop_at and not faults.stopping:
             disc_active = step >= loss_cfg.disc_start and loss_cfg.disc_weight > 0
             if disc_active and not disc_started:
-                log.event("disc_start", step, "discriminator starts training (disc_factor 0 -> 1)", level="INFO")
+                log.event("disc_start", step, "discriminator starts training (disc_factor 0 -> 1); from here on the "
+                          "records add g_loss, d_weight, disc_loss, logits_real, logits_fake", level="INFO")
                 disc_started = True
             applied, logs = train_step(m, data_iter, accelerator, cfg, disc_active)
             batches += train_cfg.gradient_accumulation_steps
@@ -240,7 +240,8 @@ def main() -> int:
                 step += 1
                 bar.update(1)
             if applied and (step % train_cfg.log_every == 0 or step == stop_at):
-                record = log.train_record(step, tracker, lrs, reduce, {"nonfinite_skipped": faults.nonfinite.total})
+                record = log.train_record(step, tracker, lrs, reduce, {"nonfinite_skipped": faults.nonfinite.total},
+                                          echo=bar.disable)        # no bar (not a terminal): the line instead
                 check_schedules(train_cfg, step, lrs)      # the schedule guard: LR == lr_at(step)
                 bar.set_postfix_str(f"rec_loss {fmt(record['rec_loss'])} lr {fmt_lr(record['lr'])}")
                 faults.after_record(step, record["rec_loss"], "rec_loss")   # the divergence watchdog

@@ -7,7 +7,7 @@ For each objective, trains the prior with ``train_unified_prior.py`` (the config
 only ``prior.diffusion.objective`` changed; its own run folder under ``--out``), then runs
 ``evaluate.py`` on the test split at each number of sampling steps (those that apply: the
 regression has one forward pass), and prints a Markdown table (NMSE, RMSE, SSIM, PSNR: mean
-over samples; maps/s; training seconds) next to the VAE ceiling and the distance-only baseline,
+over samples; samples/s; training seconds) next to the VAE ceiling and the distance-only baseline,
 and writes it with every number to ``--out/objectives.json`` and ``objectives.md``. Every run is
 the real command line, in a fresh process.
 """
@@ -15,21 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def run(cmd: list[str]) -> float:
-    """Run a command from the repository root; its wall seconds (it must succeed)."""
-    t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True)
-    if r.returncode != 0:
-        sys.exit(f"failed ({r.returncode}): {' '.join(cmd)}\n{r.stderr[-3000:]}")
-    return time.perf_counter() - t0
+from commands import ROOT, run   # benchmarks/commands.py
 
 
 def main() -> int:
@@ -49,7 +38,7 @@ def main() -> int:
     if vae is None:
         from lib.weights import resolve_trained
         vae = str(resolve_trained("vae", "latest", ROOT / cfg.output_dir if not Path(cfg.output_dir).is_absolute()
-                                  else cfg.output_dir, a.config, warn=lambda m: None).path)
+                                  else cfg.output_dir, cfg.flags, warn=lambda m: None).path)
     out = Path(a.out)
     rows, results = [], {}
     ceiling = baseline = None
@@ -63,20 +52,20 @@ def main() -> int:
             run(["evaluate.py", "--config", a.config, *flags, "--steps", str(steps), "--checkpoint", "latest"])
             m = json.loads((out / objective / "eval" / "metrics.json").read_text())
             results[objective]["steps"][steps] = {k: m["model"][k] for k in
-                                                  ("nmse", "rmse", "ssim", "psnr", "nmse_set", "maps_per_sec")}
+                                                  ("nmse", "rmse", "ssim", "psnr", "nmse_set", "samples_per_sec")}
             results[objective]["steps"][steps]["evaluations"] = m["network_evaluations"]
             results[objective]["sampler"] = m["sampler"]
             ceiling, baseline = m["vae_ceiling"], m["distance_baseline"]
             r = results[objective]["steps"][steps]
             rows.append(f"| {objective} ({m['sampler']}) | {steps} | {r['evaluations']} | {r['nmse']:.4g} | "
-                        f"{r['rmse']:.4g} | {r['ssim']:.4g} | {r['psnr']:.4g} | {r['maps_per_sec']:.4g} | "
+                        f"{r['rmse']:.4g} | {r['ssim']:.4g} | {r['psnr']:.4g} | {r['samples_per_sec']:.4g} | "
                         f"{train_s:.0f} |")
             print(rows[-1], flush=True)
     for name, d in (("VAE round trip (ceiling)", ceiling), ("distance only", baseline)):
         rows.append(f"| {name} | - | - | {d['nmse']:.4g} | {d['rmse']:.4g} | {d['ssim']:.4g} | {d['psnr']:.4g} | "
-                    f"{d['maps_per_sec']:.4g} | - |")
+                    f"{d['samples_per_sec']:.4g} | - |")
     table = "\n".join(["| objective (sampler) | steps | network evaluations | NMSE | RMSE | SSIM | PSNR (dB) | "
-                       "maps/s | stage-2 training (s) |", "|---|---|---|---|---|---|---|---|---|", *rows])
+                       "samples/s | stage-2 training (s) |", "|---|---|---|---|---|---|---|---|---|", *rows])
     results["vae_ceiling"], results["distance_baseline"] = ceiling, baseline
     (out / "objectives.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "objectives.md").write_text(table + "\n")

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from lib.findings import (HIGHER_IS_BETTER, LOSS_COLUMNS, Analysis, Finding, disc_inactive, disc_phase, divergence,
+from lib.findings import (COUNT_COLUMNS, HIGHER_IS_BETTER, LOSS_COLUMNS, Analysis, Finding, disc_inactive, disc_phase, divergence,
                           logvar, nonfinite, total_across_phases, train_steps)
 from lib.findings_schedule import lr_findings, resume_findings
 from lib.read_run import schedule_for
@@ -62,7 +62,7 @@ def run_stats(run: ParsedRun, a: Analysis) -> dict[str, Any]:
         if len(cv):
             final[c] = {"step": int(cs[-1]), "value": float(cv[-1])}
         fs, fv = run.series(c)
-        if c in ("lr", "kl_loss", "g_loss", "disc_loss") or len(fv) == 0:
+        if c in ("lr", "kl_loss", "g_loss", "disc_loss") or c.endswith(COUNT_COLUMNS) or len(fv) == 0:
             continue
         if c == "total_loss" and a.disc_phase_start is not None:
             continue     # not comparable across the phase switch

@@ -38,11 +38,31 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 
-from lib.cache_read import (INDEX, VERSION, VIEW_DONE, CacheError, Log, PackedMaps, detail, folder_fingerprint,
-                            source_folders)
+from lib.cache_read import (
+    INDEX,
+    VERSION,
+    VIEW_DONE,
+    CacheError,
+    Log,
+    PackedMaps,
+    detail,
+    folder_fingerprint,
+    source_folders,
+)
 from lib.errors import DataError, run_cli
-from lib.layout import (BadFile, cars_channels, discover_maps, list_samples, read_png, relative, resize_maps,
-                        sample_paths, to_unit, tx_pixel)
+from lib.layout import (
+    BadFile,
+    cars_channels,
+    discover_maps,
+    list_samples,
+    read_png,
+    relative,
+    resize_maps,
+    sample_paths,
+    to_unit,
+    tx_pixel,
+)
+from lib.progress import progress
 
 if TYPE_CHECKING:
     from lib.config import DataConfig
@@ -115,7 +135,9 @@ def build(root: str | os.PathLike, simulations: Sequence[str], out: str | os.Pat
         gains = {s: array(f"gain-{s}", (len(pairs), *size)) for s in sims}
         present = {(m, t, int(s)) for m, t, s in zip(maps.tolist(), txs.tolist(), sim_idx.tolist())}
         step = max(1, len(pairs) // 10)
+        bar = progress(len(pairs), desc=f"packing {root.name}", unit="transmitter")
         for i, (m, t) in enumerate(pairs):
+            bar.update(1)
             if m not in buildings:
                 continue
             p = sample_paths(root, m, t, sims[0], False)
@@ -127,9 +149,10 @@ def build(root: str | os.PathLike, simulations: Sequence[str], out: str | os.Pat
                     gain = decode(sample_paths(root, m, t, sim, False).gain, size, p.buildings)
                     if gain is not None:
                         gains[sim][i] = gain
-            if (i + 1) % step == 0 and len(pairs) >= 1000:
+            if bar.disable and (i + 1) % step == 0 and len(pairs) >= 1000:      # no bar: a line per 10 %
                 log(f"data.cache: packed {i + 1}/{len(pairs)} transmitters "
                     f"({time.perf_counter() - t0:.0f} s)")
+        bar.close()
         for arr in [b_arr, t_arr, *gains.values()] + ([c_arr] if cars else []):
             arr.flush()
         del b_arr, t_arr, gains

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import shlex
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -309,6 +310,7 @@ class Config:
     # Not config keys: where the config came from and the warnings validation raised.
     source_path: str = field(default="<defaults>", metadata={"internal": True})
     warnings: list[str] = field(default_factory=list, metadata={"internal": True})
+    flags: str = field(default="", metadata={"internal": True})   # the user's --config / --set, for hints
 
     def validate(self) -> None:
         v = _Validator(self.source_path)
@@ -384,6 +386,10 @@ def _describe(tp: Any) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
 
 
+# String keys for which ``off`` is a value (YAML reads an unquoted off as false: accepted as "off").
+OFF_KEYS = ("data.cache",)
+
+
 def _convert(tp: Any, value: Any, key: str, source: str, default: Any = None) -> Any:
     def bad() -> ConfigError:
         return ConfigError(f"{source}: {key} = {value!r} has the wrong type; expected {_describe(tp)}")
@@ -400,6 +406,10 @@ def _convert(tp: Any, value: Any, key: str, source: str, default: Any = None) ->
         if value is None:
             return None
         return _convert(args[0], value, key, source)
+    if isinstance(value, bool):               # YAML reads an unquoted off / on as a boolean
+        word = "on" if value else "off"
+        if (key in OFF_KEYS and word == "off") or (origin is Literal and word in typing.get_args(tp)):
+            value = word
     if origin is Literal:
         if not any(value == a and type(value) is type(a) for a in typing.get_args(tp)):
             raise ConfigError(f"{source}: {key} = {value!r} is invalid; expected {_describe(tp)}")
@@ -520,6 +530,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         source += " (with --set)"
     cfg = _build(Config, raw, "", source)
     cfg.source_path = source
+    cfg.flags = " ".join(shlex.quote(a) for a in (["--config", str(path)] if path is not None else []) +
+                         [x for o in overrides or [] for x in ("--set", o)])
     cfg.validate()
     return cfg
 

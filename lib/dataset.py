@@ -24,14 +24,28 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from lib.cache import open_configured_cache
 from lib.cache_read import PackedMaps
 from lib.condition import fill_condition
 from lib.errors import DataError
-from lib.layout import (NO_TX_PIXEL, BadFile, SamplePaths, cars_channels, check_headers, discover_maps, list_samples,
-                        read_sample, resize_maps, sample_paths, threshold_into, to_unit, unit_into)
+from lib.layout import (
+    EXPECTED_TX,
+    NO_TX_PIXEL,
+    BadFile,
+    SamplePaths,
+    cars_channels,
+    check_headers,
+    discover_maps,
+    list_samples,
+    read_sample,
+    resize_maps,
+    sample_paths,
+    threshold_into,
+    to_unit,
+    unit_into,
+)
+from lib.progress import progress
 from lib.splits import Split, make_split
 from lib.synthetic import ensure_synthetic
 
@@ -66,8 +80,8 @@ class RadioMapDataset(Dataset):
         self._cars = np.array(cars_channels(self.simulations, cars_input), dtype=bool)
         listing = list_samples(self.root, self.simulations, map_ids, tx_per_map, on_bad_file, self._cars.tolist())
         # Every file is checked now (headers, or the cache's record), not found bad at step N.
-        with tqdm(total=len(listing) * 3, desc=f"checking {self.root} files", unit="file", leave=False,
-                  disable=len(listing) < 20_000, mininterval=1.0) as bar:
+        with progress(len(listing) * 3, desc=f"checking {self.root} files", unit="file", leave=False,
+                      show=len(listing) >= 20_000, mininterval=1.0) as bar:
             listing = check_headers(self.root, listing, self.simulations, self._cars.tolist(), on_bad_file,
                                     None if cache is None else cache.bad, bar.update)
         self._map, self._tx, self._sim = listing.maps, listing.txs, listing.sims
@@ -187,3 +201,42 @@ def build_datasets(data_cfg, seed: int, parts: Sequence[str] = ("train", "val"),
                                   tx_per_map=data_cfg.tx_per_map, on_bad_file=data_cfg.on_bad_file, log=log,
                                   cache=cache, cars_input=data_cfg.cars_input, threshold=data_cfg.threshold)
             for part in parts}
+
+
+def describe_data(data_cfg, seed: int) -> list[str]:
+    """What ``--dry-run`` says about the data, from file listings only (nothing is read or
+    written): the split, and per part and simulation the maps, transmitters per map and
+    samples. A missing ``data.root`` (real data) or missing maps raise the error a run gives;
+    synthetic data that a run would generate is described from its config."""
+    root, sims = Path(data_cfg.root), list(data_cfg.simulation)
+    counts: dict[tuple[str, str], tuple[int, int]] = {}        # (part, simulation) -> (maps, samples)
+    if data_cfg.source == "synthetic" and not root.exists():
+        syn = data_cfg.synthetic
+        split = make_split(data_cfg, range(syn.num_maps))
+        head = (f"data.root {root} not found: a run generates the synthetic dataset there ({syn.num_maps} maps x "
+                f"{syn.tx_per_map} transmitters, {syn.size} px, seed {seed})")
+        for part in ("train", "val", "test"):
+            for sim in sims:
+                tx = len([t for t in range(syn.tx_per_map) if t in EXPECTED_TX.get(sim, range(syn.tx_per_map))])
+                tx = min(tx, data_cfg.tx_per_map or tx)
+                counts[part, sim] = (len(split.maps(part)), len(split.maps(part)) * tx)
+    else:
+        split = prepare_data(data_cfg, seed, log=lambda m: None)      # root exists: nothing is generated
+        head = f"data.root {root} ({data_cfg.source}, found {len(discover_maps(root))} maps)"
+        cars = cars_channels(sims, data_cfg.cars_input)
+        for part in ("train", "val", "test"):
+            listing = list_samples(root, sims, split.maps(part), data_cfg.tx_per_map, data_cfg.on_bad_file, cars)
+            for i, sim in enumerate(sims):
+                mine = listing.sims == i
+                counts[part, sim] = (len(np.unique(listing.maps[mine])), int(mine.sum()))
+            if listing.skipped:
+                head += f"; {part}: {len(listing.skipped)} file(s) would be skipped (on_bad_file skip)"
+    lines = [head, f"split {split.describe()}; images {data_cfg.image_size} px, threshold {data_cfg.threshold:g}",
+             f"{'part':<6} {'simulation':<12} {'maps':>6} {'tx/map':>7} {'samples':>9}"]
+    for part in ("train", "val", "test"):
+        for sim in sims:
+            maps, samples = counts[part, sim]
+            lines.append(f"{part:<6} {sim:<12} {maps:>6} {samples / max(maps, 1):>7.3g} {samples:>9,}")
+        lines.append(f"{part:<6} {'(all)':<12} {len(split.maps(part)):>6} {'':>7} "
+                     f"{sum(counts[part, s][1] for s in sims):>9,}")
+    return lines

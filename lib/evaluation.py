@@ -68,6 +68,7 @@ def score_methods(batches: Iterable[dict], methods: dict[str, Method], device: t
             out.accs[name].update(preds[name], x, names)
         if out.first is None:
             out.first = {"image": x.cpu(), "cond": batch["cond"].cpu(),
+                         **{k: batch[k].cpu() for k in ("map_id", "tx", "sim_id")},
                          **{k: p.float().cpu() for k, p in preds.items()}}
         out.batches += 1
         if after is not None:

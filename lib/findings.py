@@ -60,6 +60,7 @@ MAIN_LOSSES = ("rec_loss", "loss", "loss_simple")
 LOSS_COLUMNS = ("total_loss", "rec_loss", "nll_loss", "kl_loss", "g_loss", "disc_loss",
                 "loss", "loss_simple", "loss_vlb")
 HIGHER_IS_BETTER = ("psnr", "ssim")
+COUNT_COLUMNS = ("num_samples", "num_maps", "seconds", "steps_per_sec", "nonfinite_skipped")  # no "best"
 
 
 @dataclass
@@ -81,7 +82,7 @@ class Analysis:
     lr_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     lr_expected: Optional[np.ndarray] = None       # schedule at lr_steps
     disc_phase_start: Optional[int] = None         # first step with the GAN term
-    disc_phase_source: Optional[str] = None        # "disc_factor" | "config"
+    disc_phase_source: Optional[str] = None        # "event" | "disc_factor" | "config"
     resume_marks: list[tuple[int, str]] = field(default_factory=list)
     main_loss: Optional[str] = None
     smoothing_window: int = 5
@@ -149,6 +150,10 @@ def disc_phase(run: ParsedRun, a: Analysis, out: list[Finding]) -> None:
         if on.any():
             i = int(np.argmax(on))
             a.disc_phase_start, a.disc_phase_source = int(steps[i]), "disc_factor"
+            events = [e for e in run.events if e.get("event") == "disc_start"]
+            if events and int(steps[max(i - 1, 0)]) <= int(events[0]["step"]) <= int(steps[i]):
+                # the trainer's event is exact; a record step is where the mean first shows it
+                a.disc_phase_start, a.disc_phase_source = int(events[0]["step"]), "event"
             if i == 0:
                 out.append(Finding("disc_start", "Discriminator phase already on at the first record",
                                    [int(steps[0]), int(steps[0])],
@@ -162,7 +167,6 @@ def disc_phase(run: ParsedRun, a: Analysis, out: list[Finding]) -> None:
             if cfg_start is not None and not (prev <= cfg_start <= int(steps[i])):
                 sev = "warning"
                 extra = f"; this does not match the configured disc_start = {fmt_step(cfg_start)}"
-            events = [e for e in run.events if e.get("event") == "disc_start"]
             ev = f"; trainer event disc_start at step {fmt_step(events[0]['step'])}" if events else ""
             out.append(Finding("disc_start", "Discriminator start",
                                [prev, int(steps[i])],
@@ -191,7 +195,8 @@ def disc_inactive(run: ParsedRun, a: Analysis, out: list[Finding]) -> None:
     post = gen_steps[gen_steps >= start]
     if len(post) < MIN_RECORDS:
         return
-    where = f"from step {fmt_step(start)} ({'disc_factor' if a.disc_phase_source == 'disc_factor' else 'configured disc_start'})"
+    source = {"event": "the trainer's disc_start event", "disc_factor": "disc_factor"}
+    where = f"from step {fmt_step(start)} ({source.get(a.disc_phase_source, 'configured disc_start')})"
     d_steps, d = run.series("disc_loss", finite=False)
     keep = d_steps >= start
     d_steps, d = d_steps[keep], d[keep]

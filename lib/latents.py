@@ -19,6 +19,7 @@ from torch.utils.data import Dataset, Subset
 
 from lib.batching import eval_batches
 from lib.errors import UserError
+from lib.progress import progress
 
 
 @torch.no_grad()
@@ -45,8 +46,11 @@ def measure_latent_scale(vae: AutoencoderKL, dataset: Dataset, batch_size: int, 
     t0 = time.perf_counter()
     n = min(len(dataset), batch_size * num_batches)
     indices = np.linspace(0, len(dataset) - 1, n).round().astype(int).tolist()
-    latents = [encode_latents(vae, b["image"].to(device)).float().flatten().cpu()
-               for b in eval_batches(Subset(dataset, indices), batch_size)]
+    latents = []
+    with progress(math.ceil(n / batch_size), desc="latent scale", unit="batch", show=log is not None) as bar:
+        for b in eval_batches(Subset(dataset, indices), batch_size):
+            latents.append(encode_latents(vae, b["image"].to(device)).float().flatten().cpu())
+            bar.update(1)
     std = float(torch.cat(latents).std())
     if not math.isfinite(std) or std <= 0:
         raise UserError(f"the VAE's latents have std {std} on {n} training samples; the latent "

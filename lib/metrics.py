@@ -22,7 +22,7 @@ float64.
 
 Two conventions (``../shared/docs/PROTOCOLS.md``):
 
-- per map, then mean (and std) over maps (RadioDiff's ``calc_loss_test``): the keys above;
+- per sample, then mean (and std) over samples (RadioDiff's ``calc_loss_test``): the keys above;
 - set level (RadioUNet: "the square root of the MSE on the whole test set"): ``nmse_set``
   = sum over every pixel of the set of ``(p - t)^2`` / sum of ``t^2``, and ``rmse_set`` =
   ``sqrt(mean over every pixel of the set of (p - t)^2)``, from the per-map sums ``sq_err``,
@@ -32,10 +32,10 @@ Two conventions (``../shared/docs/PROTOCOLS.md``):
 :data:`DB_PER_GRAY_LEVEL`: RadioMapSeer's gray levels span 80 dB of pathloss (RadioUNet: "the
 RMSE in dB is 80 times the RMSE of gray level", unthresholded maps).
 
-Accumulating over an evaluation: :class:`MetricAccumulator` keeps the per-map values (one
-1-D float64 CPU tensor per update and metric) and, optionally, a group id per map (e.g. the
-simulation name). Summaries are the mean and the *population* std (``correction=0``) over
-maps. For multi-process evaluation gather the per-map tensors from :meth:`values` (and the
+A *sample* is one radio map: city map x transmitter x simulation. Accumulating over an
+evaluation: :class:`MetricAccumulator` keeps the per-sample values (one 1-D float64 CPU
+tensor per update and metric) and, optionally, a group id per sample (e.g. the simulation
+name). Summaries are the mean and the *population* std (``correction=0``) over samples. For multi-process evaluation gather the per-map tensors from :meth:`values` (and the
 group lists from :meth:`groups`, e.g. with ``gather_object``) and call :func:`summarize` /
 :func:`summarize_groups` on the concatenation, or combine accumulators with
 :meth:`MetricAccumulator.merge` / :meth:`MetricAccumulator.from_state`.
@@ -141,13 +141,13 @@ def _check_values(values: Mapping[str, torch.Tensor]) -> int:
 
 
 def summarize(values: Mapping[str, torch.Tensor]) -> dict[str, float]:
-    """Mean and population std over maps of per-map values.
+    """Mean and population std over samples of per-sample values.
 
     ``values`` maps each of ``METRIC_NAMES`` to a tensor of per-map values (any shape, it
     is flattened; e.g. the ``torch.cat`` of tensors gathered from several processes).
-    Returns ``{name: mean, name + "_std": std, ..., "num_maps": n}`` as Python numbers, and
-    ``nmse_set`` / ``rmse_set`` when ``values`` has the sums (:data:`SUM_NAMES`); with no maps
-    the means and stds are ``nan`` and ``num_maps`` is 0.
+    Returns ``{name: mean, name + "_std": std, ..., "num_samples": n}`` as Python numbers, and
+    ``nmse_set`` / ``rmse_set`` when ``values`` has the sums (:data:`SUM_NAMES`); with no samples
+    the means and stds are ``nan`` and ``num_samples`` is 0.
     """
     n = _check_values(values)
     out: dict[str, float] = {}
@@ -163,7 +163,7 @@ def summarize(values: Mapping[str, torch.Tensor]) -> dict[str, float]:
         else:
             out[name] = v.mean().item()
             out[f"{name}_std"] = v.std(correction=0).item()
-    out["num_maps"] = n
+    out["num_samples"] = n
     return out
 
 
@@ -173,7 +173,7 @@ def summarize_groups(
     """:func:`summarize` per group; ``groups[i]`` is the group of map ``i``. Keys sorted."""
     n = _check_values(values)
     if len(groups) != n:
-        raise ValueError(f"got {len(groups)} group ids for {n} maps")
+        raise ValueError(f"got {len(groups)} group ids for {n} samples")
     index: dict[str, list[int]] = {}
     for i, g in enumerate(groups):
         index.setdefault(str(g), []).append(i)
@@ -195,7 +195,7 @@ class MetricAccumulator:
     def __init__(self) -> None:
         self._chunks: dict[str, list[torch.Tensor]] = {n: [] for n in METRIC_NAMES + SUM_NAMES}
         self._groups: list[str] | None = None  # None: no grouped update seen (yet)
-        self._num_maps = 0
+        self._num_samples = 0
         self._sums = True         # every update had the set-level sums
 
     # ------------------------------------------------------------------ filling
@@ -207,7 +207,7 @@ class MetricAccumulator:
     ) -> dict[str, torch.Tensor]:
         """Compute :func:`per_map_metrics` of a batch, store them and return them."""
         if groups is not None and len(groups) != pred.shape[0]:
-            raise ValueError(f"got {len(groups)} group ids for a batch of {pred.shape[0]} maps")
+            raise ValueError(f"got {len(groups)} group ids for a batch of {pred.shape[0]} samples")
         values = per_map_metrics(pred, target)
         self.add(values, groups)
         return values
@@ -218,17 +218,17 @@ class MetricAccumulator:
         """Store already computed per-map values (and optional group ids)."""
         n = _check_values(values)
         if groups is not None and len(groups) != n:
-            raise ValueError(f"got {len(groups)} group ids for {n} maps")
+            raise ValueError(f"got {len(groups)} group ids for {n} samples")
         self._add_groups(groups, n)
         self._sums = self._sums and all(k in values for k in SUM_NAMES)
         for name in METRIC_NAMES + (SUM_NAMES if self._sums else ()):
             self._chunks[name].append(
                 values[name].detach().reshape(-1).to(device="cpu", dtype=torch.float64)
             )
-        self._num_maps += n
+        self._num_samples += n
 
     def _add_groups(self, groups: Sequence[str] | None, n: int) -> None:
-        if self._num_maps == 0:  # nothing stored yet: this update decides
+        if self._num_samples == 0:  # nothing stored yet: this update decides
             self._groups = None if groups is None else []
         elif (self._groups is not None) != (groups is not None):
             raise ValueError(
@@ -241,7 +241,7 @@ class MetricAccumulator:
 
     def merge(self, other: "MetricAccumulator") -> "MetricAccumulator":
         """Append all maps of ``other`` (e.g. another process's accumulator); returns self."""
-        if other._num_maps == 0:
+        if other._num_samples == 0:
             return self
         self.add(other.values(), other.groups())
         return self
@@ -252,12 +252,12 @@ class MetricAccumulator:
 
     # ------------------------------------------------------------------ reading
     def __len__(self) -> int:
-        return self._num_maps
+        return self._num_samples
 
     @property
-    def num_maps(self) -> int:
+    def num_samples(self) -> int:
         """Number of maps stored."""
-        return self._num_maps
+        return self._num_samples
 
     def values(self) -> dict[str, torch.Tensor]:
         """All per-map values: ``{name: (N,) float64 CPU tensor}`` in update order (the

@@ -9,6 +9,7 @@ step every optimizer and every schedule, or none (:func:`apply_updates`).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
@@ -88,8 +89,13 @@ def apply_updates(accelerator: Accelerator, optimizers: Sequence[torch.optim.Opt
             for opt in optimizers:
                 opt.step()
     if applied:
-        for sched in schedulers:
-            sched.step()
+        with warnings.catch_warnings():
+            # Before disc_start the discriminator's schedule advances with the step count while
+            # its optimizer does not step: torch's "lr_scheduler.step() before optimizer.step()"
+            # warning is expected there (the schedule guard checks every LR at every log step).
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            for sched in schedulers:
+                sched.step()
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     return applied

@@ -7,19 +7,21 @@ from __future__ import annotations
 import math
 import textwrap
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 
-from lib.findings import Analysis, moving_average
+from lib.findings import LOSS_COLUMNS, Analysis, moving_average
+from lib.forked import finish_helper, start_helper
 from lib.numfmt import fmt, fmt_step
+from lib.progress import progress
 from lib.report_text import FIGURES, dashboard_lines, final_text, run_name, span_text
 from lib.runtable import ParsedRun
 
 MAX_PLOT_BINS = 1500        # points per curve after min/max-envelope downsampling
 DPI = 100
-COLORS = {"main": "#1f77b4", "ma": "#d62728", "disc": "#d62728", "resume": "#555555",
-          "sched": "#ff7f0e"}
+COLORS = {"main": "#1f77b4", "ma": "#d62728", "disc": "#9467bd", "resume": "#555555",
+          "sched": "#ff7f0e", "best": "#2ca02c"}
 
 
 # --------------------------------------------------------------------------- plotting helpers
@@ -92,7 +94,7 @@ def mark_phases(ax, analysis: Analysis, labels: bool = True) -> None:
     if analysis.disc_phase_start is not None:
         ax.axvline(analysis.disc_phase_start, color=COLORS["disc"], linewidth=1.0, linestyle="-",
                    label=f"disc start (step {fmt_step(analysis.disc_phase_start)})" if labels else None)
-        ax.axvspan(analysis.disc_phase_start, max(xlim[1], analysis.disc_phase_start), color="#ff7f0e",
+        ax.axvspan(analysis.disc_phase_start, max(xlim[1], analysis.disc_phase_start), color=COLORS["disc"],
                    alpha=0.06, label="discriminator phase" if labels else None)
     labelled: set[str] = set()
     for step, kind in analysis.resume_marks:
@@ -132,7 +134,8 @@ def fig_phases(run: ParsedRun, a: Analysis, path: Path) -> None:
                          "not comparable across it)", fontsize=10)
         ax.legend(fontsize=7, loc="upper right")
     axes[-1, 0].set_xlabel("step")
-    fig.suptitle("Training phases: main losses, discriminator start and resumes")
+    fig.suptitle("Training phases: main losses, discriminator start and resumes" if a.disc_phase_start is not None
+                 else "Training: main losses and resumes")
     fig.subplots_adjust(left=0.08, right=0.98, top=1 - 0.75 / fig.get_figheight(),
                         bottom=0.45 / fig.get_figheight(), hspace=0.35)
     _finish(fig, path)
@@ -162,9 +165,9 @@ def fig_components(run: ParsedRun, a: Analysis, path: Path) -> None:
     _finish(fig, path)
 
 
-def fig_lr(run: ParsedRun, a: Analysis, path: Path) -> None:
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(11, 4.5))
+def lr_curves(ax, run: ParsedRun, a: Analysis) -> list[str]:
+    """Logged LR (zeros as triangles at the bottom), lr_disc and the configured schedule on a
+    log scale; returns notes for the reader."""
     steps, lr = run.series("lr")
     notes = []
     positives = []
@@ -178,7 +181,7 @@ def fig_lr(run: ParsedRun, a: Analysis, path: Path) -> None:
         zeros = ~pos
         if zeros.any():
             zx, _ = _stride(steps[zeros], lr[zeros], bins=150)
-            ax.plot(zx, np.full(len(zx), 0.02), linestyle="none", marker="v", color="#9467bd",
+            ax.plot(zx, np.full(len(zx), 0.02), linestyle="none", marker="v", color="#8c564b",
                     markersize=4, transform=ax.get_xaxis_transform(), clip_on=False,
                     label=f"logged lr = 0 ({int(zeros.sum())} records)")
             notes.append(f"{int(zeros.sum())} of {len(lr)} records log lr = 0"
@@ -191,7 +194,7 @@ def fig_lr(run: ParsedRun, a: Analysis, path: Path) -> None:
         p = dl > 0
         if p.any():
             xs, ys = _stride(ds[p], dl[p])
-            ax.plot(xs, ys, color="#2ca02c", linewidth=0.8, linestyle=":", label="logged lr_disc")
+            ax.plot(xs, ys, color=COLORS["best"], linewidth=0.8, linestyle=":", label="logged lr_disc")
     if a.schedule is not None and len(run.steps):
         lo, hi = int(run.steps.min()), int(run.steps.max())
         if run.max_steps:
@@ -213,8 +216,15 @@ def fig_lr(run: ParsedRun, a: Analysis, path: Path) -> None:
     for step, kind in a.resume_marks:
         ax.axvline(step, color=COLORS["resume"], linewidth=0.8, linestyle="--")
     ax.set_xlabel("step")
-    ax.set_ylabel("learning rate")
     ax.grid(True, alpha=0.3, which="both")
+    return notes
+
+
+def fig_lr(run: ParsedRun, a: Analysis, path: Path) -> None:
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    notes = lr_curves(ax, run, a)
+    ax.set_ylabel("learning rate")
     ax.legend(fontsize=8, loc="upper right")
     ax.set_title("Learning rate: logged vs configured schedule (log scale)")
     note_lines = [line for n in notes for line in textwrap.wrap(n, 160)]
@@ -237,7 +247,7 @@ def fig_validation(run: ParsedRun, a: Analysis, path: Path) -> bool:
             ax.plot(s, v, marker="o", markersize=3, linewidth=1)
             higher = name.endswith(("psnr", "ssim"))
             i = int(np.argmax(v) if higher else np.argmin(v))
-            ax.plot([s[i]], [v[i]], marker="*", markersize=10, color="#2ca02c", linestyle="none")
+            ax.plot([s[i]], [v[i]], marker="*", markersize=10, color=COLORS["best"], linestyle="none")
             best = f"; best {fmt(v[i])} at step {fmt_step(s[i])}"
         else:
             best = ""
@@ -256,58 +266,100 @@ def fig_validation(run: ParsedRun, a: Analysis, path: Path) -> bool:
     return True
 
 
-def fig_dashboard(run: ParsedRun, a: Analysis, path: Path) -> None:
-    import matplotlib.pyplot as plt
-    fig = plt.figure(figsize=(11.7, 8.3))
-    gs = fig.add_gridspec(3, 2, height_ratios=[1.0, 1.1, 1.4], hspace=0.35, wspace=0.25,
-                          left=0.05, right=0.97, top=0.92, bottom=0.03)
-    ax_t = fig.add_subplot(gs[0, 0])
-    ax_t.axis("off")
-    ax_t.set_title("Run", loc="left", fontsize=11)
-    ax_t.text(0, 1, "\n".join(textwrap.fill(l, 70, subsequent_indent="  ") for l in dashboard_lines(run, a)),
-              va="top", fontsize=7.5, family="monospace", transform=ax_t.transAxes)
-    ax_p = fig.add_subplot(gs[0, 1])
+def _text_panel(ax, title: str, lines: list[str], fontsize: float = 7.5) -> None:
+    ax.axis("off")
+    ax.set_title(title, loc="left", fontsize=11)
+    ax.text(0, 1, "\n".join(lines) or "none", va="top", fontsize=fontsize, family="monospace",
+            transform=ax.transAxes)
+
+
+def _progress(ax, run: ParsedRun) -> None:
     t = run.time
     ok = np.isfinite(t)
-    if ok.any():
-        h = (t[ok] - t[ok].min()) / 3600
-        xs, ys = _stride(h, run.steps[ok].astype(np.float64))
-        ax_p.plot(xs, ys, ".", markersize=1.5)
-        ax_p.set_xlabel("hours since the first record")
-        ax_p.set_ylabel("step")
-        if run.max_steps:
-            ax_p.axhline(run.max_steps, color="#888888", linestyle=":", linewidth=0.8)
-        ax_p.grid(True, alpha=0.3)
-        ax_p.set_title("progress (slope = steps per hour)", fontsize=9)
-    else:
-        ax_p.axis("off")
-        ax_p.text(0.5, 0.5, "no time stamps", ha="center", transform=ax_p.transAxes)
-    ax_v = fig.add_subplot(gs[1, :])
-    ax_v.axis("off")
-    ax_v.set_title("Final and best values", loc="left", fontsize=11)
-    rows = [f"{'column':<16} {'final':>34} {'at step':>9}   {'best':>16} {'at step':>9}"]
+    if not ok.any():
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no time stamps", ha="center", transform=ax.transAxes)
+        return
+    h = (t[ok] - t[ok].min()) / 3600
+    xs, ys = _stride(h, run.steps[ok].astype(np.float64))
+    ax.plot(xs, ys, ".", markersize=2, color=COLORS["main"])
+    ax.set_xlabel("hours since the first record")
+    ax.set_ylabel("step")
+    if run.max_steps:
+        ax.axhline(run.max_steps, color="#888888", linestyle=":", linewidth=0.8, label="max_steps")
+        ax.legend(fontsize=7, loc="lower right")
+    ax.grid(True, alpha=0.3)
+    ax.set_title("progress (slope = steps per hour)", fontsize=10)
+
+
+def _value_rows(a: Analysis, limit: int) -> list[str]:
+    rows = [f"{'column':<16} {'final':>30} {'at step':>8}  {'best':>16} {'at step':>8}"]
     for name, f in a.stats.get("final", {}).items():
         b = a.stats.get("best", {}).get(name)
         best = f"{fmt(b['value'])} ({b['rule']})" if b else "-"
-        rows.append(f"{name:<16} {final_text(f):>34} {fmt_step(f['step']):>9}   {best:>16} "
-                    f"{fmt_step(b['step']) if b else '-':>9}")
-    if len(rows) > 16:
-        rows = rows[:15] + [f"... {len(rows) - 15} more columns in report.md"]
-    ax_v.text(0, 1, "\n".join(rows) if len(rows) > 1 else "no values", va="top", fontsize=7.5,
-              family="monospace", transform=ax_v.transAxes)
-    ax_f = fig.add_subplot(gs[2, :])
-    ax_f.axis("off")
-    ax_f.set_title(f"Findings ({len(a.findings)})", loc="left", fontsize=11)
-    lines = []
-    for f in a.findings[:10]:
-        head = f"[{f.severity}] {f.id} ({span_text(f.steps)}): "
-        body = textwrap.shorten(f.evidence, 300, placeholder=" ...")
-        lines += textwrap.wrap(head + body, 150, subsequent_indent="    ")
-    if len(a.findings) > 10:
-        lines.append(f"... and {len(a.findings) - 10} more in report.md / summary.json")
-    ax_f.text(0, 1, "\n".join(lines[:24]) or "none", va="top", fontsize=7, family="monospace",
-              transform=ax_f.transAxes)
-    fig.suptitle(f"Dashboard: {run_name(run) if run.sources else 'run'}", fontsize=12)
+        rows.append(f"{name:<16} {final_text(f):>30} {fmt_step(f['step']):>8}  {best:>16} "
+                    f"{fmt_step(b['step']) if b else '-':>8}")
+    if len(rows) > limit:
+        rows = rows[:limit - 1] + [f"... {len(rows) - limit + 1} more columns in report.md"]
+    return rows if len(rows) > 1 else []
+
+
+def _finding_lines(a: Analysis, width: int, limit: int) -> list[str]:
+    """Whole findings (never cut inside one), as many as fit in ``limit`` lines."""
+    lines: list[str] = []
+    for k, f in enumerate(a.findings):
+        block = textwrap.wrap(f"[{f.severity}] {f.id} ({span_text(f.steps)}): {f.evidence}", width,
+                              subsequent_indent="    ")
+        if len(lines) + len(block) > limit - (k + 1 < len(a.findings)):
+            lines.append(f"... {len(a.findings) - k} more finding(s) in report.md / summary.json")
+            break
+        lines += block
+    return lines
+
+
+def fig_dashboard(run: ParsedRun, a: Analysis, path: Path) -> None:
+    """One page (A4 landscape): the run, its progress, the main loss and the key validation
+    metric, final and best values, and the findings."""
+    import matplotlib.pyplot as plt
+    fig = plt.figure(figsize=(11.7, 8.3))
+    gs = fig.add_gridspec(4, 2, height_ratios=[0.75, 1.5, 1.45, 0.9], hspace=0.55, wspace=0.16,
+                          left=0.06, right=0.98, top=0.93, bottom=0.02)
+    _text_panel(fig.add_subplot(gs[0, 0]), "Run",
+                [textwrap.fill(line, 78, subsequent_indent="  ") for line in dashboard_lines(run, a)])
+    _progress(fig.add_subplot(gs[0, 1]), run)
+    ax_l = fig.add_subplot(gs[1, 0])
+    main = a.main_loss or next((c for c in LOSS_COLUMNS if run.has(c)), None)
+    if main and plot_series(ax_l, run, a, main):
+        mark_phases(ax_l, a)
+        ax_l.legend(fontsize=7, loc="upper right")
+        ax_l.set_title(f"{main} (main loss)", fontsize=10)
+    else:
+        ax_l.axis("off")
+        ax_l.text(0.5, 0.5, "no loss columns in the log", ha="center", transform=ax_l.transAxes)
+    ax_r = fig.add_subplot(gs[1, 1])
+    key = next((c for c in ("val_nmse", "val_loss", "val_rec_loss", "val_psnr") if run.has(c)), None)
+    if key:
+        steps, v = run.series(key)
+        ax_r.plot(steps, v, marker="o", markersize=3, linewidth=1, color=COLORS["main"])
+        best = a.stats.get("best", {}).get(key)
+        if best:
+            ax_r.plot([best["step"]], [best["value"]], marker="*", markersize=11, color=COLORS["best"],
+                      linestyle="none", label=f"best {fmt(best['value'])} at step {fmt_step(best['step'])}")
+            ax_r.legend(fontsize=7, loc="upper right")
+        mark_phases(ax_r, a, labels=False)
+        ax_r.grid(True, alpha=0.3)
+        ax_r.set_xlabel("step")
+        ax_r.set_title(f"validation {key[4:]}", fontsize=10)
+    else:
+        ax_r.axis("off")
+        ax_r.text(0.5, 0.5, "no validation records", ha="center", transform=ax_r.transAxes)
+    _text_panel(fig.add_subplot(gs[2, 0]), "Final and best values", _value_rows(a, 19), 6.8)
+    ax_lr = fig.add_subplot(gs[2, 1])
+    lr_curves(ax_lr, run, a)
+    ax_lr.legend(fontsize=7, loc="best")
+    ax_lr.set_title("learning rate: logged vs configured (log scale)", fontsize=10)
+    _text_panel(fig.add_subplot(gs[3, :]), f"Findings ({len(a.findings)})", _finding_lines(a, 165, 11), 7)
+    fig.suptitle(f"Dashboard: {run_name(run) if run.sources else 'run'}", fontsize=13)
     _finish(fig, path)
 
 
@@ -316,59 +368,28 @@ FIGURE_JOBS = (("phases", fig_phases), ("components", fig_components), ("lr", fi
 HELPER_JOBS = ("phases", "components")      # drawn in a forked helper process when there is a core for it
 
 
-def _draw(names: tuple[str, ...], run: ParsedRun, a: Analysis, out: Path) -> None:
+def _draw(names: tuple[str, ...], run: ParsedRun, a: Analysis, out: Path, bar=None) -> None:
     for name, fn in FIGURE_JOBS:
         if name in names:
             fn(run, a, out / FIGURES[name])
+            if bar is not None:
+                bar.update(1)
 
 
 def make_figures(run: ParsedRun, a: Analysis, out: Path) -> list[str]:
     """Draw the figures (Agg). With a second core, the two figures with the most points are
     drawn by a forked helper process meanwhile (if it fails, here)."""
     import warnings
+
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot  # noqa: F401  (imported before a fork so the helper shares it)
     for name in FIGURES:
         (out / FIGURES[name]).unlink(missing_ok=True)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), progress(len(FIGURE_JOBS), desc="figures", unit="figure") as bar:
         warnings.simplefilter("ignore")       # all-NaN bins, empty legends
         helper = start_helper(_draw, HELPER_JOBS, run, a, out)
-        _draw(tuple(n for n, _ in FIGURE_JOBS if helper is None or n not in HELPER_JOBS), run, a, out)
+        _draw(tuple(n for n, _ in FIGURE_JOBS if helper is None or n not in HELPER_JOBS), run, a, out, bar)
         finish_helper(helper, lambda: _draw(HELPER_JOBS, run, a, out))
+        bar.update(len(FIGURE_JOBS) - bar.n)   # the helper's
     return [FIGURES[n] for n, _ in FIGURE_JOBS if (out / FIGURES[n]).is_file()]
-
-
-# --------------------------------------------------------------------------- helper processes
-def start_helper(target, *args: Any):
-    """Run ``target(*args)`` in a forked process when there is a second core (the outputs it
-    writes are files); None when it cannot (one core, no fork): the caller does it itself."""
-    import multiprocessing
-    import os
-    if (os.cpu_count() or 1) < 2 or "fork" not in multiprocessing.get_all_start_methods():
-        return None
-    try:
-        proc = multiprocessing.get_context("fork").Process(target=_helper_main, args=(target, *args),
-                                                           daemon=True)
-        proc.start()
-    except OSError:
-        return None
-    return proc
-
-
-def _helper_main(target, *args: Any) -> None:
-    try:
-        target(*args)
-    except Exception:           # the parent does the work again and reports any error itself
-        raise SystemExit(1)
-
-
-def finish_helper(proc, fallback) -> None:
-    """Wait for a helper; run ``fallback`` here when there was none or it failed."""
-    if proc is not None:
-        proc.join()
-        if proc.exitcode == 0:
-            return
-    fallback()
-
-

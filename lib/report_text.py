@@ -107,6 +107,7 @@ def build_summary(run: ParsedRun, a: Analysis, figures: list[str], timings: dict
         "run": {"kind": run.kind, "stage": run.stage, "sources": run.sources,
                 "config": run.config_source or ("config line of the log" if run.original_config else None),
                 "schedule": a.schedule.description if a.schedule else None,
+                "disc_phase_start": a.disc_phase_start, "disc_phase_source": a.disc_phase_source,
                 "lr_printed_decimals": run.lr_decimals},
         "columns": run.train_columns + run.val_columns,
         "stats": a.stats,
@@ -164,13 +165,15 @@ def write_markdown(run: ParsedRun, a: Analysis, figures: list[str], path: Path) 
     md.append("## Figures")
     md.append("")
     captions = {
-        FIGURES["phases"]: "Figure 1: main losses against step; the red line marks the discriminator start "
-                           "(shaded after it), dashed lines mark resumes.",
+        FIGURES["phases"]: "Figure 1: main losses against step" + (
+            "; the purple line marks the discriminator start (shaded after it)" if a.disc_phase_start is not None
+            else "") + "; dashed lines mark resumes; the red curve is a centered moving average.",
         FIGURES["components"]: "Figure 2: loss components, each on its own panel, with a moving average.",
         FIGURES["lr"]: "Figure 3: logged LR and the LR of the configured schedule, log scale; logged zeros "
                        "are drawn as triangles at the bottom.",
         FIGURES["validation"]: "Figure 4: validation metrics.",
-        FIGURES["dashboard"]: "Figure 5: dashboard (throughput, duration, ETA, final and best values, findings).",
+        FIGURES["dashboard"]: "Figure 5: dashboard (run, progress, main loss, key validation metric, final and "
+                              "best values, findings).",
     }
     for fig in figures:
         md.append(f"![{fig}]({fig})")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import yaml
 from accelerate import Accelerator
@@ -14,12 +14,12 @@ from accelerate.utils import set_seed
 from lib import checkpoint as ckpt
 from lib.accel import make_accelerator
 from lib.config import Config, save_config
+from lib.dataset import describe_data
 from lib.errors import FAILURE_HOOKS, UserError
-from lib.numfmt import fmt_lr
+from lib.numfmt import fmt_lr, fmt_step
 from lib.runlock import RunLock
 from lib.runlog import RunLog, StartupLog
 from lib.schedule import key_points
-from lib.splits import configured_split
 
 RUN_FILES = ("metrics.jsonl", "train.log", "run.json", "config.yaml", "tb", "samples", "checkpoints")
 
@@ -98,16 +98,31 @@ def open_run(cfg: Config, run_dir: Path, accelerator: Accelerator, earlier: Star
     return log
 
 
-def print_dry_run(cfg: Config, stage: str, extra_points: Optional[dict[str, int]] = None) -> int:
-    """``--dry-run``: the resolved ``stage`` section and the LR at the schedule's key points
-    (start, end of warmup, ``extra_points``, 25/50/75/100 %). Returns the exit code 0."""
-    train_cfg = getattr(cfg, stage).train
+def print_dry_run(cfg: Config, stage: str, resuming: bool, extra_points: Optional[dict[str, int]] = None,
+                  notes: Sequence[str] = ()) -> int:
+    """``--dry-run``: the checks a start makes without writing anything (a missing data root,
+    missing maps or a fresh start over a run fail as they would), then the whole resolved
+    config, the data found (:func:`describe_data`), the LR at the schedule's key points (start,
+    end of warmup, ``extra_points``, 25/50/75/100 %), ``notes`` and where the outputs go.
+    Returns the exit code 0."""
+    train_cfg, run_dir = getattr(cfg, stage).train, Path(cfg.output_dir) / stage
+    check_new_run_dir(run_dir, resuming)
+    data_lines = describe_data(cfg.data, cfg.seed)
     print(f"# resolved config ({cfg.source_path})")
-    print(yaml.safe_dump({stage: cfg.to_dict()[stage]}, sort_keys=False))
-    print(f"# data split: {configured_split(cfg.data)}")
-    print(f"# {train_cfg.lr_scheduler} schedule, {train_cfg.max_steps} optimizer steps")
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    print("# data\n" + "\n".join(data_lines))
+    print(f"\n# {stage} schedule: {train_cfg.lr_scheduler}, {fmt_step(train_cfg.max_steps)} optimizer steps, "
+          f"batch {cfg.batch_size(stage)} x {train_cfg.gradient_accumulation_steps} accumulation per process")
     for label, step, lr in key_points(train_cfg, extra_points):
         print(f"step {step:>9d}  lr {fmt_lr(lr)}  ({label})")
+    print("\n# outputs")
+    for what, where in (("run folder", f"{run_dir}" + (" (continued: --resume)" if resuming else "")),
+                        ("checkpoints", f"{run_dir / 'checkpoints'} (every {fmt_step(train_cfg.checkpoint_every)} "
+                                        f"steps; the newest {train_cfg.keep_last} and the best are kept)"),
+                        ("logs", f"{run_dir / 'train.log'}, {run_dir / 'metrics.jsonl'}, {run_dir / 'tb'}"),
+                        ("samples", f"{run_dir / 'samples'} (at every validation, every "
+                                    f"{fmt_step(train_cfg.val_every)} steps)"), *notes):
+        print(f"{what:<12} {where}")
     for w in cfg.warnings:
         print(f"warning: {w}")
     return 0

@@ -26,6 +26,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from lib.numfmt import fmt, fmt_lr
+from lib.progress import echo
 
 
 def _git_commit() -> Optional[str]:
@@ -81,13 +82,11 @@ def update_run_json(run_dir: Path, stage: str, resume: Optional[dict[str, Any]] 
     return info
 
 
-def echo(message: str) -> None:
-    """A line for the person watching, on stderr, through tqdm (it never glues to a bar)."""
-    try:
-        from tqdm import tqdm
-        tqdm.write(message, file=sys.stderr)
-    except ImportError:  # pragma: no cover
-        print(message, file=sys.stderr)
+def record_text(rec: dict[str, Any]) -> str:
+    """``lr=1.000e-04 rec_loss=0.1016 ...``: the values present (never None), every LR in
+    :func:`fmt_lr`, every other number in :func:`fmt` (4 significant digits)."""
+    return " ".join(f"{k}={fmt_lr(v) if k.startswith('lr') else fmt(v)}" for k, v in rec.items()
+                    if k not in ("step", "split", "time") and v is not None)
 
 
 class StartupLog:
@@ -167,8 +166,7 @@ class RunLog:
             for k, v in rec.items():
                 if k not in ("step", "time", "split") and isinstance(v, (int, float)) and not isinstance(v, bool):
                     self._tb.add_scalar(f"{split}/{k}", v, step)
-        text = ", ".join(f"{k}: {fmt_lr(v) if k.startswith('lr') else fmt(v)}" for k, v in rec.items()
-                         if k not in ("step", "split", "time") and v is not None)
+        text = record_text(rec)
         if echo:
             self._line("INFO", f"[{split} {step}] {text}")
         else:
@@ -179,8 +177,9 @@ class RunLog:
 
     def train_record(self, step: int, tracker: "MeanTracker", optimizers: dict[str, torch.optim.Optimizer],
                      reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                     extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-        """The training record at ``step``, written (not echoed: the progress bar shows it):
+                     extra: Optional[dict[str, Any]] = None, echo: bool = False) -> dict[str, Any]:
+        """The training record at ``step``, written (echoed only when ``echo``: a progress bar
+        shows it otherwise):
         the LR of every optimizer (read from its param groups after the update: the LR the next
         update uses), the interval means of everything ``tracker`` holds (averaged across
         processes by ``reduce``), optimizer steps per second since the previous record, and
@@ -192,7 +191,7 @@ class RunLog:
             values["steps_per_sec"] = (step - self._last_train[1]) / max(now - self._last_train[0], 1e-9)
         self._last_train = (now, step)
         values.update(extra or {})
-        return self.record("train", step, values, echo=False)
+        return self.record("train", step, values, echo=echo)
 
     def start_clock(self, step: int) -> None:
         """Measure the next record's ``steps_per_sec`` from now, at ``step``."""

@@ -168,15 +168,6 @@ def make_split(data_cfg: Any, map_ids: Sequence[int]) -> Split:
     return split
 
 
-def configured_split(data_cfg: Any) -> str:
-    """What ``data.split`` gives, without the data folder (``--dry-run``)."""
-    if data_cfg.split == "random":
-        return (f"random (split_seed {data_cfg.split_seed}): {data_cfg.train_maps - data_cfg.val_maps} train, "
-                f"{data_cfg.val_maps} val, {data_cfg.test_maps} test maps of the maps found")
-    split = protocol_split(data_cfg.split) if data_cfg.split in PROTOCOLS else file_split(Path(data_cfg.split))
-    return split.describe()
-
-
 def protocol_warnings(split: Split) -> list[str]:
     """What a run should say at its start about a split: a map in two parts (RadioDiff's
     protocol has one), validation maps that are test maps."""

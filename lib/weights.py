@@ -40,17 +40,18 @@ def _disc_start(info: ckpt.CheckpointInfo) -> Optional[int]:
         return None
 
 
-def resolve_trained(stage: str, spec: str, output_dir: str | Path, config_path: str = "CONFIG",
+def resolve_trained(stage: str, spec: str, output_dir: str | Path, flags: str = "--config CONFIG",
                     option: str = "--checkpoint", warn: Callable[[str], None] = print) -> ckpt.CheckpointInfo:
     """``best`` | ``latest`` (under ``{output_dir}/{stage}/checkpoints``) | a folder -> a
     complete checkpoint of ``stage`` whose files are as written (damaged ones are skipped, with
-    a warning); ``option`` is how the user named it (for the error).
+    a warning); ``option`` is how the user named it and ``flags`` the user's own ``--config`` /
+    ``--set`` (:attr:`Config.flags`), repeated in the hint.
 
     ``best`` of a stage-1 run that went past ``disc_start`` considers only the checkpoints
     after it: the reconstruction loss favours the checkpoints before the GAN term."""
     name, script, weights = STAGES[stage]
     ckpt_dir = Path(output_dir) / stage / "checkpoints"
-    first = f"run `python {script} --config {config_path}` first"
+    first = f"run `{' '.join(['python', script] + ([flags] if flags else []))}` first"
     if spec in ("latest", "best"):
         infos = ckpt.list_checkpoints(ckpt_dir, lambda m: None)
         latest = ckpt.newest_intact(infos, warn)
@@ -76,12 +77,12 @@ def resolve_trained(stage: str, spec: str, output_dir: str | Path, config_path: 
     return ckpt.resolve(spec, ckpt_dir, warn, option)
 
 
-def stage1_checkpoint(cfg: Config, config_path: str, resume: Optional[ckpt.CheckpointInfo] = None,
+def stage1_checkpoint(cfg: Config, resume: Optional[ckpt.CheckpointInfo] = None,
                       warn: Callable[[str], None] = print) -> ckpt.CheckpointInfo:
     """The stage-1 checkpoint a prior trains on: ``prior.vae_checkpoint``, or for a resumed
     prior the one it was trained on (which must still be there, intact)."""
     if resume is None:
-        return resolve_trained("vae", cfg.prior.vae_checkpoint, cfg.output_dir, config_path,
+        return resolve_trained("vae", cfg.prior.vae_checkpoint, cfg.output_dir, cfg.flags,
                                "prior.vae_checkpoint", warn)
     path = Path(resume.state["vae_checkpoint"])
     if ckpt.check_complete(path, verify=True) is not None:

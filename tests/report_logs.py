@@ -80,6 +80,9 @@ def toolkit_run(root: Path, stage: str = "vae", segments: Optional[list[list[int
             rec.update(vals)
             if edit is not None:
                 rec = edit(s, rec)
+            if stage == "vae" and s - 100 < 2001 <= s:      # the trainer's event, at the exact step
+                lines.append({"step": 2001, "split": "event", "time": t - 1, "event": "disc_start",
+                              "message": "discriminator starts training"})
             lines.append(rec)
             if s % val_every == 0:
                 if stage == "vae":
@@ -88,7 +91,7 @@ def toolkit_run(root: Path, stage: str = "vae", segments: Optional[list[list[int
                 else:
                     val = {"nmse": 0.1 - s / 100000, "rmse": 0.2 - s / 50000, "ssim": 0.5 + s / 20000,
                            "psnr": 20 + s / 1000}
-                lines.append({"step": s, "split": "val", "time": t, **val})
+                lines.append({"step": s, "split": "val", "time": t, **val, "num_samples": 64, "seconds": 1.5})
     if end:
         lines.append({"step": segments[-1][-1], "split": "event", "time": t + 1, "event": "end",
                       "message": "finished"})

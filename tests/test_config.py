@@ -87,6 +87,23 @@ def test_yaml_exponent_without_dot_is_a_number(tmp_path):
     assert load_config(p).vae.train.lr == 5e-6
 
 
+def test_off_is_accepted_where_off_is_a_value(tmp_path):
+    assert load_config(None, ["data.cache=off"]).data.cache == "off"       # YAML reads off as false
+    p = tmp_path / "c.yaml"
+    p.write_text("data:\n  cache: off\n")
+    assert load_config(p).data.cache == "off"
+    with pytest.raises(ConfigError, match=r'output_dir = False has the wrong type; expected a string \(quote it'):
+        load_config(None, ["output_dir=off"])                                # not a key with an "off"
+
+
+def test_flags_repeat_the_users_config_and_overrides(tmp_path):
+    p = tmp_path / "my config.yaml"
+    p.write_text("seed: 1\n")
+    assert load_config(p, ["output_dir=/tmp/a b", "seed=2"]).flags == \
+        f"--config '{p}' --set 'output_dir=/tmp/a b' --set seed=2"
+    assert load_config(None).flags == ""
+
+
 def test_overrides_parse_yaml_values_and_dotted_keys():
     cfg = load_config(None, ["vae.train.lr=1e-5", "data.simulation=IRT2", "vae.model.block_out_channels=[32, 64]",
                              "output_dir=/tmp/x", "data.tx_per_map=null"])

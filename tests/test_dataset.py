@@ -248,7 +248,8 @@ def test_build_datasets_generates_synthetic(tmp_path):
                      synthetic=SyntheticConfig(num_maps=4, tx_per_map=2))
     lines: list[str] = []
     out = build_datasets(cfg, seed=0, parts=("train", "val", "test"), log=lines.append)
-    assert len(lines) == 1 and "generated a synthetic dataset" in lines[0]
+    assert len(lines) == 2 and "not found: generating a synthetic dataset there (4 maps x 2 transmitters" in lines[0]
+    assert lines[1].startswith(f"generated the synthetic dataset {tmp_path / 'syn'} in ")   # said before and after
     parts = random_split(range(4), 3, 1, 1, seed=0)
     assert {k: v.map_ids for k, v in out.items()} == {k: parts.maps(k) for k in ("train", "val", "test")}
     assert len(out["train"]) == 2 * 1 * 2

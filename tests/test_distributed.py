@@ -77,7 +77,7 @@ def test_two_processes_match_one(tmp_path, trainer, monkeypatch):
     assert steps == sorted(set(steps))
     assert sorted(p.name for p in (run_two / "checkpoints").iterdir()) == ["step-0000003", "step-0000006"]
     val = read_records(run_two, "val")
-    assert all(v["num_maps"] == 4 for v in val)             # both processes' validation maps counted
+    assert all(v["num_samples"] == 4 for v in val)             # both processes' validation maps counted
 
 
 def test_two_process_resume_equals_uninterrupted(tmp_path, trainer):

@@ -43,27 +43,27 @@ def evaluated(tiny_data, tmp_path_factory):
 
 def test_metrics_json_has_the_documented_keys(evaluated):
     cfg, m, out = evaluated
-    assert set(m) == {"split", "num_maps", "simulations", "objective", "sampler", "num_inference_steps",
+    assert set(m) == {"split", "num_samples", "simulations", "objective", "sampler", "num_inference_steps",
                       "network_evaluations", "prediction_type", "latent_scale", "checkpoints", "model",
                       "vae_ceiling", "distance_baseline", "protocol"}
     assert (m["split"], m["sampler"], m["num_inference_steps"], m["simulations"]) == ("test", "dpm", 1, SIMS)
     assert set(m["checkpoints"]) == {"prior", "prior_step", "prior_ema", "vae", "vae_step", "vae_ema"}
     p = m["protocol"]
     assert (p["split"], p["part"], p["threshold"], p["steps"], p["sampler"]) == ("random", "test", 0.0, 1, "dpm")
-    assert p["maps"] == len(p["map_ids"]) == 2 and p["ms_per_map"] > 0 and p["allow_overlap"] == []
+    assert p["maps"] == len(p["map_ids"]) == 2 and p["ms_per_sample"] > 0 and p["allow_overlap"] == []
     assert m["checkpoints"]["prior"].endswith("prior/checkpoints/step-0000002") and m["checkpoints"]["prior_ema"]
     assert m["checkpoints"]["vae"] == load_config(cfg).prior.vae_checkpoint
     for method in ("model", "vae_ceiling", "distance_baseline"):
         d = m[method]
         extra = {"fit"} if method == "distance_baseline" else set()
-        assert set(d) == METRICS | {"num_maps", "maps_per_sec", "ms_per_map", "per_simulator", "nmse_set", "rmse_set",
+        assert set(d) == METRICS | {"num_samples", "samples_per_sec", "ms_per_sample", "per_simulator", "nmse_set", "rmse_set",
                                     "rmse_db"} | extra
-        assert d["num_maps"] == m["num_maps"] and d["maps_per_sec"] > 0
+        assert d["num_samples"] == m["num_samples"] and d["samples_per_sec"] > 0
         assert all(math.isfinite(d[k]) for k in METRICS)
         assert set(d["per_simulator"]) == set(SIMS)
-        assert sum(s["num_maps"] for s in d["per_simulator"].values()) == m["num_maps"]
+        assert sum(s["num_samples"] for s in d["per_simulator"].values()) == m["num_samples"]
     table = (out / "metrics.md").read_text()
-    assert "| method | NMSE | RMSE | SSIM | PSNR (dB) | NMSE_set | RMSE_set | RMSE (dB) | maps/s |" in table
+    assert "| method | NMSE | RMSE | SSIM | PSNR (dB) | NMSE_set | RMSE_set | RMSE (dB) | samples/s |" in table
     assert all(t in table for t in evaluate.METHODS.values())
     assert (out / "samples.png").is_file()
 
@@ -72,7 +72,7 @@ def test_baselines_are_computed_on_the_same_maps(evaluated):
     cfg_path, m, _ = evaluated
     cfg = load_config(cfg_path)
     data = build_datasets(cfg.data, cfg.seed, ("train", "test"), log=lambda s: None)
-    assert m["num_maps"] == len(data["test"]) == 2 * 2 * len(SIMS)    # maps x transmitters x simulations
+    assert m["num_samples"] == len(data["test"]) == 2 * 2 * len(SIMS)    # maps x transmitters x simulations
     fit = fit_distance_baseline(eval_batches(data["train"], 4), SIMS)
     vae = load_vae(Path(m["checkpoints"]["vae"]), cfg).vae
     dist, ceiling = MetricAccumulator(), MetricAccumulator()
@@ -144,7 +144,7 @@ def test_predictions_npz_recomputes_every_number(evaluated, monkeypatch):
     with np.load(out / "predictions.npz") as z:
         pred, target = z["pred"].astype(np.float64), z["target"].astype(np.float64)
         keys = list(zip(z["map_id"].tolist(), z["tx"].tolist(), z["simulation"].tolist()))
-    assert pred.shape == target.shape == (m["num_maps"], 32, 32) and pred.min() >= 0 and pred.max() <= 1
+    assert pred.shape == target.shape == (m["num_samples"], 32, 32) and pred.min() >= 0 and pred.max() <= 1
     err = ((pred - target) ** 2).reshape(len(pred), -1)
     t2 = (target ** 2).reshape(len(pred), -1)
     assert again["model"]["nmse"] == pytest.approx(np.mean(err.sum(1) / t2.sum(1)), rel=1e-5)

@@ -7,16 +7,7 @@ import torch
 from PIL import Image
 
 import lib.images as images
-from lib.images import (
-    BUILDING_RGB,
-    CAR_RGB,
-    HEADER,
-    PAD,
-    TX_RGB,
-    marker_radius,
-    render_grid,
-    save_grid,
-)
+from lib.images import BUILDING_RGB, CAR_RGB, PAD, TX_RGB, marker_radius, render_grid, save_grid
 
 H, W = 32, 48  # not square, so rows and columns cannot be confused
 
@@ -36,9 +27,18 @@ def _cond(b: int, tx: list[tuple[int, int]]) -> torch.Tensor:
     return cond
 
 
-def _cell(img: np.ndarray, row: int, col: int) -> np.ndarray:
-    y0, x0 = HEADER + row * (H + PAD), PAD + col * (W + PAD)
-    return img[y0 : y0 + H, x0 : x0 + W]
+K = -(-images.TILE // min(H, W))            # the whole enlargement factor: tiles of at least TILE px
+TH, TW = H * K, W * K
+HEADER = PAD + images.TITLE_LINES * images.LINE + PAD
+
+
+def _cell(img: np.ndarray, row: int, col: int, labels: bool = False) -> np.ndarray:
+    """The cell's pixels at the maps' own resolution (one pixel per K x K block)."""
+    x_label = images.LABEL_WIDTH if labels else 0
+    y0, x0 = HEADER + row * (TH + PAD), PAD + x_label + col * (TW + PAD)
+    block = img[y0: y0 + TH, x0: x0 + TW]
+    assert (block[::K, ::K] == block[K - 1::K, K - 1::K]).all()       # whole K x K squares
+    return block[::K, ::K]
 
 
 def _read(path) -> np.ndarray:
@@ -47,23 +47,21 @@ def _read(path) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
-def test_png_size_scales_with_rows_and_columns(tmp_path):
+def test_tiles_are_at_least_128_px_and_the_grid_grows_with_rows_and_columns(tmp_path):
     cols = [("target", _maps(3), "map"), ("pred", _maps(3, 1), "map")]
+    a = render_grid(cols)
+    assert TH >= 128 and TW >= 128 and a.shape[1] == PAD + 2 * (TW + PAD)
+    b = render_grid(cols + [("err", _maps(3, 2).abs(), "error")])
+    assert b.shape[1] == a.shape[1] + TW + PAD                                   # one more column
+    c = render_grid([("target", _maps(5), "map"), ("pred", _maps(5, 1), "map")])
+    assert c.shape[0] == a.shape[0] + 2 * (TH + PAD)                             # two more rows
+    d = render_grid([("target", _maps(5), "map"), ("pred", _maps(5, 1), "map")], max_rows=2)
+    assert d.shape[0] == a.shape[0] - (TH + PAD)                                 # rows capped
+    e = render_grid(cols, labels=["map 1, tx 0, DPM"] * 3)
+    assert e.shape[1] == a.shape[1] + images.LABEL_WIDTH                         # a margin for the labels
+    assert (e[HEADER:HEADER + TH, PAD:images.LABEL_WIDTH] != 255).any()          # ink: the row label
     save_grid(tmp_path / "a.png", cols)
-    a = _read(tmp_path / "a.png")
-    assert a.shape == (HEADER + 3 * (H + PAD), PAD + 2 * (W + PAD), 3)
-
-    save_grid(tmp_path / "b.png", cols + [("err", _maps(3, 2).abs(), "error")])
-    b = _read(tmp_path / "b.png")
-    assert b.shape[0] == a.shape[0] and b.shape[1] == a.shape[1] + W + PAD  # one more column
-
-    more = [("target", _maps(5), "map"), ("pred", _maps(5, 1), "map")]
-    save_grid(tmp_path / "c.png", more)
-    c = _read(tmp_path / "c.png")
-    assert c.shape[1] == a.shape[1] and c.shape[0] == a.shape[0] + 2 * (H + PAD)  # two more rows
-
-    save_grid(tmp_path / "d.png", more, max_rows=2)  # rows capped by max_rows
-    assert _read(tmp_path / "d.png").shape[0] == HEADER + 2 * (H + PAD)
+    assert np.array_equal(_read(tmp_path / "a.png"), a)
 
 
 def test_rows_are_samples_and_map_colours_follow_values(tmp_path):
@@ -78,15 +76,29 @@ def test_rows_are_samples_and_map_colours_follow_values(tmp_path):
     assert (_cell(gray, 1, 0) == 255).all() and (_cell(gray, 0, 0) == 0).all()
 
 
-def test_error_column_uses_fixed_scale():
+def test_the_error_column_has_its_own_scale_and_says_so():
     lut = images._lut("magma")
     e = torch.zeros(2, 1, H, W)
-    e[1] = 0.5
-    img = render_grid([("err", e, "error")])
+    e[1] = 0.04
+    e[1, 0, 0, 0] = 0.08
+    img = render_grid([("err", e, "error")])                 # scale 0 to 0.08: the largest error shown
+    assert images.nice_max(0.08) == pytest.approx(0.08) and images.nice_max(0.0812) == pytest.approx(0.082)
     assert (_cell(img, 0, 0) == lut[0]).all()
-    assert (_cell(img, 1, 0) == lut[128]).all()
-    img = render_grid([("err", e, "error")], error_max=0.25)  # 0.5 saturates at 0.25
+    assert (_cell(img, 1, 0)[1:, 1:] == lut[128]).all() and (_cell(img, 1, 0)[0, 0] == lut[255]).all()
+    img = render_grid([("err", e, "error")], error_max=0.02)  # 0.04 saturates at 0.02
     assert (_cell(img, 1, 0) == lut[255]).all()
+
+
+def test_colour_bars_and_legend_below_the_tiles():
+    img = render_grid([("cond", _cond(1, [(3, 3)]), "cond"), ("map", _maps(1), "map"),
+                       ("err", _maps(1).abs(), "error")])
+    below = img[HEADER + TH + PAD:]
+    viridis, magma = images._lut("viridis"), images._lut("magma")
+    row = below[images.PAD + images.BAR_TITLE + 2]              # a row through both bars
+    found = lambda lut: sum((row == c).all(axis=-1).any() for c in lut[::32])  # noqa: E731
+    assert found(viridis) == 8 and found(magma) == 8            # both ramps, end to end
+    for rgb in (BUILDING_RGB, CAR_RGB, TX_RGB):                  # the legend's swatches
+        assert (below == rgb).all(axis=-1).any()
 
 
 def test_cond_column_shows_buildings_cars_and_a_visible_transmitter(tmp_path):
@@ -120,20 +132,24 @@ def test_cond_with_two_channels_and_rgb_map():
     assert np.abs(_cell(img, 0, 1).astype(int) - expected).max() <= 1
 
 
-def test_titles_are_drawn_in_the_header():
-    cols = [("target", _maps(1), "map"), ("", _maps(1), "map")]
+def test_titles_are_drawn_whole_in_the_header():
+    cols = [("reconstruction", _maps(1), "map"), ("", _maps(1), "map"), ("distance baseline", _maps(1), "map")]
     img = render_grid(cols)
     header = img[:HEADER]
-    first, second = header[:, PAD : PAD + W], header[:, 2 * PAD + W : 2 * PAD + 2 * W]
-    assert (first != 255).any()  # some ink for "target"
+    first, second = header[:, PAD: PAD + TW], header[:, 2 * PAD + TW: 2 * PAD + 2 * TW]
+    assert (first != 255).any()  # ink for the title
     assert (second == 255).all()  # empty title: blank
+    from PIL import ImageDraw
+    draw = ImageDraw.Draw(Image.new("RGB", (10, 10)))
+    for title in ("reconstruction", "ground truth", "distance baseline", "|model error| (0 to 0.25)"):
+        assert "…" not in "".join(images._fit(draw, title, images._font(images.FONT_SIZE), TW, images.TITLE_LINES))
 
 
 def test_accepts_low_precision_and_grad_tensors():
     x = _maps(2).half().requires_grad_(False)
     y = _maps(2, 1).requires_grad_(True)
     img = render_grid([("a", x, "map"), ("b", y, "map")])
-    assert img.dtype == np.uint8 and img.shape == (HEADER + 2 * (H + PAD), PAD + 2 * (W + PAD), 3)
+    assert img.dtype == np.uint8 and img.shape[1] == PAD + 2 * (TW + PAD)
 
 
 def test_creates_parent_and_leaves_no_temp_files(tmp_path):

@@ -146,13 +146,13 @@ def test_accumulator_mean_and_population_std_match_numpy():
             per_map[k].append(per_map_metrics(pred, target)[k].numpy())
             assert torch.equal(returned[k], per_map_metrics(pred, target)[k])
     res = acc.compute()
-    assert res["num_maps"] == 10 and len(acc) == 10
+    assert res["num_samples"] == 10 and len(acc) == 10
     for k in METRIC_NAMES:
         v = np.concatenate(per_map[k])
         assert res[k] == pytest.approx(np.mean(v), rel=1e-12)
         assert res[f"{k}_std"] == pytest.approx(np.std(v, ddof=0), rel=1e-9, abs=1e-15)
         assert np.array_equal(acc.values()[k].numpy(), v)
-    assert set(res) == set(METRIC_NAMES) | {f"{k}_std" for k in METRIC_NAMES} | {"num_maps", "nmse_set", "rmse_set"}
+    assert set(res) == set(METRIC_NAMES) | {f"{k}_std" for k in METRIC_NAMES} | {"num_samples", "nmse_set", "rmse_set"}
 
 
 def test_set_level_metrics_equal_a_direct_computation():
@@ -184,12 +184,12 @@ def test_groups_split_correctly():
     values = acc.values()
     for g, res in per_group.items():
         mask = np.array([x == g for x in groups_all])
-        assert res["num_maps"] == mask.sum()
+        assert res["num_samples"] == mask.sum()
         for k in METRIC_NAMES:
             v = values[k].numpy()[mask]
             assert res[k] == pytest.approx(np.mean(v), rel=1e-12)
             assert res[f"{k}_std"] == pytest.approx(np.std(v), rel=1e-9, abs=1e-15)
-    assert sum(r["num_maps"] for r in per_group.values()) == acc.compute()["num_maps"]
+    assert sum(r["num_samples"] for r in per_group.values()) == acc.compute()["num_samples"]
 
 
 def test_groups_must_be_given_always_or_never():
@@ -238,7 +238,7 @@ def test_summarize_of_two_processes_equals_one_accumulator():
 def test_empty_accumulator_and_reset():
     acc = MetricAccumulator()
     res = acc.compute()
-    assert res["num_maps"] == 0 and all(math.isnan(res[k]) for k in METRIC_NAMES)
+    assert res["num_samples"] == 0 and all(math.isnan(res[k]) for k in METRIC_NAMES)
     assert len(MetricAccumulator.from_state(acc.state())) == 0
     pred, target = _batches(seed=9)[0]
     acc.update(pred, target)

@@ -36,7 +36,7 @@ def test_predict_equals_evaluate_for_the_same_inputs_and_seed(trained, tiny_data
     out = tmp / "pred"
     assert run_main(predict, ["--checkpoint", ckpt, "--root", tiny_data, "--maps", *test_maps, "--simulation", "DPM",
                               "--steps", "1", "--batch-size", "2", "--out", out], monkeypatch) == 0
-    assert "maps/s" in capsys.readouterr().err
+    assert "samples/s" in capsys.readouterr().err
     with np.load(tmp / "run" / "eval" / "predictions.npz") as z:
         expected = {(int(m), int(t)): p for m, t, p in zip(z["map_id"], z["tx"], z["pred"])}
     assert len(expected) == len(test_maps) * 2

@@ -278,9 +278,10 @@ def error_line(capsys):
 
 def test_missing_vae_checkpoint_is_one_line(tmp_path, prior_trainer, monkeypatch, capsys):
     cfg = trainer_config(tmp_path, prior_trainer, **{"prior": {"vae_checkpoint": "best"}})
-    assert run(monkeypatch, cfg) == 2
+    assert run(monkeypatch, cfg, "--set", "seed=3") == 2
     line = error_line(capsys)
-    assert "no stage-1 VAE checkpoint" in line and "train_vae.py" in line and str(tmp_path / "run") in line
+    assert "no stage-1 VAE checkpoint" in line and str(tmp_path / "run") in line
+    assert f"run `python train_vae.py --config {cfg} --set seed=3` first" in line     # the user's own flags
     assert not (tmp_path / "run" / "prior").exists()         # nothing written
     cfg = trainer_config(tmp_path, prior_trainer, **{"prior": {"vae_checkpoint": str(tmp_path / "nope")}})
     assert run(monkeypatch, cfg) == 2

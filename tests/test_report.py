@@ -186,6 +186,20 @@ def test_toolkit_run_outputs(tmp_path):
     assert summary["run"]["schedule"].startswith("cosine")
 
 
+def test_disc_start_from_the_event_no_best_for_counts_and_stage_wording(tmp_path):
+    summary, out = run_report(tmp_path / "v", str(toolkit_run(tmp_path / "v")), figures=True)
+    assert summary["run"]["disc_phase_start"] == 2001 and summary["run"]["disc_phase_source"] == "event"
+    st = summary["stats"]
+    for count in ("val_num_samples", "val_seconds"):
+        assert count in st["final"] and count not in st["best"]        # a count is not "better"
+    assert "val_nmse" in st["best"]
+    md = (out / "report.md").read_text()
+    assert "purple line marks the discriminator start" in md
+    summary, out = run_report(tmp_path / "p", str(toolkit_run(tmp_path / "p", stage="prior")), figures=True)
+    md = (out / "report.md").read_text()
+    assert summary["run"]["disc_phase_start"] is None and "discriminator" not in md.lower()
+
+
 def test_toolkit_jsonl_robust(tmp_path):
     run = toolkit_run(tmp_path, stage="prior")
     p = run / "metrics.jsonl"

@@ -170,14 +170,15 @@ def test_ensure_synthetic_generates_once(tmp_path):
                      synthetic=SyntheticConfig(num_maps=2, tx_per_map=1, cars=False))
     lines: list[str] = []
     synthetic.ensure_synthetic(cfg, seed=3, log=lines.append)
-    assert len(lines) == 1
+    assert len(lines) == 2                                  # before (what, where) and after (how long)
     assert str(tmp_path / "d" / "syn") in lines[0] and "2 maps x 1 transmitters" in lines[0]
+    assert lines[0].endswith("seed 3)") and lines[1].startswith("generated the synthetic dataset")
     assert sorted(p.name for p in (tmp_path / "d/syn/png/buildings_complete").iterdir()) == ["0.png", "1.png"]
     with Image.open(tmp_path / "d/syn/gain/DPM/1_0.png") as im:
         assert im.size == (256, 256)                       # the real RadioMapSeer size
     before = all_bytes(tmp_path / "d" / "syn")
     synthetic.ensure_synthetic(cfg, seed=4, log=lines.append)   # exists: nothing happens
-    assert len(lines) == 1 and all_bytes(tmp_path / "d" / "syn") == before
+    assert len(lines) == 2 and all_bytes(tmp_path / "d" / "syn") == before
 
 
 def test_cli(tmp_path, capsys):

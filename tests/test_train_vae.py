@@ -1,14 +1,17 @@
 """Stage-1 trainer behaviour: LR curves, resume equality, phases, gradient flow, bad input."""
 import json
+import re
 import shutil
 
 import pytest
 import torch
+import yaml
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
 import train_vae
 from lib.config import load_config
+from lib.dataset import build_datasets
 from lib.schedule import lr_at
 from tests.helpers import checkpoint_tensors, max_abs_diff, read_records, run_main, tiny_config
 
@@ -91,6 +94,19 @@ def test_discriminator_phases_and_logvar(tmp_path, tiny_data, monkeypatch):
         assert ("disc_loss" in r) == active and ("g_loss" in r) == active      # logged once it exists
         if active:
             assert r["d_weight"] > 0 and r["logits_real"] is not None
+    # train.log: one line per record, only the values present, every LR in one format, and a
+    # header line where the discriminator's columns begin
+    lines = (tmp_path / "run" / "vae" / "train.log").read_text().splitlines()
+    train = [line for line in lines if " INFO [train " in line]
+    assert len(train) == len(recs) == 6
+    for line, r in zip(train, recs):
+        assert "None" not in line and "n/a" not in line and ": " not in line.split("] ", 1)[1]
+        lrs = re.findall(r"\blr(?:_disc)?=(\S+)", line)
+        assert len(lrs) == 2 and all(re.fullmatch(r"\d\.\d{3}e[-+]\d\d", v) for v in lrs), line
+        assert ("g_loss=" in line) == (r["step"] > 3)
+        assert set(re.findall(r"(\w+)=", line)) == set(r) - {"step", "split", "time"}
+    header = next(i for i, line in enumerate(lines) if "[disc_start at step 3]" in line)
+    assert "g_loss" in lines[header] and lines.index(train[2]) < header < lines.index(train[3])
     # logvar is trained (the reference left it out of every optimizer)
     assert recs[-1]["logvar"] != 0.0
     # the VAE checkpoint loads with plain diffusers
@@ -115,7 +131,7 @@ def test_checkpoint_layout_and_rotation(tmp_path, tiny_data, monkeypatch):
         assert (run_dir / f).exists(), f
     assert any((run_dir / "tb").iterdir())
     log = (run_dir / "train.log").read_text()
-    assert "lr: 0.00000" not in log and "lr: 1.000e-04" in log     # significant digits
+    assert "lr=0.00000" not in log and "lr=1.000e-04" in log     # significant digits
     val = read_records(run_dir, "val")
     assert {"rec_loss", "psnr", "ssim", "nmse", "rmse"} <= set(val[0])
 
@@ -208,4 +224,24 @@ def test_dry_run_prints_key_points(tmp_path, tiny_data, monkeypatch, capsys):
     for label in ("(start)", "(end of warmup)", "(disc_start)", "(25%)", "(50%)", "(75%)", "(100%)"):
         assert label in out
     assert "lr 1.000e-04  (100%)" in out
+    # the whole resolved config, the data found, where the outputs go; nothing written
+    resolved = yaml.safe_load(out.split("# resolved config", 1)[1].split("\n", 1)[1].split("# data", 1)[0])
+    assert resolved == load_config(cfg).to_dict()
+    sizes = {part: len(ds) for part, ds in build_datasets(load_config(cfg).data, 0, ("train", "val", "test"),
+                                                             lambda m: None).items()}
+    table = {tuple(line.split()[:2]): line.split() for line in out.splitlines() if line.startswith(("train ", "val ", "test "))}
+    for part, n in sizes.items():
+        assert int(table[part, "DPM"][-1]) == n and int(table[part, "DPM"][2]) == {"train": 4, "val": 2, "test": 2}[part]
+        assert table[part, "DPM"][3] == "2"                  # transmitters per map
+    for where in ("checkpoints  " + str(tmp_path / "run" / "vae" / "checkpoints"), str(tmp_path / "run" / "vae" / "train.log")):
+        assert where in out
     assert not (tmp_path / "run").exists()
+
+
+def test_dry_run_fails_like_a_run_on_a_missing_data_root(tmp_path, tiny_data, monkeypatch, capsys):
+    cfg = tiny_config(tmp_path, tmp_path / "nowhere", data={"source": "radiomapseer"})
+    assert run(monkeypatch, cfg, "--dry-run") == 2
+    line = error_line(capsys)
+    assert f"data.root {tmp_path / 'nowhere'}: folder not found" in line
+    assert run(monkeypatch, cfg) == 2 and error_line(capsys) == line      # the same line as a real start
+    assert not (tmp_path / "run").exists() and not (tmp_path / "nowhere").exists()

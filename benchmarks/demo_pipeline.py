@@ -1,0 +1,109 @@
+"""The README's demo pipeline, end to end, and the README's demo tables from its output.
+
+    python benchmarks/demo_pipeline.py                        # ~3 min on a 2-core CPU
+    python benchmarks/demo_pipeline.py --out /tmp/demo --config configs/demo.yaml
+
+Runs the commands of the README on ``configs/demo.yaml`` in fresh processes, with the
+synthetic data generated anew under ``--out`` (so its time is part of stage 1, as on a fresh
+clone): ``train_vae.py``, ``train_unified_prior.py``, ``evaluate.py``, then ``report.py`` on both
+runs. Then prints, and writes to
+``--out/demo_table.md`` with every number in ``demo.json``: the machine and date, the wall
+time of each command, stage 1's last validation, and the evaluation table (test split:
+the model, the VAE ceiling and the distance-only baseline). The README's tables are this
+output, pasted. ``--out`` must not exist (nothing is overwritten).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from commands import ROOT, run   # benchmarks/commands.py
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import torch
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    return (f"{cpu}, {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} "
+            f"cores available, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"Python {platform.python_version()}; commit {commit}; "
+            f"{datetime.date.today().isoformat()}")
+
+
+def last_record(path: Path, split: str) -> dict:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r.get("split") == split][-1]
+
+
+def rate(x: float) -> str:
+    return f"{x:,.0f}" if x >= 1000 else f"{x:.4g}"
+
+
+def cell(d: dict, k: str) -> str:
+    return f"{d[k]:.4g} ± {d[k + '_std']:.4g}"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="configs/demo.yaml")
+    p.add_argument("--out", default="runs/demo-pipeline", help="run folders, data, logs and the tables")
+    a = p.parse_args()
+    out = Path(a.out).resolve()
+    if out.exists():
+        sys.exit(f"--out {out} exists; pass a new folder (nothing is overwritten)")
+    flags = ["--config", a.config, "--set", f"output_dir={out}", "--set", f"data.root={out / 'data'}"]
+    seconds = {}
+    for script in ("train_vae.py", "train_unified_prior.py", "evaluate.py"):
+        print(f"running {script} ...", flush=True)
+        seconds[script] = run([script, *flags], log=out / "logs" / f"{Path(script).stem}.log")
+        print(f"  {seconds[script]:.0f} s", flush=True)
+    for stage in ("vae", "prior"):
+        seconds[f"report.py {stage}"] = run(["report.py", str(out / stage)], log=out / "logs" / f"report_{stage}.log")
+    vae_val = last_record(out / "vae" / "metrics.jsonl", "val")
+    prior_val = last_record(out / "prior" / "metrics.jsonl", "val")
+    ev = json.loads((out / "eval" / "metrics.json").read_text())
+    sims = ev["simulations"]
+    usual_dir = (yaml.safe_load((ROOT / a.config).read_text()) or {}).get("output_dir", "OUTPUT_DIR")
+    lines = [f"Machine: {machine()}.", "",
+             "| command | wall time (s) |", "|---|---|",
+             *(f"| `python {s} --config {a.config}` | {t:.0f} |" for s, t in seconds.items() if s.endswith(".py")),
+             *(f"| `python report.py {usual_dir}/{s.split()[1]}` | {t:.0f} |"
+               for s, t in seconds.items() if s.startswith("report.py")), "",
+             f"Stage 1, last validation (step {vae_val['step']}, {vae_val['num_samples']} samples): "
+             f"PSNR {vae_val['psnr']:.4g} dB, SSIM {vae_val['ssim']:.4g}, NMSE {vae_val['nmse']:.4g}. "
+             f"Stage 2, last validation (step {prior_val['step']}): NMSE {prior_val['nmse']:.4g}.", "",
+             f"Evaluation: {ev['split']} split, {ev['protocol']['maps']} maps, {ev['num_samples']} samples "
+             f"(simulations {', '.join(sims)}), objective {ev['objective']}, {ev['sampler']} sampler, "
+             f"{ev['num_inference_steps']} steps, {'EMA' if ev['checkpoints']['prior_ema'] else 'raw'} weights:", "",
+             "| method | NMSE | RMSE | SSIM | PSNR (dB) | " + " | ".join(f"NMSE {s}" for s in sims) + " | samples/s |",
+             "|---|---|---|---|---|" + "---|" * len(sims) + "---|"]
+    for key, title in (("model", "model (prior + VAE decode)"), ("vae_ceiling", "VAE round trip (ceiling)"),
+                       ("distance_baseline", "distance only (log-distance fit)")):
+        d = ev[key]
+        lines.append(f"| {title} | " + " | ".join(cell(d, k) for k in ("nmse", "rmse", "ssim", "psnr")) + " | "
+                     + " | ".join(f"{d['per_simulator'][s]['nmse']:.4g}" for s in sims)
+                     + f" | {rate(d['samples_per_sec'])} |")
+    table = "\n".join(lines) + "\n"
+    (out / "demo_table.md").write_text(table)
+    (out / "demo.json").write_text(json.dumps({"machine": machine(), "seconds": seconds, "vae_val": vae_val,
+                                               "prior_val": prior_val, "evaluation": ev}, indent=1) + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""benchmarks/demo_pipeline.py: the README's demo tables are its output, so its numbers must
+be the numbers the runs wrote."""
+import json
+import re
+import subprocess
+import sys
+
+from tests.helpers import ROOT, TINY_PRIOR, tiny_config
+
+
+def test_demo_pipeline_prints_the_numbers_the_runs_wrote(tmp_path, tiny_data):
+    cfg = tiny_config(tmp_path, tiny_data, prior=dict(TINY_PRIOR))
+    out = tmp_path / "pipeline"
+    r = subprocess.run([sys.executable, "benchmarks/demo_pipeline.py", "--config", str(cfg), "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    table = (out / "demo_table.md").read_text()
+    assert table in r.stdout
+    assert (out / "data" / "synthetic.json").is_file()          # the data was generated anew, under --out
+    usual = tmp_path / "run"                                     # the config's output_dir, as a user types it
+    for command in ("train_vae.py", "train_unified_prior.py", "evaluate.py", f"report.py {usual}/vae",
+                    f"report.py {usual}/prior"):
+        assert re.search(rf"\| `python {re.escape(command)}[^|]*` \| \d+ \|", table), command
+    val = [json.loads(line) for line in (out / "vae" / "metrics.jsonl").read_text().splitlines()]
+    val = [v for v in val if v["split"] == "val"][-1]
+    assert f"(step {val['step']}, {val['num_samples']} samples): PSNR {val['psnr']:.4g} dB" in table
+    ev = json.loads((out / "eval" / "metrics.json").read_text())
+    row = next(line for line in table.splitlines() if line.startswith("| model"))
+    assert row.split(" | ")[1] == f"{ev['model']['nmse']:.4g} ± {ev['model']['nmse_std']:.4g}"
+    assert row.split(" | ")[5] == f"{ev['model']['per_simulator']['DPM']['nmse']:.4g}"
+    assert f"{ev['num_samples']} samples" in table and "Machine: " in table
+    again = subprocess.run([sys.executable, "benchmarks/demo_pipeline.py", "--config", str(cfg), "--out", str(out)],
+                           cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode != 0 and "exists" in again.stderr             # nothing is overwritten
