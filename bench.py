@@ -38,6 +38,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
@@ -45,17 +46,20 @@ from typing import Any, Optional
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from diffusers import AutoencoderKL
 
 import train_unified_prior
 import train_vae
 from lib.accel import make_accelerator
 from lib.cli import bench_parser
 from lib.batching import train_batches
-from lib.benchmarking import PHASES, PhaseTimer, machine, measure_data, peak_memory_mb, time_steps
+from lib.bench_suite import run_suite
+from lib.benchmarking import PHASES, PhaseTimer, machine, measure_data, peak_memory_mb, profile_steps, time_steps
 from lib.config import Config, load_config
 from lib.dataset import RadioMapDataset, build_datasets
 from lib.errors import UserError, run_cli
 from lib.faults import FaultPolicy
+from lib.latent_cache import LatentCache, build_latent_cache
 from lib.models import build_vae
 from lib.reference_step import ReferenceVAE
 from lib.runlog import MeanTracker, RunLog
@@ -69,7 +73,7 @@ class TrainerStep:
     updates a training record is written and the schedule guard and watchdog run."""
 
     def __init__(self, stage: str, cfg: Config, accelerator: Accelerator, dataset: RadioMapDataset,
-                 run_dir: Path) -> None:
+                 run_dir: Path, vae: Optional[AutoencoderKL] = None, cache: Optional[LatentCache] = None) -> None:
         self.stage, self.cfg, self.acc = stage, cfg, accelerator
         self.train_cfg = getattr(cfg, stage).train
         set_seed(cfg.seed)
@@ -78,12 +82,12 @@ class TrainerStep:
             self.train_step, self.watched = train_vae.train_step, "rec_loss"
             self.lrs = {"lr": self.m.opt_g, "lr_disc": self.m.opt_d}
         else:
-            vae = build_vae(cfg.vae.model, cfg.data.image_size).requires_grad_(False).eval()
-            self.m = train_unified_prior.build_models(cfg, accelerator, vae, 2 ** (len(cfg.vae.model.block_out_channels) - 1))
+            self.m = train_unified_prior.build_models(cfg, accelerator, vae or random_vae(cfg),
+                                                      2 ** (len(cfg.vae.model.block_out_channels) - 1), cache)
             self.train_step, self.watched = train_unified_prior.train_step, "loss"
             self.lrs = {"lr": self.m.opt}
         set_seed(cfg.seed + accelerator.process_index)
-        self.data = train_batches(dataset, cfg.data.batch_size, cfg.seed, rank=accelerator.process_index,
+        self.data = train_batches(dataset, cfg.batch_size(stage), cfg.seed, rank=accelerator.process_index,
                                   world_size=accelerator.num_processes, num_workers=cfg.data.num_workers)
         self.log = RunLog(run_dir, accelerator.is_main_process)
         self.faults = FaultPolicy(accelerator, self.train_cfg, stage, self.log, run_dir / "checkpoints")
@@ -152,7 +156,8 @@ def probe_memory(argv: list[str], variant: str) -> dict[str, Optional[float]]:
 
 
 def bench_vae(cfg: Config, steps: int, warmup: int, phases: list[str], reference: bool,
-              work: Path, log, data_seconds: float = 0.5, probe_argv: Optional[list[str]] = None) -> dict[str, Any]:
+              work: Path, log, data_seconds: float = 0.5, probe_argv: Optional[list[str]] = None,
+              profile_path: Optional[Path] = None) -> dict[str, Any]:
     """Stage 1: the loader alone, then the toolkit and the reference step taking turns; peak
     memory from child processes (``probe_argv``: this run's arguments; None: not measured)."""
     variants_used = ["toolkit"] + (["reference"] if reference else [])
@@ -168,14 +173,18 @@ def bench_vae(cfg: Config, steps: int, warmup: int, phases: list[str], reference
     for p in phases:
         steppers = {name: (lambda t, v=v, p=p: v.step(t, PHASE_DISC[p])) for name, v in variants.items()}
         res = out["phases"][p] = time_steps(steppers, steps, warmup, device)
+        if profile_path:
+            profile_steps(steppers, device, profile_path, title=f"stage 1, {p}, ")
         if reference:
             res["ratio_vs_reference"] = round(res["reference"]["seconds_per_step"]
                                               / res["toolkit"]["seconds_per_step"], 3)
     variants["toolkit"].close()
+    if probe_argv is None and not reference:
+        memory["toolkit"] = peak_memory_mb(device)       # no probes: this process's peak (the toolkit only)
 
     weights = phase_weights(cfg, phases)
     sec, split = weighted({p: out["phases"][p]["toolkit"] for p in phases}, weights)
-    bs = cfg.data.batch_size * cfg.vae.train.gradient_accumulation_steps
+    bs = cfg.batch_size("vae") * cfg.vae.train.gradient_accumulation_steps
     out.update({"steps_per_sec": round(1 / sec, 4), "samples_per_sec": round(bs / sec, 3),
                 "time_split": split, "time_share": {k: round(v / sec, 4) for k, v in split.items()},
                 "phase_weights": weights, **data, **memory["toolkit"]})
@@ -183,7 +192,7 @@ def bench_vae(cfg: Config, steps: int, warmup: int, phases: list[str], reference
     if reference:
         ref_sec, ref_split = weighted({p: out["phases"][p]["reference"] for p in phases}, weights)
         out.update({"reference_steps_per_sec": round(1 / ref_sec, 4),
-                    "reference_samples_per_sec": round(cfg.data.batch_size / ref_sec, 3),
+                    "reference_samples_per_sec": round(cfg.batch_size("vae") / ref_sec, 3),
                     "reference_time_split": ref_split,
                     "ratio_vs_reference": round(ref_sec / sec, 3),
                     "reference_peak_rss_mb": memory["reference"]["peak_rss_mb"],
@@ -224,19 +233,40 @@ def trainer_overhead(config: str, overrides: list[str], until_step: int, work: P
 
 
 # --------------------------------------------------------------------------- stage 2
+def random_vae(cfg: Config) -> AutoencoderKL:
+    """A randomly initialised frozen VAE of ``cfg.vae.model`` (the timing does not depend on its weights)."""
+    return build_vae(cfg.vae.model, cfg.data.image_size).requires_grad_(False).eval()
+
+
 def bench_prior(cfg: Config, steps: int, warmup: int, work: Path, log,
-                data_seconds: float = 0.5) -> dict[str, Any]:
+                data_seconds: float = 0.5, profile_path: Optional[Path] = None) -> dict[str, Any]:
+    """Stage 2 on the encoder (a frozen VAE encodes every batch) and on the latent cache
+    (lib/latent_cache.py, built here from the same VAE), taking turns step by step."""
     accelerator = make_accelerator(cfg.prior.train)
     device = accelerator.device
     data, datasets = measure_data(cfg, log, data_seconds)
-    tk = TrainerStep("prior", cfg, accelerator, datasets["configured"], work / "prior")
-    res = time_steps({"toolkit": tk.step}, steps, warmup, device, PHASES["prior"])["toolkit"]
-    tk.close()
-    bs = cfg.data.batch_size * cfg.prior.train.gradient_accumulation_steps
-    return {"steps_per_sec": round(res["steps_per_sec"], 4),
-            "samples_per_sec": round(bs * res["steps_per_sec"], 3),
-            "time_split": res["time_split"], "time_share": res["time_share"],
-            "data_share_of_step": res["time_share"]["data"], **data, **peak_memory_mb(device),
+    vae = random_vae(cfg).to(device)
+    t0 = time.perf_counter()
+    cache = build_latent_cache(work / "latents", vae, {"train": datasets["configured"]}, {},
+                               cfg.batch_size("prior"), device)
+    build_s = time.perf_counter() - t0
+    variants = {"encoder": TrainerStep("prior", cfg, accelerator, datasets["configured"], work / "a", vae),
+                "cache": TrainerStep("prior", cfg, accelerator, datasets["configured"], work / "b", vae, cache)}
+    res = time_steps({k: v.step for k, v in variants.items()}, steps, warmup, device, PHASES["prior"])
+    if profile_path:
+        profile_steps({k: v.step for k, v in variants.items()}, device, profile_path, PHASES["prior"],
+                      "stage 2, latents from the ")
+    for v in variants.values():
+        v.close()
+    bs = cfg.batch_size("prior") * cfg.prior.train.gradient_accumulation_steps
+    main = res["cache" if cfg.prior.latent_cache != "off" else "encoder"]
+    return {"steps_per_sec": round(main["steps_per_sec"], 4), "samples_per_sec": round(bs * main["steps_per_sec"], 3),
+            "time_split": main["time_split"], "time_share": main["time_share"],
+            "data_share_of_step": main["time_share"]["data"], **data, **peak_memory_mb(device),
+            "latent_cache": {name: {"steps_per_sec": round(r["steps_per_sec"], 4), "time_split": r["time_split"],
+                                    "time_share": r["time_share"]} for name, r in res.items()},
+            "latent_cache_speedup": round(res["cache"]["steps_per_sec"] / res["encoder"]["steps_per_sec"], 3),
+            "latent_cache_build_s": round(build_s, 3), "latent_cache_samples": len(datasets["configured"]),
             "reference_steps_per_sec": None, "ratio_vs_reference": None,
             "reference": "none for stage 2: only the stage-1 reference step is rebuilt"}
 
@@ -247,9 +277,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     a = p.parse_args(argv)
     if a.steps < 1 or a.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
+    if (a.stage is None) == (a.suite is None):
+        p.error("pass one of --stage vae|prior|data and --suite gpu")
+    if a.suite == "gpu":
+        run_suite(a.config, list(a.set), a.json)
+        return 0
     if a.threads:
         torch.set_num_threads(a.threads)
-    overrides = list(a.set) + ([f"data.batch_size={a.batch_size}"] if a.batch_size else [])
+    overrides = list(a.set) + ([f"data.batch_size={a.batch_size}"] if a.batch_size else []) + (
+        [f"{a.stage}.train.batch_size={a.batch_size}"] if a.batch_size and a.stage != "data" else [])
     cfg = load_config(a.config, overrides)
     phases = {"pre": ["pre_disc_start"], "post": ["post_disc_start"],
               "both": ["pre_disc_start", "post_disc_start"]}[a.phase]
@@ -261,8 +297,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         ["--config", a.config, "--stage", a.stage, "--phase", a.phase] + [x for o in overrides for x in ("--set", o)]
         + (["--threads", str(a.threads)] if a.threads else []))
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    profile = Path(a.profile) if a.profile else None
+    if profile:
+        profile.write_text("", encoding="utf-8")
     info = {"stage": a.stage, "config": a.config, "overrides": overrides, **machine(),
-            "batch_size": cfg.data.batch_size, "image_size": cfg.data.image_size, "steps": a.steps,
+            "batch_size": cfg.batch_size(a.stage) if a.stage != "data" else cfg.data.batch_size,
+            "image_size": cfg.data.image_size, "steps": a.steps,
             "warmup": a.warmup}
     with tempfile.TemporaryDirectory(prefix="bench-") as work:
         if a.stage == "data":
@@ -270,12 +310,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         elif a.stage == "vae":
             info.update({k: getattr(cfg.vae.train, k) for k in ("mixed_precision", "tf32", "channels_last", "compile")})
             res = bench_vae(cfg, a.steps, a.warmup, phases, not a.no_reference, Path(work), log,
-                            a.data_seconds, probe_argv)
+                            a.data_seconds, probe_argv, profile)
             if a.trainer_run:
                 res["trainer_run"] = trainer_overhead(a.config, overrides, a.trainer_run, Path(work))
         else:
             info.update({k: getattr(cfg.prior.train, k) for k in ("mixed_precision", "tf32", "channels_last", "compile")})
-            res = bench_prior(cfg, a.steps, a.warmup, Path(work), log, a.data_seconds)
+            res = bench_prior(cfg, a.steps, a.warmup, Path(work), log, a.data_seconds, profile)
     result = {**info, **res}
     print(summary(result))
     if a.json:
@@ -309,6 +349,14 @@ def summary(r: dict[str, Any]) -> str:
                          f"{v['reference']['steps_per_sec']:.4g} steps/s, ratio {v['ratio_vs_reference']:.3f}x")
     else:
         lines.append(f"  reference  {r['reference']}")
+    for name, v in r.get("latent_cache", {}).items():
+        sp = v["time_split"]
+        lines.append(f"  latents from the {name:<7} {v['steps_per_sec']:.4g} steps/s: encode {sp['encode']:.3g} s, "
+                     f"denoiser {sp['forward'] + sp['backward']:.3g} s (forward {sp['forward']:.3g} + backward "
+                     f"{sp['backward']:.3g}), optimizer {sp['optimizer']:.3g} s, data {sp['data']:.3g} s per step")
+    if r.get("latent_cache"):
+        lines.append(f"  latent cache: {r['latent_cache_speedup']:.3f}x the steps/s of encoding every batch (built from "
+                     f"{r['latent_cache_samples']} samples in {r['latent_cache_build_s']:.1f} s)")
     share = r["time_share"]
     lines.append("  time split " + ", ".join(f"{k} {100 * share[k]:.1f}%" for k in share))
     lines.append(loader)

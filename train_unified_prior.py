@@ -37,7 +37,8 @@ from lib.errors import run_cli
 from lib.evaluation import gather_accumulator, gather_values, score_methods
 from lib.faults import FaultPolicy
 from lib.images import save_samples
-from lib.latents import encode_latents, measure_latent_scale
+from lib.latent_cache import LatentCache, LatentSource, open_latent_cache, place_vae
+from lib.latents import measure_latent_scale
 from lib.models import count_parameters
 from lib.numfmt import fmt, fmt_lr
 from lib.objectives import Objective, generate_maps, make_objective
@@ -56,19 +57,20 @@ Phase = Callable[[str], ContextManager]              # bench.py passes a timer o
 
 @dataclass
 class Stage2:
-    """What one stage-2 update touches: the prior as prepared by Accelerate (a DDP wrapper on N processes)
-    and plain, its optimizer, schedule and EMA, the frozen VAE and its latent scale, the objective."""
+    """What one stage-2 update touches; ``prior`` as Accelerate prepared it (DDP on N processes), ``prior_raw`` plain."""
     prior: torch.nn.Module
     prior_raw: LatentPrior
     opt: torch.optim.Optimizer
     sched: Any
     ema: Optional[EMAModel]
     vae: AutoencoderKL
+    latents: LatentSource             # the frozen encoder, or the latent cache (lib/latent_cache.py)
     latent_scale: float
     objective: Objective              # what the prior learns and how it samples (lib/objectives.py)
 
 
-def build_models(cfg: Config, accelerator: Accelerator, vae: AutoencoderKL, downsample: int) -> Stage2:
+def build_models(cfg: Config, accelerator: Accelerator, vae: AutoencoderKL, downsample: int,
+                 cache: Optional[LatentCache] = None) -> Stage2:
     train_cfg, objective = cfg.prior.train, make_objective(cfg.prior.diffusion)
     prior = LatentPrior(cfg.prior.model, cfg.vae.model.latent_channels, cfg.data.image_size,
                         downsample, len(cfg.data.simulation), objective.outputs)
@@ -76,29 +78,27 @@ def build_models(cfg: Config, accelerator: Accelerator, vae: AutoencoderKL, down
     opt = build_optimizer(prior.parameters(), train_cfg)
     sched = build_scheduler(opt, train_cfg)                # sets the LR, every step
     prior, opt, sched = accelerator.prepare(prior, opt, sched)
-    prior_raw = accelerator.unwrap_model(prior)
+    prior_raw, vae = accelerator.unwrap_model(prior), place_vae(vae, accelerator.device, encoder=cache is None)
     return Stage2(prior, prior_raw, opt, sched, make_ema(prior_raw, train_cfg, accelerator.device),
-                  vae.to(accelerator.device), 1.0, objective)
+                  vae, LatentSource(vae, cache, cfg.prior.posterior_sample), 1.0, objective)
 
 
 def train_step(m: Stage2, batches: Iterator[dict], accelerator: Accelerator, cfg: Config,
                phase: Phase = lambda name: nullcontext()) -> tuple[bool, dict]:
-    """One optimizer update: ``gradient_accumulation_steps`` micro-batches, each encoded by the
-    frozen VAE (scaled latents), noised at random timesteps and denoised by the prior given its
-    condition (lib/objectives.py), with the backward of that loss; then clip, check and step
-    (lib/optim.py) and the EMA. Returns whether the update was applied and the loss and
-    gradient norm (detached)."""
+    """One optimizer update: ``gradient_accumulation_steps`` micro-batches, their latents from the
+    frozen VAE or the latent cache (scaled), noised and denoised by the prior given the condition
+    (lib/objectives.py), backward; then clip, check, step (lib/optim.py) and the EMA. Returns
+    whether the update was applied and the loss and gradient norm (detached)."""
     train_cfg, device = cfg.prior.train, accelerator.device
     logs = []
     for _ in range(train_cfg.gradient_accumulation_steps):
         with phase("data"):
             batch = next(batches)
-            x = batch["image"].to(device, non_blocking=True)
             cond = batch["cond"].to(device, non_blocking=True)   # buildings, transmitter, cars
             sim_id = batch["sim_id"].to(device, non_blocking=True)
         with accelerator.accumulate(m.prior):
             with phase("encode"), accelerator.autocast():
-                latents = encode_latents(m.vae, x).float() * m.latent_scale     # frozen, no grad
+                latents = m.latents(batch, "train", device) * m.latent_scale     # frozen, no grad
             with phase("forward"), accelerator.autocast():
                 loss = m.objective.loss(m.prior, latents, cond, sim_id)
             with phase("backward"):
@@ -144,18 +144,20 @@ def main() -> int:
         start.warning(warning)
     start.info(f"data: split {split.describe()}; {len(train_ds)} training and {len(val_ds)} validation samples "
                f"of {', '.join(sims)} ({cfg.data.source}, {cfg.data.root}, {cfg.data.image_size} px)")
+    with accelerator.main_process_first():      # the latent cache: built once, by the main process
+        cache = open_latent_cache(cfg, loaded.vae.to(accelerator.device), data, accelerator.device,
+                                  accelerator.is_main_process, start.info)
     log = open_run(cfg, run_dir, accelerator, start)
 
     # ------------------------------------------------------------------ models, optimizer, schedule
-    m = build_models(cfg, accelerator, loaded.vae, loaded.downsample)
+    m = build_models(cfg, accelerator, loaded.vae, loaded.downsample, cache)
     set_seed(cfg.seed + accelerator.process_index)   # same init everywhere, own noise and timesteps per process
     log.info(f"VAE {vae_info.path} (step {vae_info.step}{', EMA weights' if loaded.ema else ''}); prior "
              f"{count_parameters(m.prior_raw) / 1e6:.2f}M parameters on {m.prior_raw.latent_shape} latents")
 
     # ------------------------------------------------------------------ resume, latent scale
-    step, batches, best_val = 0, 0, math.inf
+    step, batches, best_val, resume_note = 0, 0, math.inf, None
     faults = FaultPolicy(accelerator, train_cfg, "prior", log, ckpt_dir)   # non-finite, divergence, signals
-    resume_note = None
     if resume is not None:
         state, resume_note = restore_run(accelerator, resume, cfg, "prior", checked, log, {"prior": m.sched},
                                          m.ema, m.prior_raw)
@@ -164,8 +166,8 @@ def main() -> int:
         m.latent_scale = float(state["latent_scale"])
         log.info(f"latent scale factor {m.latent_scale:.6g} (from the checkpoint)")
     else:
-        m.latent_scale = measure_latent_scale(m.vae, train_ds, cfg.batch_size("prior"),
-                                              cfg.prior.latent_scale_batches, accelerator.device,
+        m.latent_scale = measure_latent_scale(lambda b: m.latents(b, "train", accelerator.device, sample=False),
+                                              train_ds, cfg.batch_size("prior"), cfg.prior.latent_scale_batches,
                                               log.info if accelerator.is_main_process else None)   # + a bar
     m.vae.register_to_config(scaling_factor=m.latent_scale)   # in the VAE copy each checkpoint holds
     scale_info = {"latent_scale": m.latent_scale, "vae_checkpoint": str(vae_info.path), "vae_step": vae_info.step,
@@ -177,16 +179,15 @@ def main() -> int:
               f"mixed precision {train_cfg.mixed_precision}", level="INFO")
 
     def validate(step: int) -> Optional[float]:
-        """The validation maps with the EMA weights: the denoising loss (returned: it picks the
-        "best" checkpoint; None when a preemption signal abandoned it) and the metrics of sampled
-        maps. Noise comes from a fixed generator: a resumed run draws the training noise a straight one does."""
+        """Validation with the EMA weights: the denoising loss (returned: it picks the "best" checkpoint; None
+        when a preemption abandoned it) and the metrics of sampled maps, with noise from a fixed generator."""
         nonlocal best_val
         t0, losses = time.perf_counter(), []
         rng = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)
 
         def sample(batch: dict) -> torch.Tensor:
             with accelerator.autocast():
-                latents = encode_latents(m.vae, batch["image"]).float() * m.latent_scale
+                latents = m.latents(batch, "val", accelerator.device, sample=False) * m.latent_scale
                 losses.append(m.objective.loss(m.prior_raw, latents, batch["cond"], batch["sim_id"], rng))
                 return generate_maps(m.prior_raw, m.vae, m.latent_scale, batch["cond"], batch["sim_id"],
                                      m.objective, generator=rng)
@@ -213,8 +214,7 @@ def main() -> int:
         return val_loss
 
     def save(step: int, val_loss: Optional[float]) -> None:
-        """Everything needed to continue, as ``checkpoints/step-N`` (lib/checkpoint.py), and the
-        VAE it decodes with (``vae/``: ``AutoencoderKL.from_pretrained`` gets the scaling factor)."""
+        """``checkpoints/step-N`` (lib/checkpoint.py) and the VAE it decodes with (``vae/``, with its scaling factor)."""
         files = {**prior_files(m.prior_raw), **ema_files(m.ema, m.prior_raw), "vae": m.vae,
                  "latent_scale.json": scale_info}
         ckpt.save_checkpoint(accelerator, ckpt_dir, step, cfg, {

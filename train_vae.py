@@ -161,9 +161,8 @@ def main() -> int:
              f"discriminator {count_parameters(m.disc_raw) / 1e6:.2f}M")
 
     # ------------------------------------------------------------------ resume
-    step, batches, best_val = 0, 0, math.inf
+    step, batches, best_val, resume_note = 0, 0, math.inf, None
     faults = FaultPolicy(accelerator, train_cfg, "vae", log, ckpt_dir)   # non-finite, divergence, signals
-    resume_note = None
     if resume is not None:
         state, resume_note = restore_run(accelerator, resume, cfg, "vae", checked, log,
                                          {"g": m.sched_g, "d": m.sched_d}, m.ema, m.vae_raw.vae)

@@ -29,19 +29,14 @@ from commands import ROOT, run   # benchmarks/commands.py
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    import torch
+    sys.path.insert(0, str(ROOT))
+    from lib.benchmarking import machine as facts
+    m = facts()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip() or "unknown"
-    return (f"{cpu}, {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} "
-            f"cores available, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"Python {platform.python_version()}; commit {commit}; "
-            f"{datetime.date.today().isoformat()}")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else m["cpus"]
+    return (f"{m['cpu']}, {cores} cores available, torch {m['torch']} ({m['torch_threads']} threads), "
+            f"Python {platform.python_version()}; commit {commit}; {datetime.date.today().isoformat()}")
 
 
 def last_record(path: Path, split: str) -> dict:

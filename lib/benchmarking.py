@@ -115,6 +115,31 @@ def time_steps(steps_by_name: dict[str, Any], steps: int, warmup: int,
     return out
 
 
+def profile_steps(steps_by_name: dict[str, Any], device: torch.device, path: Path,
+                  phases: tuple[str, ...] = PHASES["vae"], title: str = "") -> None:
+    """One step of each of ``steps_by_name`` under ``torch.profiler`` (CPU, and CUDA on a GPU);
+    appends to ``path`` each one's operators by self time (``bench.py --profile``)."""
+    from contextlib import contextmanager
+
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    @contextmanager
+    def phase(name: str) -> Iterator[None]:          # the step's phases as profiler ranges
+        with record_function(f"phase:{name}"):
+            yield
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    with open(path, "a", encoding="utf-8") as out:
+        for name, step in steps_by_name.items():
+            with profile(activities=activities) as prof:
+                step(phase)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+            out.write(f"=== {title}{name}: one step, operators by self time\n")
+            out.write(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=60) + "\n\n")
+
+
 def loader_rates(datasets: dict[str, RadioMapDataset], batch_size: int, seed: int, num_workers: int,
                  rounds: int = 3, seconds: float = 0.5) -> dict[str, float]:
     """Samples per second of the training stream alone, per dataset: the median of ``rounds``

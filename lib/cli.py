@@ -94,11 +94,14 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="experiment YAML, e.g. configs/demo.yaml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (repeatable), e.g. --set data.image_size=64")
-    p.add_argument("--stage", choices=["vae", "prior", "data"], required=True,
+    p.add_argument("--stage", choices=["vae", "prior", "data"], default=None,
                    help="data: the data loader alone, PNG against cached")
+    p.add_argument("--suite", choices=["gpu"], default=None,
+                   help="gpu: both stages at the config's sizes in fp32, bf16, channels_last and compile "
+                        "(a table and --json; needs a CUDA GPU)")
     p.add_argument("--steps", type=int, default=10, help="timed optimizer steps per measurement")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before each measurement")
-    p.add_argument("--batch-size", type=int, default=None, help="data.batch_size for this benchmark")
+    p.add_argument("--batch-size", type=int, default=None, help="the stage's batch size for this benchmark (data.batch_size and {stage}.train.batch_size)")
     p.add_argument("--phase", choices=["pre", "post", "both"], default="both",
                    help="vae: before disc_start, after it, or both (default)")
     p.add_argument("--no-reference", action="store_true", help="vae: skip the reference step")
@@ -111,6 +114,9 @@ def bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-memory", action="store_true",
                    help="vae: skip the peak-memory probes (two child processes)")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the results here")
+    p.add_argument("--profile", default=None, metavar="OUT",
+                   help="vae, prior: after the timing, one step of each kind under torch.profiler; its "
+                        "operator tables go to this text file")
     p.add_argument("--memory-probe", choices=["toolkit", "reference"], help=argparse.SUPPRESS)
     return p
 

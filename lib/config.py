@@ -295,6 +295,8 @@ def _prior_train_defaults() -> TrainConfig:
 class PriorConfig:
     vae_checkpoint: str = "latest"     # latest | best (after disc_start) | path to a checkpoint folder
     latent_scale_batches: int = 32     # training batches the latent scale factor is measured on
+    latent_cache: str = "auto"         # auto | off | PATH: the frozen VAE's latents, encoded once (lib/latent_cache.py)
+    posterior_sample: bool = False     # train on posterior samples mean + std * eps (false: the posterior mean)
     model: PriorModelConfig = field(default_factory=PriorModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=_prior_train_defaults)
@@ -323,6 +325,8 @@ class Config:
                 "best, latest or a path to a stage-1 checkpoint folder")
         v.check(self.prior.latent_scale_batches >= 1, "prior.latent_scale_batches",
                 self.prior.latent_scale_batches, "an integer >= 1")
+        v.check(bool(self.prior.latent_cache.strip()), "prior.latent_cache", self.prior.latent_cache,
+                "auto, off, or a folder for the cache")
         self.prior.model.validate(v)
         # Both models halve the maps: the VAE once per level after the first, the prior's UNet
         # (and its condition encoder) the latent again.
@@ -387,7 +391,7 @@ def _describe(tp: Any) -> str:
 
 
 # String keys for which ``off`` is a value (YAML reads an unquoted off as false: accepted as "off").
-OFF_KEYS = ("data.cache",)
+OFF_KEYS = ("data.cache", "prior.latent_cache")
 
 
 def _convert(tp: Any, value: Any, key: str, source: str, default: Any = None) -> Any:

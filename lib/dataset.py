@@ -4,8 +4,8 @@ folder, as float32 arrays in [-1, 1].
 A sample is ``image`` (1, S, S), the gain map (with ``data.threshold``, RadioUNet's noise
 floor applied: :func:`lib.layout.threshold_into`), and ``cond`` (3, S, S), the stage-2
 condition (:mod:`lib.condition`: buildings, transmitter, cars or buildings again per
-``data.cars_input``), plus ``sim_id`` (index into the dataset's simulations), ``map_id`` and
-``tx``. Maps whose files are not ``image_size`` square are resized
+``data.cars_input``), plus ``sim_id`` (index into the dataset's simulations), ``map_id``,
+``tx`` and ``index`` (its row in the split: stage 2's latent cache, lib/latent_cache.py). Maps whose files are not ``image_size`` square are resized
 (:func:`lib.layout.resize_maps`; the threshold is applied after the resize).
 
 Which samples exist comes from the folder listing (:func:`lib.layout.list_samples`); the
@@ -120,7 +120,7 @@ class RadioMapDataset(Dataset):
         cond = np.empty((3, size, size), dtype=np.float32)
         s, map_id, tx = self._read_into(index, image, cond)
         return {"image": torch.from_numpy(image), "cond": torch.from_numpy(cond), "sim_id": s,
-                "map_id": map_id, "tx": tx}
+                "map_id": map_id, "tx": tx, "index": index}
 
     def __getitems__(self, indices: list[int]) -> dict:
         """A whole batch, each sample written in place into the batch's arrays: what
@@ -133,7 +133,7 @@ class RadioMapDataset(Dataset):
         keys = [self._read_into(i, image[k], cond[k]) for k, i in enumerate(indices)]
         sims, maps, txs = torch.tensor(keys, dtype=torch.int64).reshape(-1, 3).T.contiguous()
         return {"image": torch.from_numpy(image), "cond": torch.from_numpy(cond), "sim_id": sims,
-                "map_id": maps, "tx": txs}
+                "map_id": maps, "tx": txs, "index": torch.tensor(indices, dtype=torch.int64)}
 
     def _read_into(self, index: int, image: np.ndarray, cond: np.ndarray) -> tuple[int, int, int]:
         """Sample ``index`` (or, with ``on_bad_file: skip``, the next readable one) into

@@ -35,10 +35,11 @@ def decode_latents(vae: AutoencoderKL, z: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def measure_latent_scale(vae: AutoencoderKL, dataset: Dataset, batch_size: int, num_batches: int,
-                         device: torch.device | str = "cpu", log: Optional[Callable[[str], None]] = None) -> float:
-    """1 / std of the latents of ``num_batches`` batches of ``dataset``, so that scaled latents
-    have unit variance (the LDM convention; RadioMapSeer latents are far from unit scale).
+def measure_latent_scale(latents: Callable[[dict], torch.Tensor], dataset: Dataset, batch_size: int,
+                         num_batches: int, log: Optional[Callable[[str], None]] = None) -> float:
+    """1 / std of the latents (``latents(batch)``: unscaled, the posterior mean; from the
+    encoder or the latent cache) of ``num_batches`` batches of ``dataset``, so that scaled
+    latents have unit variance (the LDM convention; RadioMapSeer latents are far from unit scale).
 
     The samples are spread evenly over the dataset (not its first maps only) and read in a
     fixed order; every process measures the same samples, so all agree on the factor.
@@ -46,12 +47,12 @@ def measure_latent_scale(vae: AutoencoderKL, dataset: Dataset, batch_size: int, 
     t0 = time.perf_counter()
     n = min(len(dataset), batch_size * num_batches)
     indices = np.linspace(0, len(dataset) - 1, n).round().astype(int).tolist()
-    latents = []
+    values = []
     with progress(math.ceil(n / batch_size), desc="latent scale", unit="batch", show=log is not None) as bar:
         for b in eval_batches(Subset(dataset, indices), batch_size):
-            latents.append(encode_latents(vae, b["image"].to(device)).float().flatten().cpu())
+            values.append(latents(b).float().flatten().cpu())
             bar.update(1)
-    std = float(torch.cat(latents).std())
+    std = float(torch.cat(values).std())
     if not math.isfinite(std) or std <= 0:
         raise UserError(f"the VAE's latents have std {std} on {n} training samples; the latent "
                         f"scale factor cannot be measured (is the VAE checkpoint trained?)")

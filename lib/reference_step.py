@@ -23,7 +23,6 @@ from lib.config import Config
 from lib.dataset import RadioMapDataset
 from lib.losses import adaptive_weight, discriminator_loss, generator_loss, load_perceptual
 from lib.models import VAEWithLogvar, build_discriminator
-from lib.optim import build_optimizer
 from lib.schedule import build_scheduler
 
 
@@ -39,11 +38,14 @@ class ReferenceVAE:
         self.perceptual = load_perceptual(loss_cfg)
         if self.perceptual is not None:
             self.perceptual.to(device)
-        self.opt_g = build_optimizer(self.gen.vae.parameters(), train_cfg)
-        self.opt_d = build_optimizer(self.disc.parameters(), train_cfg)
+        # RadioDiff's trainer: torch's AdamW with its default implementation (a loop over the
+        # parameters on the CPU, foreach on a GPU), not the toolkit's fused one.
+        adamw = lambda ps: torch.optim.AdamW(ps, lr=train_cfg.lr, betas=tuple(train_cfg.adam_betas),  # noqa: E731
+                                             weight_decay=train_cfg.weight_decay)
+        self.opt_g, self.opt_d = adamw(self.gen.vae.parameters()), adamw(self.disc.parameters())
         self.sched_g, self.sched_d = build_scheduler(self.opt_g, train_cfg), build_scheduler(self.opt_d, train_cfg)
         self.params = list(self.gen.parameters()) + list(self.disc.parameters())
-        self.data = train_batches(dataset, cfg.data.batch_size, cfg.seed, num_workers=cfg.data.num_workers)
+        self.data = train_batches(dataset, cfg.batch_size("vae"), cfg.seed, num_workers=cfg.data.num_workers)
 
     def step(self, t: Callable[[str], ContextManager] = lambda name: nullcontext(), disc_active: bool = False) -> None:
         loss_cfg = self.cfg.vae.loss

@@ -19,8 +19,10 @@ def fp32_precision() -> tuple[str, str]:
 @pytest.mark.parametrize("name", ["configs/demo.yaml", "configs/m.yaml"])
 def test_switches_are_off_in_the_shipped_configs(name):
     cfg = load_config(name)
-    for tcfg in (cfg.vae.train, cfg.prior.train):
-        assert (tcfg.tf32, tcfg.channels_last, tcfg.compile) == (False, False, False)
+    assert TrainConfig().channels_last is False
+    for stage, tcfg in (("vae", cfg.vae.train), ("prior", cfg.prior.train)):
+        # m.yaml's stage 1 runs channels_last: measured faster, same results to float rounding
+        assert (tcfg.tf32, tcfg.channels_last, tcfg.compile) == (False, stage == "vae" and name == "configs/m.yaml", False)
     assert cfg.data.pin_memory is False
 
 

@@ -11,7 +11,9 @@ import bench
 import train_vae
 from lib.accel import make_accelerator
 from lib.config import load_config
+from lib.cli import bench_parser
 from lib.dataset import build_datasets
+from lib.errors import UserError
 from tests.helpers import TINY_PRIOR, read_records, reset_accelerate, run_main, tiny_config
 
 REQUIRED = ["steps_per_sec", "samples_per_sec", "reference_steps_per_sec", "ratio_vs_reference",
@@ -32,7 +34,8 @@ def test_vae_bench_writes_json(tmp_path, tiny_data, capsys):
     cfg = tiny_config(tmp_path, tiny_data)
     out = tmp_path / "bench.json"
     assert bench.main(["--config", str(cfg), "--stage", "vae", "--steps", "2", "--warmup", "0",
-                       "--data-seconds", "0.05", "--trainer-run", "3", "--threads", "1", "--no-memory", "--json", str(out)]) == 0
+                       "--data-seconds", "0.05", "--trainer-run", "3", "--threads", "1", "--no-memory", "--json", str(out),
+                       "--profile", str(tmp_path / "profile.txt")]) == 0
     r = json.loads(out.read_text())
     assert all(k in r for k in REQUIRED)
     assert set(r["time_split"]) == {"data", "forward", "backward", "optimizer", "logging", "other"}
@@ -46,6 +49,10 @@ def test_vae_bench_writes_json(tmp_path, tiny_data, capsys):
     assert t["steps"] == 3 and t["validation_s"] > 0 and t["checkpoint_s"] > 0 and t["logging_s"] > 0
     assert 0 < t["overhead_share"] < 1
     assert "ratio" in capsys.readouterr().out
+    profile = (tmp_path / "profile.txt").read_text()          # one step of each kind, its operators
+    for kind in ("pre_disc_start, toolkit", "pre_disc_start, reference", "post_disc_start, toolkit"):
+        assert f"=== stage 1, {kind}: one step" in profile
+    assert "phase:backward" in profile and "aten::convolution_backward" in profile
 
 
 def test_prior_bench_has_no_reference(tmp_path, tiny_data):
@@ -58,6 +65,13 @@ def test_prior_bench_has_no_reference(tmp_path, tiny_data):
     assert all(k in r for k in REQUIRED)
     assert r["reference_steps_per_sec"] is None and r["ratio_vs_reference"] is None
     assert r["batch_size"] == 4 and r["data_path"] == "cached"
+    # with and without the latent cache, each with its time split, and the ratio of the two
+    enc, cached = r["latent_cache"]["encoder"], r["latent_cache"]["cache"]
+    assert r["latent_cache_speedup"] == pytest.approx(cached["steps_per_sec"] / enc["steps_per_sec"], rel=1e-2)
+    assert enc["time_split"]["encode"] > 0 and cached["time_split"]["encode"] < enc["time_split"]["encode"]
+    assert r["steps_per_sec"] == cached["steps_per_sec"]          # the configured path (latent_cache: auto)
+    assert r["latent_cache_samples"] == len(build_datasets(load_config(cfg, ["data.batch_size=4"]).data, 0,
+                                                              ("train",), lambda m: None)["train"])
 
 
 def test_bench_step_is_the_trainers_step(tmp_path, tiny_data, monkeypatch):
@@ -104,3 +118,35 @@ def test_data_stage_measures_the_loader_alone(tmp_path, tiny_data, capsys):
     assert r["cache_speedup"] == pytest.approx(r["data_samples_per_sec_cached"] / r["data_samples_per_sec_png"], rel=0.01)
     assert "steps_per_sec" not in r and r["data_path"] == "png"
     assert "data loader alone: PNG" in capsys.readouterr().out
+
+
+def test_gpu_suite_says_it_needs_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match=r"--suite gpu needs a CUDA GPU and none is visible"):
+        bench.main(["--config", "configs/m.yaml", "--suite", "gpu"])
+    with pytest.raises(SystemExit):
+        bench.main(["--config", "configs/m.yaml", "--suite", "gpu", "--stage", "vae"])   # one or the other
+
+
+def test_gpu_suite_runs_every_stage_and_setting_and_tabulates_them(tmp_path):
+    from lib.bench_suite import SETTINGS, run_suite
+    calls = []
+
+    def fake(argv):
+        calls.append(argv)
+        sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+        load_config(argv[argv.index("--config") + 1], sets)                  # every run's config is valid
+        bench_parser().parse_args(argv + ["--json", "x.json"])                # and so are its arguments
+        stage = argv[argv.index("--stage") + 1]
+        fast = 2.0 if f"{stage}.train.compile=true" in sets else 1.0
+        return {"gpu": "Fake GPU", "torch": "2.13.0", "batch_size": 2, "image_size": 256, "steps_per_sec": fast,
+                "samples_per_sec": 2 * fast, "cuda_peak_mb": 123.0}
+
+    out = run_suite("configs/m.yaml", [], str(tmp_path / "suite.json"), runner=fake, cuda_available=True,
+                    log=lambda m: None)
+    assert len(calls) == 2 * len(SETTINGS)
+    rows = [line for line in out["table"].splitlines() if line.startswith(("| vae", "| prior"))]
+    assert len(rows) == 8 and sum("| 2.00x |" in r for r in rows) == 2 and "Fake GPU" in out["table"]
+    assert json.loads((tmp_path / "suite.json").read_text())["results"]["prior"]["bf16"]["steps_per_sec"] == 1.0
+    bf16 = next(c for c in calls if "prior" in c and "prior.train.mixed_precision=bf16" in c)
+    assert "vae.train.mixed_precision=bf16" not in bf16          # each stage's own switches

@@ -51,12 +51,12 @@ def batch_of(ds, n=2):
 def test_latent_scale_gives_unit_variance(tiny):
     cfg, data, loaded = tiny
     train = data["train"]
-    scale = measure_latent_scale(loaded.vae, train, 4, 100)            # every training sample
+    scale = measure_latent_scale(lambda b: encode_latents(loaded.vae, b["image"]), train, 4, 100)   # every sample
     z = encode_latents(loaded.vae, batch_of(train, len(train))["image"]) * scale
     assert z.std().item() == pytest.approx(1.0, rel=1e-4)
     assert abs(1.0 / scale - 1.0) > 0.05          # the raw latents are not unit scale already
     # fewer batches: spread over the split, close to the same factor
-    assert measure_latent_scale(loaded.vae, train, 2, 2) == pytest.approx(scale, rel=0.5)
+    assert measure_latent_scale(lambda b: encode_latents(loaded.vae, b["image"]), train, 2, 2) == pytest.approx(scale, rel=0.5)
 
 
 def test_simulator_embedding_changes_the_prediction(tiny):

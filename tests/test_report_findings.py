@@ -201,7 +201,7 @@ def test_toolkit_disc_inactive_and_logvar_frozen(tmp_path):
         return rec
     a, _ = findings([toolkit_run(tmp_path, edit=edit)])
     (d,) = by_id(a, "disc_inactive")
-    assert d.steps == [2100, 5000]
+    assert d.steps == [2001, 5000]          # from the trainer's disc_start event
     assert "disc_loss is 0 at all 30 records" in d.evidence and "grad_norm_disc is 0" in d.evidence
     (lv,) = by_id(a, "logvar_frozen")
     assert lv.severity == "warning" and "0 at all 50 records" in lv.evidence
