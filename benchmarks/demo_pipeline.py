@@ -9,7 +9,8 @@ clone): ``train_vae.py``, ``train_unified_prior.py``, ``evaluate.py``, then ``re
 runs. Then prints, and writes to
 ``--out/demo_table.md`` with every number in ``demo.json``: the machine and date, the wall
 time of each command, stage 1's last validation, and the evaluation table (test split:
-the model, the VAE ceiling and the distance-only baseline). The README's tables are this
+the model, the VAE ceiling and the distance-only baseline), and the generated data's statistics
+next to the published RadioMapSeer maps' (lib/map_stats.py). The README's tables are this
 output, pasted. ``--out`` must not exist (nothing is overwritten).
 """
 from __future__ import annotations
@@ -72,6 +73,8 @@ def main() -> int:
     prior_val = last_record(out / "prior" / "metrics.jsonl", "val")
     ev = json.loads((out / "eval" / "metrics.json").read_text())
     sims = ev["simulations"]
+    sys.path.insert(0, str(ROOT))
+    from lib.map_stats import LABELS, REAL_RANGES, map_statistics
     usual_dir = (yaml.safe_load((ROOT / a.config).read_text()) or {}).get("output_dir", "OUTPUT_DIR")
     lines = [f"Machine: {machine()}.", "",
              "| command | wall time (s) |", "|---|---|",
@@ -92,6 +95,15 @@ def main() -> int:
         lines.append(f"| {title} | " + " | ".join(cell(d, k) for k in ("nmse", "rmse", "ssim", "psnr")) + " | "
                      + " | ".join(f"{d['per_simulator'][s]['nmse']:.4g}" for s in sims)
                      + f" | {rate(d['samples_per_sec'])} |")
+    lines += ["", f"The synthetic data ({out / 'data'}), `python -m lib.synthetic stats`: median over the gain maps "
+              f"(10th-90th percentile), next to the range over four published RadioMapSeer IRT4 maps:", "",
+              "| statistic (outside buildings) | RadioMapSeer | " + " | ".join(f"synthetic {s}" for s in sims) + " |",
+              "|---|---|" + "---|" * len(sims)]
+    stats = {s: map_statistics(out / "data", s).summary() for s in sims}
+    for key, label in LABELS.items():
+        lo, hi = REAL_RANGES[key]
+        lines.append(f"| {label} | {lo:.2f}-{hi:.2f} | " + " | ".join(
+            f"{stats[s][key]['median']:.3f} ({stats[s][key]['p10']:.3f}-{stats[s][key]['p90']:.3f})" for s in sims) + " |")
     table = "\n".join(lines) + "\n"
     (out / "demo_table.md").write_text(table)
     (out / "demo.json").write_text(json.dumps({"machine": machine(), "seconds": seconds, "vae_val": vae_val,

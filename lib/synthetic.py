@@ -6,17 +6,19 @@ both::
     ROOT/png/buildings_complete/{map}.png      255 = building, 0 = free
     ROOT/png/antennas/{map}_{tx}.png           a single 255 pixel at the transmitter
     ROOT/png/cars/{map}.png                    255 = car (only with cars=True)
-    ROOT/gain/{sim}/{map}_{tx}.png             gain map, 0..255 (lib.synthetic_radio, "Mapping to pixels")
+    ROOT/gain/{sim}/{map}_{tx}.png             gain map, 0..255 (lib.synthetic_radio, "Gray levels")
 
 with ``sim`` in DPM, IRT2, IRT4 and, with cars=True, carsDPM, carsIRT2, carsIRT4; like
 RadioMapSeer, IRT4 and carsIRT4 only for transmitters 0 and 1 of each map. All images
 are 8-bit grayscale (PIL mode 'L'), ``size`` x ``size``. A file ``synthetic.json`` in ROOT
 records the generator parameters (the loader ignores it).
 
-The city (streets, building footprints, cars) is drawn by :mod:`lib.synthetic_city`, the
-gain maps of each simulation computed by :mod:`lib.synthetic_radio`. Everything is drawn
-from ``np.random.default_rng([seed, map_id])``: map ``i`` is the same whatever ``num_maps``
-is, and the same seed gives byte-identical files.
+The city (turned street grids, building footprints, cars) is drawn by
+:mod:`lib.synthetic_city`, the gain maps of each simulation computed by
+:mod:`lib.synthetic_radio` (RadioMapSeer's gray-level convention). Everything is drawn from
+``np.random.default_rng([seed, map_id])``: map ``i`` is the same whatever ``num_maps`` is, and
+the same seed gives byte-identical files. ``python -m lib.synthetic stats ROOT`` prints the
+statistics of any RadioMapSeer-layout folder next to the published maps' (:mod:`lib.map_stats`).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,9 +38,10 @@ from PIL import Image
 from lib.errors import DataError, run_cli
 from lib.layout import EXPECTED_TX
 from lib.progress import progress
-from lib.synthetic_city import city, place_cars
+from lib.synthetic_city import city
 from lib.synthetic_radio import CANYON_LOSS_PER_M, Canyons, Tables, gain_maps
 
+VERSION = 2                  # 2: turned street grids, varied footprints, RadioMapSeer's gray levels
 PROGRESS_EVERY_S = 30.0      # generate() logs progress at most this often
 BASE_SIMULATIONS = ("DPM", "IRT2", "IRT4")
 CAR_SIMULATIONS = ("carsDPM", "carsIRT2", "carsIRT4")
@@ -56,31 +60,35 @@ def _save(arr: np.ndarray, path: Path) -> None:
 def _write_map(root: Path, map_id: int, tx_per_map: int, seed: int, size: int, cars: bool,
                tables: Tables) -> None:
     rng = np.random.default_rng([seed, map_id])
-    buildings, street = city(rng, size)
-    car_map = place_cars(rng, buildings, street) if cars else None
-    free = ~buildings if car_map is None else ~(buildings | car_map)
-    free_idx = np.flatnonzero(free)
+    town = city(rng, size, cars)
+    free = ~town.buildings if town.cars is None else ~(town.buildings | town.cars)
+    free_idx = np.flatnonzero(free & town.street)
+    if free_idx.size < tx_per_map:                # a map without enough street: any free pixel
+        free_idx = np.flatnonzero(free)
     if free_idx.size < tx_per_map:
         raise DataError(f"synthetic map {map_id}: only {free_idx.size} free pixels for "
                         f"{tx_per_map} transmitters (use a larger size)")
     pick = rng.choice(free_idx, size=tx_per_map, replace=False)
     tx = np.stack(np.divmod(pick, size), axis=1)
 
-    _save(buildings.astype(np.uint8) * 255, root / "png" / "buildings_complete" / f"{map_id}.png")
-    if car_map is not None:
-        _save(car_map.astype(np.uint8) * 255, root / "png" / "cars" / f"{map_id}.png")
+    _save(town.buildings.astype(np.uint8) * 255, root / "png" / "buildings_complete" / f"{map_id}.png")
+    if town.cars is not None:
+        _save(town.cars.astype(np.uint8) * 255, root / "png" / "cars" / f"{map_id}.png")
     antenna = np.zeros((size, size), np.uint8)
     for t, (y, x) in enumerate(tx):
         antenna[y, x] = 255
         _save(antenna, root / "png" / "antennas" / f"{map_id}_{t}.png")
         antenna[y, x] = 0
-    # canyon geometry (half resolution for large maps: a cell is blocked if all 4 are)
-    half = size >= 128 and size % 2 == 0
-    blocked = buildings.reshape(size // 2, 2, size // 2, 2).all(axis=(1, 3)) if half else buildings
+    # canyon geometry on the street grid's canvas (half resolution for large maps: a cell is
+    # blocked if all its 4 pixels are)
+    side = town.grid_buildings.shape[0]
+    half = size >= 128
+    blocked = town.grid_buildings.reshape(side // 2, 2, side // 2, 2).all(axis=(1, 3)) if half \
+        else town.grid_buildings
     canyons = Canyons(blocked, CANYON_LOSS_PER_M * tables.m_per_px * (2 if half else 1))
     chunk = 8   # transmitters computed together (bounds memory at large tx_per_map)
     for start in range(0, tx_per_map, chunk):
-        gains = gain_maps(tables, buildings, car_map, tx[start:start + chunk], canyons, half)
+        gains = gain_maps(tables, town, tx[start:start + chunk], canyons, half)
         for sim, maps in gains.items():
             for i, g in enumerate(maps):
                 if sim in EXPECTED_TX and start + i not in EXPECTED_TX[sim]:
@@ -125,7 +133,7 @@ def generate(root: str | os.PathLike, num_maps: int, tx_per_map: int, seed: int,
                     eta = (now - t0) / (map_id + 1) * (num_maps - map_id - 1)
                     log(f"synthetic: {map_id + 1}/{num_maps} maps of {root} written "
                         f"({now - t0:.0f} s, about {eta:.0f} s left)")
-        meta = {"generator": "lib.synthetic", "version": 1, "seed": seed, "num_maps": num_maps,
+        meta = {"generator": "lib.synthetic", "version": VERSION, "seed": seed, "num_maps": num_maps,
                 "tx_per_map": tx_per_map, "size": size, "cars": cars,
                 "simulations": list(simulations(cars))}
         (tmp / "synthetic.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
@@ -144,11 +152,19 @@ def generate(root: str | os.PathLike, num_maps: int, tx_per_map: int, seed: int,
 def ensure_synthetic(data_cfg, seed: int, log: Callable[[str], None] = print) -> None:
     """Generate the synthetic dataset at ``data_cfg.root`` unless that folder exists.
 
-    An existing folder is left alone (the loader validates it). Several processes may call
+    An existing folder is left alone (the loader validates it; one written by an older version of
+    this generator gets a warning). Several processes may call
     this at once: each writes its own temporary copy and the first to finish publishes it.
     """
     root = Path(data_cfg.root)
     if root.exists():
+        try:
+            made = json.loads((root / "synthetic.json").read_text(encoding="utf-8")).get("version", 1)
+        except (OSError, ValueError):
+            made = VERSION                      # not written by this generator: the loader checks it
+        if made != VERSION:
+            log(f"warning: data.root {root} was written by version {made} of the synthetic generator "
+                f"(now {VERSION}); delete the folder to generate the current data")
         return
     syn = data_cfg.synthetic
     n_sims = len(simulations(syn.cars))
@@ -165,9 +181,32 @@ def ensure_synthetic(data_cfg, seed: int, log: Callable[[str], None] = print) ->
     log(f"generated the synthetic dataset {root} in {time.perf_counter() - t0:.1f} s")
 
 
+def stats_main(argv: list[str]) -> int:
+    from lib.map_stats import map_statistics, stats_table
+    p = argparse.ArgumentParser(prog="python -m lib.synthetic stats",
+                                description="Statistics of a RadioMapSeer-layout folder (real or synthetic) next to "
+                                            "the published maps': median gray level, shares above 0.5 and below "
+                                            "0.05 (outside buildings), share of buildings.")
+    p.add_argument("root", help="a folder with png/buildings_complete and gain/<simulation>")
+    p.add_argument("--simulation", action="append", default=None,
+                   help="simulation folder under gain/ (repeatable; default: every one there)")
+    p.add_argument("--max-files", type=int, default=2000, help="gain maps measured per simulation, spread evenly")
+    a = p.parse_args(argv)
+    root = Path(a.root)
+    sims = a.simulation
+    if not sims:                      # every simulation there (a missing gain/ is the error for DPM)
+        sims = sorted(d.name for d in (root / "gain").iterdir() if d.is_dir()) if (root / "gain").is_dir() else ["DPM"]
+    print(stats_table(root, [map_statistics(root, s, a.max_files) for s in sims]))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["stats"]:
+        return stats_main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m lib.synthetic",
-                                description="Write a synthetic city dataset in the RadioMapSeer layout.")
+                                description="Write a synthetic city dataset in the RadioMapSeer layout "
+                                            "(python -m lib.synthetic stats ROOT: its statistics).")
     p.add_argument("--root", required=True, help="output folder (must not exist)")
     p.add_argument("--num-maps", type=int, required=True)
     p.add_argument("--tx-per-map", type=int, required=True)

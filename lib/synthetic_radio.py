@@ -1,52 +1,75 @@
 """Synthetic radio propagation: the gain maps of every simulation for the transmitters of
-one map (see :mod:`lib.synthetic`).
+one map (see :mod:`lib.synthetic`), in RadioMapSeer's gray-level convention.
+
+Gray levels
+-----------
+RadioMapSeer stores pathloss (as a gain in dB) mapped linearly to [0, 1] between a truncation
+level and the dataset's maximum, with everything below the truncation 0; the PNGs hold
+0..255. The span, 80 dB, is stated by the RadioUNet paper ("the RMSE in dB is 80 times the
+RMSE of gray level"; ``../shared/docs/PROTOCOLS.md``). The two ends, a maximum M1 = -47 dB
+and a truncation PL_trnc = -127 dB (``G_MAX``, ``G_FLOOR``), are as recalled from the
+RadioUNet paper (Levie et al., "RadioUNet", IEEE TWC 2021, section on the dataset); this
+project could not check them against the primary text (its search found no passage quoting
+them), only that they span the stated 80 dB. The carrier, 5.9 GHz (``FREQ_HZ``), is from the
+same recollection. So::
+
+    pixel = round(255 * clip((G - G_FLOOR) / (G_MAX - G_FLOOR), 0, 1))
+
+and building pixels are 0 in every gain map, as in RadioMapSeer.
 
 Propagation model (all losses in dB; d = tx-pixel distance in metres, at least 1 m)
 ---------------------------------------------------------------------------------
-Free space reference loss at d0 = 1 m for f = 3.5 GHz::
+Free space reference loss at d0 = 1 m for f = 5.9 GHz::
 
-    PL0 = 20 log10(4 pi d0 f / c) = 43.3 dB
+    PL0 = 20 log10(4 pi d0 f / c) = 47.9 dB       (about the dataset's maximum, -47 dB)
 
-Log-distance loss with exponent n = 2.2 (``PATHLOSS_EXPONENT``)::
+Log-distance loss with exponent n = 2.6 (``PATHLOSS_EXPONENT``; street level, ground
+reflections)::
 
     G_fs(d) = -(PL0 + 10 n log10(d / d0))
 
 Penetration: the straight tx->pixel segment is sampled in polar coordinates around the
 transmitter (4*size rays x 1 px radial steps, nearest-pixel occupancy, cumulative sum along
 each ray, bilinear lookup in angle and radius), giving the metres of building ``m_b`` and of
-car ``m_c`` crossed (computed once per transmitter, shared by all simulations). Excess loss of the direct path::
+car ``m_c`` crossed (once per transmitter, shared by all simulations). Excess loss of the
+direct path, with L_wall = 2.5 dB per metre of building (``WALL_LOSS_DPM``,
+``WALL_LOSS_IRT``) and L_car = 1.0 dB per metre of car (``CAR_LOSS``, cars* simulations)::
 
-    E0 = -(L_wall * m_b + L_car * m_c)        (L_car term only in the cars* simulations)
+    E0 = -(L_wall * m_b + L_car * m_c)            clipped at -300 dB
 
-clipped at -300 dB. The simulations differ as a dominant-path model and a ray tracer do:
+Street canyons: power travels along the free rows and columns of the street grid (computed on
+the city's grid canvas, where the streets are axis-aligned, :mod:`lib.synthetic_city`, and
+sampled back into the map): each interaction (a reflection or a turn at a corner) costs 6 dB
+(``INTERACTION_LOSS``) plus 0.15 dB per metre travelled along the canyon
+(``CANYON_LOSS_PER_M``)::
 
-- ``DPM`` (dominant path): L_wall = 1.0 dB/m (``WALL_LOSS_DPM``); the excess loss is
-  smoothed by a normalised box blur over free pixels of radius 6 m (``DPM_SMOOTH_M``),
-  a diffraction-like softening of shadow edges: ``G = G_fs + blur(E0)``.
-- ``IRT2`` / ``IRT4`` (ray tracing with up to 2 / 4 interactions): lower wall loss,
-  L_wall = 0.7 dB/m (``WALL_LOSS_IRT``) for the direct ray, plus k = 1..K interaction
-  terms. Interaction k carries power along street canyons (rows and columns of free pixels,
-  stopped by buildings) from the best point of interaction k-1 and costs 6 dB
-  (``INTERACTION_LOSS``) plus 0.25 dB per metre travelled along the canyon
-  (``CANYON_LOSS_PER_M``)::
+    E_k(p) = max over q in the same free row/column segment as p of
+             [E_{k-1}(q) - 0.15 * |p - q|] - 6
 
-      E_k(p) = max over q in the same free row/column segment as p of
-               [E_{k-1}(q) - 0.25 * |p - q|] - 6
+Rows and columns alternate implicitly (each step takes the best of both), so k interactions
+turn k - 1 corners. For size >= 128 the canyon terms run at half resolution (2x2 max pooling;
+a cell blocks only if all its 4 pixels are building). The simulations differ as a
+dominant-path model and a ray tracer do:
+
+- ``DPM`` (dominant path): the single best path, the direct one or one around up to 2 corners
+  (``DPM_TURNS``) at 6 dB per turn (``DPM_TURN_LOSS``), smoothed by a normalised box blur over
+  free pixels of radius 6 m (``DPM_SMOOTH_M``), diffraction-like soft edges::
+
+      G = G_fs + blur(max(E0, max_k E_k + k (6 - DPM_TURN_LOSS)))
+
+- ``IRT2`` / ``IRT4`` (ray tracing with up to 2 / 4 interactions): the power sum of every
+  path, sharp edges::
+
       G = G_fs + 10 log10( sum_{k=0..K} 10^(E_k / 10) )
 
-  Rows then columns alternate implicitly (each step takes the best of both), so K = 2 can
-  turn one corner and K = 4 three corners: IRT4 fills more of the shadowed side streets.
-  For size >= 128 the canyon terms run at half resolution (2x2 max pooling of E0; a cell
-  blocks only if all its 4 pixels are building) and are repeated back to full size.
-- ``cars*``: the same as the simulation named after ``cars``, with L_car = 1.0 dB/m
-  (``CAR_LOSS``) of car crossed on the direct path.
+  IRT4, like RadioMapSeer's, only for transmitters 0 and 1.
+- ``cars*``: the same as the simulation named after ``cars``, the direct path also through
+  cars (the canyon paths are the car-free simulation's).
 
-Mapping to pixels
------------------
-The gain G (dB) maps linearly to 0..255 between G_FLOOR = -150 dB (pixel 0) and
-G_MAX = -50 dB (pixel 255): ``pixel = round(255 * (G - G_FLOOR) / (G_MAX - G_FLOOR))``,
-clipped to [0, 255]; gains below the floor give 0 (as RadioMapSeer's threshold). Building
-pixels are 0 in every gain map.
+With these constants the default output's statistics (median gray level, shares above 0.5
+and below 0.05 outside buildings) fall inside the ranges of published RadioMapSeer maps
+(``python -m lib.synthetic stats``, :mod:`lib.map_stats`; BENCHMARKS-style numbers in the
+README).
 """
 from __future__ import annotations
 
@@ -54,23 +77,25 @@ import math
 
 import numpy as np
 
-from lib.synthetic_city import CITY_SIZE_M
+from lib.synthetic_city import CITY_SIZE_M, City
 
-FREQ_HZ = 3.5e9
+FREQ_HZ = 5.9e9
 SPEED_OF_LIGHT = 299_792_458.0
 REF_DISTANCE_M = 1.0
 PL0_DB = 20 * math.log10(4 * math.pi * REF_DISTANCE_M * FREQ_HZ / SPEED_OF_LIGHT)  # 43.3
-PATHLOSS_EXPONENT = 2.2
-WALL_LOSS_DPM = 1.0          # dB per metre of building on the direct path (DPM)
-WALL_LOSS_IRT = 0.7          # dB per metre of building on the direct ray (IRT2/IRT4)
+PATHLOSS_EXPONENT = 2.6
+WALL_LOSS_DPM = 2.5          # dB per metre of building on the direct path (DPM)
+WALL_LOSS_IRT = 2.5          # dB per metre of building on the direct ray (IRT2/IRT4)
 CAR_LOSS = 1.0               # dB per metre of car on the direct path (cars* simulations)
 DPM_SMOOTH_M = 6.0           # radius of the DPM diffraction smoothing (metres)
 INTERACTION_LOSS = 6.0       # dB per reflection/diffraction (IRT)
-CANYON_LOSS_PER_M = 0.25     # dB per metre along a street canyon after an interaction
+CANYON_LOSS_PER_M = 0.15     # dB per metre along a street canyon after an interaction
 EXCESS_FLOOR = -300.0        # excess losses are clipped here (far below G_FLOOR)
-G_FLOOR = -150.0             # gain (dB) mapped to pixel 0; anything lower is 0 as well
-G_MAX = -50.0                # gain (dB) mapped to pixel 255; anything higher is 255
+G_FLOOR = -127.0             # RadioMapSeer's truncation: gain (dB) mapped to gray level 0, and below it
+G_MAX = -47.0                # RadioMapSeer's maximum: gain (dB) mapped to gray level 1 (pixel 255)
 INTERACTIONS = {"DPM": 0, "IRT2": 2, "IRT4": 4}
+DPM_TURNS = 2                # DPM: the dominant path turns at most this many street corners
+DPM_TURN_LOSS = 6.0          # dB per turn of the dominant path (diffraction around a corner)
 
 
 # ------------------------------------------------------------------ propagation tables
@@ -241,10 +266,9 @@ def _double(x: np.ndarray) -> np.ndarray:
     return np.broadcast_to(x[:, :, None, :, None], (k, h, 2, w, 2)).reshape(k, 2 * h, 2 * w)
 
 
-def gain_maps(tables: Tables, buildings: np.ndarray, cars: np.ndarray | None,
-           tx: np.ndarray, canyons: Canyons, half: bool) -> dict[str, np.ndarray]:
-    """uint8 gain maps (K x H x W) per simulation for the transmitters ``tx`` (K x 2)."""
-    size = tables.size
+def gain_maps(tables: Tables, city: City, tx: np.ndarray, canyons: Canyons, half: bool) -> dict[str, np.ndarray]:
+    """uint8 gain maps (K x H x W) per simulation for the transmitters ``tx`` (K x 2, map pixels)."""
+    size, buildings, cars = tables.size, city.buildings, city.cars
     occ = buildings.astype(np.int32)
     if cars is not None:
         occ[cars & ~buildings] = 1 << tables.car_shift
@@ -256,26 +280,47 @@ def gain_maps(tables: Tables, buildings: np.ndarray, cars: np.ndarray | None,
     g_fs = np.stack([tables.window(tables.g_fs, y, x) for y, x in tx])
     free = ~buildings
     r_px = max(1, int(round(DPM_SMOOTH_M / tables.m_per_px)))
+    on_map = city.to_map >= 0
+    to_map = np.where(on_map, city.to_map, 0)
+
+    def to_canvas(e: np.ndarray) -> np.ndarray:      # map frame -> the street grid's canvas
+        out = e.reshape(k, -1)[:, to_map]
+        out[:, ~on_map] = EXCESS_FLOOR               # no source outside the map
+        side = canyons.blocked.shape[0] * (2 if half else 1)
+        return out.reshape(k, side, side)
+
+    def back_to_map(x: np.ndarray) -> np.ndarray:      # the canvas -> the map frame
+        return (_double(x) if half else x).reshape(k, -1)[:, city.to_grid].reshape(k, size, size)
+
+    # Paths along the street canyons, from the direct path's excess loss without cars (shared by
+    # the cars* simulations: cars attenuate their direct path only): the power sums of up to
+    # 2 and 4 interactions (IRT2, IRT4) and the best single path of up to DPM_TURNS turns (DPM).
+    e0 = np.maximum(-np.float32(WALL_LOSS_IRT) * m_b, np.float32(EXCESS_FLOOR))
+    e = to_canvas(e0)
+    e = _half(e) if half else e
+    spill = np.zeros(e.shape, np.float32)
+    dominant = np.full(e.shape, EXCESS_FLOOR, np.float32)
+    reflected = {}
+    for level in range(1, max(INTERACTIONS.values()) + 1):
+        e = canyons.spread(e)
+        e -= np.float32(INTERACTION_LOSS)
+        np.maximum(e, np.float32(EXCESS_FLOOR), out=e)
+        spill += _db_to_power(e)
+        if level <= DPM_TURNS:
+            np.maximum(dominant, e + np.float32(level * (INTERACTION_LOSS - DPM_TURN_LOSS)), out=dominant)
+        if level in (2, 4):
+            reflected[level] = back_to_map(spill)
+    around = back_to_map(dominant)
 
     out: dict[str, np.ndarray] = {}
     for with_cars in ([False, True] if cars is not None else [False]):
         prefix = "cars" if with_cars else ""
         car_loss = np.float32(CAR_LOSS) * m_c if with_cars else np.float32(0)
-        e_dpm = np.maximum(-(np.float32(WALL_LOSS_DPM) * m_b + car_loss), EXCESS_FLOOR)
-        e_dpm = _masked_blur(e_dpm, free, r_px)
+        direct = _db_to_power(np.maximum(-(np.float32(WALL_LOSS_IRT) * m_b + car_loss), np.float32(EXCESS_FLOOR)))
+        for level, power in reflected.items():
+            out[prefix + f"IRT{level}"] = _to_pixels(g_fs + 10.0 * np.log10(direct + power), buildings)
+        e_dpm = np.maximum(-(np.float32(WALL_LOSS_DPM) * m_b + car_loss), around)
+        e_dpm = _masked_blur(np.maximum(e_dpm, EXCESS_FLOOR), free, r_px)
         out[prefix + "DPM"] = _to_pixels(g_fs + e_dpm, buildings)
-
-        e0 = np.maximum(-(np.float32(WALL_LOSS_IRT) * m_b + car_loss), np.float32(EXCESS_FLOOR))
-        direct = _db_to_power(e0)
-        e = _half(e0) if half else e0
-        spill = np.zeros(e.shape, np.float32)
-        for level in range(1, max(INTERACTIONS.values()) + 1):
-            e = canyons.spread(e)
-            e -= np.float32(INTERACTION_LOSS)
-            np.maximum(e, np.float32(EXCESS_FLOOR), out=e)
-            spill += _db_to_power(e)
-            if level in (2, 4):
-                power = direct + (_double(spill) if half else spill)
-                out[prefix + f"IRT{level}"] = _to_pixels(g_fs + 10.0 * np.log10(power), buildings)
     assert all(v.shape == (k, size, size) for v in out.values())
     return out

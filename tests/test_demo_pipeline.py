@@ -29,6 +29,9 @@ def test_demo_pipeline_prints_the_numbers_the_runs_wrote(tmp_path, tiny_data):
     assert row.split(" | ")[1] == f"{ev['model']['nmse']:.4g} ± {ev['model']['nmse_std']:.4g}"
     assert row.split(" | ")[5] == f"{ev['model']['per_simulator']['DPM']['nmse']:.4g}"
     assert f"{ev['num_samples']} samples" in table and "Machine: " in table
+    # the generated data's statistics next to the published maps' ranges
+    stats = next(line for line in table.splitlines() if line.startswith("| share above 0.5"))
+    assert stats.split(" | ")[1] == "0.02-0.06" and "synthetic DPM" in table
     again = subprocess.run([sys.executable, "benchmarks/demo_pipeline.py", "--config", str(cfg), "--out", str(out)],
                            cwd=ROOT, capture_output=True, text=True)
     assert again.returncode != 0 and "exists" in again.stderr             # nothing is overwritten
