@@ -82,7 +82,7 @@ from lib.synthetic_city import CITY_SIZE_M, City
 FREQ_HZ = 5.9e9
 SPEED_OF_LIGHT = 299_792_458.0
 REF_DISTANCE_M = 1.0
-PL0_DB = 20 * math.log10(4 * math.pi * REF_DISTANCE_M * FREQ_HZ / SPEED_OF_LIGHT)  # 43.3
+PL0_DB = 20 * math.log10(4 * math.pi * REF_DISTANCE_M * FREQ_HZ / SPEED_OF_LIGHT)  # 47.9
 PATHLOSS_EXPONENT = 2.6
 WALL_LOSS_DPM = 2.5          # dB per metre of building on the direct path (DPM)
 WALL_LOSS_IRT = 2.5          # dB per metre of building on the direct ray (IRT2/IRT4)
