@@ -96,9 +96,9 @@ def run_cli(main: Callable[[], int | None]) -> None:
         sys.exit(EXIT_USER_ERROR)
     except (Interrupted, KeyboardInterrupt) as exc:
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
-        message = f"interrupted by {signal.Signals(signum).name} before training could checkpoint"
+        message = f"interrupted by {signal.Signals(signum).name}"
         _failed(message)
-        print(f"{message}", file=sys.stderr)
+        print(message, file=sys.stderr)
         sys.exit(128 + signum)
     except Exception as exc:  # DataLoader workers re-raise our errors as RuntimeError-like copies
         if type(exc).__name__ in {"DataError", "ConfigError", "CheckpointError", "UserError"}:

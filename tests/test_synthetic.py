@@ -56,6 +56,12 @@ def test_same_seed_same_bytes_other_seed_differs(data, tmp_path):
             != (data / "png/buildings_complete/0.png").read_bytes())
 
 
+def test_files_do_not_depend_on_the_number_of_threads(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(synthetic, "MAX_THREADS", 1)          # the fixture: one thread per CPU
+    synthetic.generate(tmp_path / "one", N_MAPS, N_TX, seed=0, size=SIZE, log=lambda m: None)
+    assert all_bytes(tmp_path / "one") == all_bytes(data)
+
+
 def test_map_content_does_not_depend_on_num_maps(data, tmp_path):
     synthetic.generate(tmp_path / "two", 2, N_TX, seed=0, size=SIZE, cars=True, log=lambda m: None)
     for rel in ["png/buildings_complete/1.png", "png/antennas/1_2.png", "gain/carsIRT2/1_2.png"]:
