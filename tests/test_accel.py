@@ -9,7 +9,7 @@ import train_vae
 from lib.accel import apply_backend_flags, prepare_model
 from lib.config import TrainConfig, VAEModelConfig, load_config
 from lib.models import VAEWithLogvar
-from tests.helpers import read_records, run_main, tiny_config
+from tests.helpers import checkpoint_tensors, max_abs_diff, read_records, run_main, tiny_config
 
 
 def fp32_precision() -> tuple[str, str]:
@@ -55,9 +55,16 @@ def test_prepare_model_keeps_the_module_and_its_state_dict_keys():
     assert compiled._compiled_call_impl is not None
 
 
-def test_trainer_runs_with_channels_last(tmp_path, tiny_data, monkeypatch):
-    cfg = tiny_config(tmp_path, tiny_data, **{"vae.train": {"max_steps": 3, "channels_last": True,
-                                                            "checkpoint_every": 3, "val_every": 3}})
-    assert run_main(train_vae, ["--config", cfg], monkeypatch) == 0
-    recs = read_records(tmp_path / "run" / "vae", "train")
-    assert [r["step"] for r in recs] == [1, 2, 3] and all(r["rec_loss"] > 0 for r in recs)
+def test_trainer_with_channels_last_runs_and_resumes_exactly(tmp_path, tiny_data, monkeypatch):
+    """Both phases (disc_start 3) with channels_last weights and their optimizer
+    (lib.optim.ChannelsLastAdamW); stopped at step 3 and resumed, the same as straight through."""
+    def config(name):
+        return tiny_config(tmp_path, tiny_data, f"{name}.yaml", output_dir=str(tmp_path / name),
+                           **{"vae.train": {"channels_last": True, "checkpoint_every": 3, "val_every": 3}})
+    assert run_main(train_vae, ["--config", config("a")], monkeypatch) == 0
+    recs = read_records(tmp_path / "a" / "vae", "train")
+    assert [r["step"] for r in recs] == [1, 2, 3, 4, 5, 6] and all(r["rec_loss"] > 0 for r in recs)
+    assert run_main(train_vae, ["--config", config("b"), "--until-step", "3"], monkeypatch) == 0
+    assert run_main(train_vae, ["--config", config("b"), "--resume", "latest"], monkeypatch) == 0
+    last = lambda name: checkpoint_tensors(tmp_path / name / "vae" / "checkpoints" / "step-0000006")
+    assert max_abs_diff(last("a"), last("b")) <= 1e-6
