@@ -231,8 +231,7 @@ def main() -> int:
     tracker, lrs = MeanTracker(), {"lr": m.opt}
     log.start_clock(step)
     with faults.signals(), progress(train_cfg.max_steps, step, "prior", show=accelerator.is_main_process) as bar:
-        # SIGTERM/SIGINT: finish the step, checkpoint, exit 3
-        while step < stop_at and not faults.stopping:
+        while step < stop_at and not faults.stopping:     # SIGTERM/SIGINT: finish the step, checkpoint, exit 3
             applied, logs = train_step(m, data_iter, accelerator, cfg)
             batches += train_cfg.gradient_accumulation_steps
             tracker.add(logs)

@@ -224,8 +224,7 @@ def main() -> int:
     disc_started = step > loss_cfg.disc_start
     log.start_clock(step)
     with faults.signals(), progress(train_cfg.max_steps, step, "vae", show=accelerator.is_main_process) as bar:
-        # SIGTERM/SIGINT: finish the step, checkpoint, exit 3
-        while step < stop_at and not faults.stopping:
+        while step < stop_at and not faults.stopping:     # SIGTERM/SIGINT: finish the step, checkpoint, exit 3
             disc_active = step >= loss_cfg.disc_start and loss_cfg.disc_weight > 0
             if disc_active and not disc_started:
                 log.event("disc_start", step, "discriminator starts training (disc_factor 0 -> 1); from here on the "
