@@ -43,3 +43,9 @@ def test_no_import_cycle_in_lib():
 
     for module in graph:
         visit(module, [])
+
+
+def test_readme_layout_lists_every_lib_module():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    listed = {line.split()[0] for line in readme if line.startswith("lib/")}
+    assert {f"lib/{p.name}" for p in LIB} - {"lib/__init__.py"} <= listed
