@@ -86,7 +86,8 @@ def main() -> int:
              f"Stage 2, last validation (step {prior_val['step']}): NMSE {prior_val['nmse']:.4g}.", "",
              f"Evaluation: {ev['split']} split, {ev['protocol']['maps']} maps, {ev['num_samples']} samples "
              f"(simulations {', '.join(sims)}), objective {ev['objective']}, {ev['sampler']} sampler, "
-             f"{ev['num_inference_steps']} step{'s' if ev['num_inference_steps'] != 1 else ''}, {'EMA' if ev['checkpoints']['prior_ema'] else 'raw'} weights:", "",
+             f"{ev['num_inference_steps']} step{'' if ev['num_inference_steps'] == 1 else 's'}, "
+             f"{'EMA' if ev['checkpoints']['prior_ema'] else 'raw'} weights:", "",
              "| method | NMSE | RMSE | SSIM | PSNR (dB) | " + " | ".join(f"NMSE {s}" for s in sims) + " | samples/s |",
              "|---|---|---|---|---|" + "---|" * len(sims) + "---|"]
     for key, title in (("model", "model (prior + VAE decode)"), ("vae_ceiling", "VAE round trip (ceiling)"),

@@ -40,12 +40,17 @@ def positive_int(text: str) -> int:
     return value
 
 
-def trainer_parser(description: str, allow_overlap: bool = False) -> argparse.ArgumentParser:
+def _config_parser(description: str, example: str) -> argparse.ArgumentParser:
+    """A parser with the two arguments every config-driven entry point takes: ``--config``, ``--set``."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--config", required=True, help="experiment YAML, e.g. configs/demo.yaml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key (dotted, value parsed as YAML); repeatable, "
-                        "e.g. --set vae.train.lr=1e-5")
+                   help=f"override a config key (dotted, value parsed as YAML); repeatable, e.g. --set {example}")
+    return p
+
+
+def trainer_parser(description: str, allow_overlap: bool = False) -> argparse.ArgumentParser:
+    p = _config_parser(description, "vae.train.lr=1e-5")
     p.add_argument("--resume", default=None, metavar="latest|best|PATH",
                    help="continue from the newest complete checkpoint, the best by validation "
                         "loss, or a checkpoint folder (possibly of another run)")
@@ -65,11 +70,8 @@ def trainer_parser(description: str, allow_overlap: bool = False) -> argparse.Ar
 
 
 def evaluate_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Evaluate the full pipeline (condition -> prior sampling -> VAE "
-                                            "decode) on held-out maps.")
-    p.add_argument("--config", required=True, help="experiment YAML, e.g. configs/demo.yaml")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key (dotted, value parsed as YAML); repeatable")
+    p = _config_parser("Evaluate the full pipeline (condition -> prior sampling -> VAE decode) on held-out maps.",
+                       "output_dir=runs/other")
     p.add_argument("--split", choices=("test", "val"), default="test", help="maps to evaluate on")
     p.add_argument("--steps", type=int, default=None, metavar="K",
                    help="sampling steps (default: prior.diffusion.num_inference_steps)")
@@ -89,11 +91,8 @@ def evaluate_parser() -> argparse.ArgumentParser:
 
 
 def bench_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Benchmark a training stage: steps/s, samples/s, peak memory, the data "
-                                            "loader alone, where the time of a step goes, and the reference step.")
-    p.add_argument("--config", required=True, help="experiment YAML, e.g. configs/demo.yaml")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key (repeatable), e.g. --set data.image_size=64")
+    p = _config_parser("Benchmark a training stage: steps/s, samples/s, peak memory, the data loader alone, "
+                       "where the time of a step goes, and the reference step.", "data.image_size=64")
     p.add_argument("--stage", choices=["vae", "prior", "data"], default=None,
                    help="data: the data loader alone, PNG against cached")
     p.add_argument("--suite", choices=["gpu"], default=None,
