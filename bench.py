@@ -14,7 +14,11 @@ every phase boundary synchronises, so GPU work is charged to the phase that queu
 
 In the same process and at the same config it runs the reference trainer's step
 (:mod:`lib.reference_step`: RadioDiff's ``train_vae.py`` with the LDM loss, two full VAE
-forwards per step, fp32, eager, PNG data).
+forwards per step, fp32, eager, PNG data) under PyTorch's default precision settings (cuDNN's
+TF32 convolutions), as RadioDiff's users ran it; the toolkit's step runs under its config.
+
+Each step's floating-point operations are counted once (``torch.utils.flop_counter``, after a
+warm-up step), giving FLOPs per sample and the achieved TFLOP/s.
 
 Both phases of a run are measured by default: before ``disc_start`` (the toolkit skips the
 discriminator) and after. The headline numbers weight them as a run of ``max_steps`` does.
@@ -34,6 +38,7 @@ if __name__ == "__main__":       # answer --help and honour Ctrl-C before the sl
     from lib.cli import bench_parser, early_start
     early_start(bench_parser)
 
+import copy
 import json
 import subprocess
 import sys
@@ -50,11 +55,12 @@ from diffusers import AutoencoderKL
 
 import train_unified_prior
 import train_vae
-from lib.accel import make_accelerator
+from lib.accel import backend_flags, make_accelerator, resolve_precision
 from lib.cli import bench_parser
 from lib.batching import train_batches
 from lib.bench_suite import run_suite
-from lib.benchmarking import PHASES, PhaseTimer, machine, measure_data, peak_memory_mb, profile_steps, time_steps
+from lib.benchmarking import (PHASES, PhaseTimer, count_flops, machine, measure_data, peak_memory_mb, profile_steps,
+                              time_steps)
 from lib.config import Config, load_config
 from lib.dataset import RadioMapDataset, build_datasets
 from lib.errors import UserError, run_cli
@@ -110,6 +116,27 @@ class TrainerStep:
         self.log.close()
 
 
+def sig(x: float, digits: int = 4) -> float:
+    """``x`` to ``digits`` significant digits."""
+    return float(f"{x:.{digits}g}")
+
+
+def under_flags(train_cfg: Optional[Any], step: Any, *args: Any) -> Any:
+    """``step(timer, *args)`` under ``train_cfg``'s backend flags (None: PyTorch's defaults)."""
+    def run(t: PhaseTimer) -> None:
+        with backend_flags(train_cfg):
+            step(t, *args)
+    return run
+
+
+def warm_and_count(steppers: dict[str, Any], device: torch.device, phases: tuple[str, ...] = PHASES["vae"]
+                   ) -> dict[str, int]:
+    """One untimed step of each (compiles a compiled model), then the FLOPs of the next one."""
+    for step in steppers.values():
+        step(PhaseTimer(device, phases))
+    return {name: count_flops(step, device, phases) for name, step in steppers.items()}
+
+
 def phase_weights(cfg: Config, phases: list[str]) -> dict[str, float]:
     """Fraction of a ``max_steps`` run spent in each measured phase."""
     if len(phases) == 1:
@@ -134,7 +161,7 @@ def memory_probe(cfg: Config, variant: str, phases: list[str], work: Path) -> di
     """Peak memory of one variant (``toolkit`` or ``reference``) over one step of each phase;
     run in a fresh process (``--memory-probe``), so that neither variant reuses memory the
     other freed."""
-    accelerator = make_accelerator(cfg.vae.train)
+    accelerator = make_accelerator(cfg.vae.train, "vae.train.mixed_precision")
     device = accelerator.device
     reference = variant == "reference"
     data_cfg = replace(cfg.data, cache="off") if reference else cfg.data
@@ -163,16 +190,20 @@ def bench_vae(cfg: Config, steps: int, warmup: int, phases: list[str], reference
     variants_used = ["toolkit"] + (["reference"] if reference else [])
     memory = {v: probe_memory(probe_argv, v) if probe_argv is not None
               else {"peak_rss_mb": None, "cuda_peak_mb": None} for v in variants_used}
-    accelerator = make_accelerator(cfg.vae.train)
+    accelerator = make_accelerator(cfg.vae.train, "vae.train.mixed_precision")
     device = accelerator.device
     data, datasets = measure_data(cfg, log, data_seconds)
     variants: dict[str, Any] = {"toolkit": TrainerStep("vae", cfg, accelerator, datasets["configured"], work / "toolkit")}
     if reference:
         variants["reference"] = ReferenceVAE(cfg, device, datasets["png"])
+    flags = {"toolkit": cfg.vae.train, "reference": None}        # None: PyTorch's default precision settings
     out: dict[str, Any] = {"phases": {}}
     for p in phases:
-        steppers = {name: (lambda t, v=v, p=p: v.step(t, PHASE_DISC[p])) for name, v in variants.items()}
+        steppers = {name: under_flags(flags[name], v.step, PHASE_DISC[p]) for name, v in variants.items()}
+        flops = warm_and_count(steppers, device)
         res = out["phases"][p] = time_steps(steppers, steps, warmup, device)
+        for name in steppers:
+            res[name]["flops_per_step"] = flops[name]
         if profile_path:
             profile_steps(steppers, device, profile_path, title=f"stage 1, {p}, ")
         if reference:
@@ -185,19 +216,25 @@ def bench_vae(cfg: Config, steps: int, warmup: int, phases: list[str], reference
     weights = phase_weights(cfg, phases)
     sec, split = weighted({p: out["phases"][p]["toolkit"] for p in phases}, weights)
     bs = cfg.batch_size("vae") * cfg.vae.train.gradient_accumulation_steps
+    flops = sum(weights[p] * out["phases"][p]["toolkit"]["flops_per_step"] for p in phases)
     out.update({"steps_per_sec": round(1 / sec, 4), "samples_per_sec": round(bs / sec, 3),
+                "flops_per_sample": round(flops / bs), "tflops_per_sec": sig(flops / sec / 1e12),
                 "time_split": split, "time_share": {k: round(v / sec, 4) for k, v in split.items()},
                 "phase_weights": weights, **data, **memory["toolkit"]})
     out["data_share_of_step"] = out["time_share"]["data"]
     if reference:
         ref_sec, ref_split = weighted({p: out["phases"][p]["reference"] for p in phases}, weights)
+        ref_flops = sum(weights[p] * out["phases"][p]["reference"]["flops_per_step"] for p in phases)
         out.update({"reference_steps_per_sec": round(1 / ref_sec, 4),
                     "reference_samples_per_sec": round(cfg.batch_size("vae") / ref_sec, 3),
+                    "reference_flops_per_sample": round(ref_flops / cfg.batch_size("vae")),
+                    "reference_tflops_per_sec": sig(ref_flops / ref_sec / 1e12),
                     "reference_time_split": ref_split,
                     "ratio_vs_reference": round(ref_sec / sec, 3),
                     "reference_peak_rss_mb": memory["reference"]["peak_rss_mb"],
                     "reference_cuda_peak_mb": memory["reference"]["cuda_peak_mb"],
-                    "reference": "RadioDiff train_vae.py step: two full VAE forwards, fp32, PNG data"})
+                    "reference": "RadioDiff train_vae.py step: two full VAE forwards, fp32 under PyTorch's "
+                                 "default precision settings, PNG data"})
     else:
         out.update({"reference_steps_per_sec": None, "ratio_vs_reference": None, "reference": "skipped"})
     return out
@@ -242,7 +279,7 @@ def bench_prior(cfg: Config, steps: int, warmup: int, work: Path, log,
                 data_seconds: float = 0.5, profile_path: Optional[Path] = None) -> dict[str, Any]:
     """Stage 2 on the encoder (a frozen VAE encodes every batch) and on the latent cache
     (lib/latent_cache.py, built here from the same VAE), taking turns step by step."""
-    accelerator = make_accelerator(cfg.prior.train)
+    accelerator = make_accelerator(cfg.prior.train, "prior.train.mixed_precision")
     device = accelerator.device
     data, datasets = measure_data(cfg, log, data_seconds)
     vae = random_vae(cfg).to(device)
@@ -250,17 +287,24 @@ def bench_prior(cfg: Config, steps: int, warmup: int, work: Path, log,
     cache = build_latent_cache(work / "latents", vae, {"train": datasets["configured"]}, {},
                                cfg.batch_size("prior"), device)
     build_s = time.perf_counter() - t0
+    # Each its own VAE: with the cache the trainer moves the unused encoder off the device.
     variants = {"encoder": TrainerStep("prior", cfg, accelerator, datasets["configured"], work / "a", vae),
-                "cache": TrainerStep("prior", cfg, accelerator, datasets["configured"], work / "b", vae, cache)}
-    res = time_steps({k: v.step for k, v in variants.items()}, steps, warmup, device, PHASES["prior"])
+                "cache": TrainerStep("prior", cfg, accelerator, datasets["configured"], work / "b", copy.deepcopy(vae),
+                                     cache)}
+    steppers = {k: under_flags(cfg.prior.train, v.step) for k, v in variants.items()}
+    flops = warm_and_count(steppers, device, PHASES["prior"])
+    res = time_steps(steppers, steps, warmup, device, PHASES["prior"])
     if profile_path:
         profile_steps({k: v.step for k, v in variants.items()}, device, profile_path, PHASES["prior"],
                       "stage 2, latents from the ")
     for v in variants.values():
         v.close()
     bs = cfg.batch_size("prior") * cfg.prior.train.gradient_accumulation_steps
-    main = res["cache" if cfg.prior.latent_cache != "off" else "encoder"]
+    name = "cache" if cfg.prior.latent_cache != "off" else "encoder"
+    main = res[name]
     return {"steps_per_sec": round(main["steps_per_sec"], 4), "samples_per_sec": round(bs * main["steps_per_sec"], 3),
+            "flops_per_sample": round(flops[name] / bs),
+            "tflops_per_sec": sig(flops[name] * main["steps_per_sec"] / 1e12),
             "time_split": main["time_split"], "time_share": main["time_share"],
             "data_share_of_step": main["time_share"]["data"], **data, **peak_memory_mb(device),
             "latent_cache": {name: {"steps_per_sec": round(r["steps_per_sec"], 4), "time_split": r["time_split"],
@@ -308,19 +352,27 @@ def main(argv: Optional[list[str]] = None) -> int:
         if a.stage == "data":
             res, _ = measure_data(cfg, log, a.data_seconds)
         elif a.stage == "vae":
-            info.update({k: getattr(cfg.vae.train, k) for k in ("mixed_precision", "tf32", "channels_last", "compile")})
+            info.update(switches(cfg.vae.train, "vae"))
             res = bench_vae(cfg, a.steps, a.warmup, phases, not a.no_reference, Path(work), log,
                             a.data_seconds, probe_argv, profile)
             if a.trainer_run:
                 res["trainer_run"] = trainer_overhead(a.config, overrides, a.trainer_run, Path(work))
         else:
-            info.update({k: getattr(cfg.prior.train, k) for k in ("mixed_precision", "tf32", "channels_last", "compile")})
+            info.update(switches(cfg.prior.train, "prior"))
             res = bench_prior(cfg, a.steps, a.warmup, Path(work), log, a.data_seconds, profile)
     result = {**info, **res}
     print(summary(result))
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     return 0
+
+
+def switches(train_cfg: Any, stage: str) -> dict[str, Any]:
+    """The speed switches of a benchmarked stage; ``mixed_precision`` as resolved (auto -> bf16 | no)."""
+    out = {k: getattr(train_cfg, k) for k in ("tf32", "channels_last", "compile", "compile_mode",
+                                              "gradient_checkpointing")}
+    out["mixed_precision"] = resolve_precision(train_cfg, f"{stage}.train.mixed_precision").mixed_precision
+    return out
 
 
 def memory_text(rss: Optional[float], cuda: Optional[float]) -> str:
@@ -338,10 +390,12 @@ def summary(r: dict[str, Any]) -> str:
               f"this config reads {r['data_path']}")
     if r["stage"] == "data":
         return "\n".join(lines + [loader])
-    lines.append(f"  toolkit    {r['steps_per_sec']:.4g} steps/s, {r['samples_per_sec']:.4g} samples/s"
+    lines.append(f"  toolkit    {r['steps_per_sec']:.4g} steps/s, {r['samples_per_sec']:.4g} samples/s, "
+                 f"{r['flops_per_sample'] / 1e9:.4g} GFLOP per sample, {r['tflops_per_sec']:.4g} TFLOP/s"
                  + memory_text(r.get("peak_rss_mb"), r.get("cuda_peak_mb")))
     if r.get("reference_steps_per_sec"):
-        lines.append(f"  reference  {r['reference_steps_per_sec']:.4g} steps/s"
+        lines.append(f"  reference  {r['reference_steps_per_sec']:.4g} steps/s, {r['reference_flops_per_sample'] / 1e9:.4g} "
+                     f"GFLOP per sample, {r['reference_tflops_per_sec']:.4g} TFLOP/s"
                      + memory_text(r.get("reference_peak_rss_mb"), r.get("reference_cuda_peak_mb"))
                      + f"  ->  ratio {r['ratio_vs_reference']:.3f}x")
         for p, v in r["phases"].items():

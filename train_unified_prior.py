@@ -122,8 +122,7 @@ def main() -> int:
         vae = stage1_checkpoint(cfg) if args.resume is None else None     # a resumed prior keeps its own
         return print_dry_run(cfg, "prior", args.resume is not None,
                              notes=[("stage-1 VAE", f"{vae.path} (step {vae.step})" if vae else "the resumed run's")])
-    run_dir = Path(cfg.output_dir) / "prior"
-    ckpt_dir = run_dir / "checkpoints"
+    run_dir, ckpt_dir = Path(cfg.output_dir) / "prior", Path(cfg.output_dir) / "prior" / "checkpoints"
     accelerator = begin_run(cfg, "prior", run_dir, resuming=args.resume is not None)   # nothing written yet
     start = StartupLog(accelerator.is_main_process, cfg.warnings)   # goes to train.log once it exists
     resume = ckpt.resolve(args.resume, ckpt_dir, start.warning) if args.resume else None
@@ -173,10 +172,11 @@ def main() -> int:
     scale_info = {"latent_scale": m.latent_scale, "vae_checkpoint": str(vae_info.path), "vae_step": vae_info.step,
                   "vae_ema": loaded.ema, "vae_split": vae_info.state.get("split"), "simulations": sims}
     if accelerator.is_main_process:
-        update_run_json(run_dir, "prior", resume_note, {**scale_info, "split": split_info, "allow_overlap": overlaps})
+        update_run_json(run_dir, "prior", resume_note, {**scale_info, "split": split_info, "allow_overlap": overlaps,
+                                                        "precision": accelerator.precision.to_dict()})
     log.event("start", step, f"training to step {train_cfg.max_steps}, {len(sims)} simulation(s), "
               f"objective {diffusion_cfg.objective}, {accelerator.num_processes} process(es), "
-              f"mixed precision {train_cfg.mixed_precision}", level="INFO")
+              f"{accelerator.precision.describe()}", level="INFO", precision=accelerator.precision.to_dict())
 
     def validate(step: int) -> Optional[float]:
         """Validation with the EMA weights: the denoising loss (returned: it picks the "best" checkpoint; None

@@ -136,8 +136,7 @@ def main() -> int:
     train_cfg, loss_cfg = cfg.vae.train, cfg.vae.loss
     if args.dry_run:
         return print_dry_run(cfg, "vae", args.resume is not None, {"disc_start": loss_cfg.disc_start})
-    run_dir = Path(cfg.output_dir) / "vae"
-    ckpt_dir = run_dir / "checkpoints"
+    run_dir, ckpt_dir = Path(cfg.output_dir) / "vae", Path(cfg.output_dir) / "vae" / "checkpoints"
     accelerator = begin_run(cfg, "vae", run_dir, resuming=args.resume is not None)   # nothing written yet
     start = StartupLog(accelerator.is_main_process, cfg.warnings)   # goes to train.log once it exists
     resume = ckpt.resolve(args.resume, ckpt_dir, start.warning) if args.resume else None
@@ -169,10 +168,11 @@ def main() -> int:
         step, batches, best_val = state["step"], state["batches"], state.get("best_val_loss") or math.inf
         faults.load_state_dict(state)
     if accelerator.is_main_process:
-        update_run_json(run_dir, "vae", resume_note, {"split": split_record(split, cfg.data)})
+        update_run_json(run_dir, "vae", resume_note, {"split": split_record(split, cfg.data),
+                                                      "precision": accelerator.precision.to_dict()})
     log.event("start", step, f"training to step {train_cfg.max_steps}, disc_start {loss_cfg.disc_start}, "
-              f"{accelerator.num_processes} process(es), mixed precision {train_cfg.mixed_precision}",
-              level="INFO")
+              f"{accelerator.num_processes} process(es), {accelerator.precision.describe()}",
+              level="INFO", precision=accelerator.precision.to_dict())
 
     def validate(step: int) -> Optional[float]:
         """Reconstruction loss and metrics of the held-back maps (EMA weights when enabled);

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
 from lib.batching import train_batches
 from lib.cache import build
@@ -50,10 +52,13 @@ def measure_data(cfg: Config, log, seconds: float = 0.5) -> tuple[dict[str, Any]
 
 # --------------------------------------------------------------------------- measuring
 class PhaseTimer:
-    """Wall seconds per phase of a step."""
+    """Wall seconds per phase of a step. On a GPU each phase boundary synchronises (``sync``),
+    which stalls the queue of kernels: throughput is timed with ``sync=False``, where the
+    phases are not measured."""
 
-    def __init__(self, device: torch.device, phases: tuple[str, ...] = PHASES["vae"]) -> None:
+    def __init__(self, device: torch.device, phases: tuple[str, ...] = PHASES["vae"], sync: bool = True) -> None:
         self.cuda = device.type == "cuda"
+        self.measure = sync or not self.cuda
         self.seconds = dict.fromkeys(phases, 0.0)
 
     def sync(self) -> None:
@@ -62,6 +67,9 @@ class PhaseTimer:
 
     @contextmanager
     def __call__(self, phase: str) -> Iterator[None]:
+        if not self.measure:
+            yield
+            return
         self.sync()
         t0 = time.perf_counter()
         try:
@@ -89,30 +97,78 @@ def peak_memory_mb(device: torch.device) -> dict[str, Optional[float]]:
 def time_steps(steps_by_name: dict[str, Any], steps: int, warmup: int,
                device: torch.device, phases: tuple[str, ...] = PHASES["vae"]) -> dict[str, dict[str, Any]]:
     """Run each ``step(timer)`` of ``steps_by_name`` ``warmup`` times untimed, then ``steps``
-    timed times, taking turns step by step (so that a machine whose load changes slows all of
-    them alike). Returns, per name, seconds per step in total and per phase (``other``: time
-    outside the phases)."""
+    timed times, taking turns (so that a machine whose load changes slows all of them alike).
+    Returns, per name, seconds per step in total and per phase (``other``: time outside the
+    phases).
+
+    On a CPU the turns are single steps and the phases come from the same steps. On a GPU the
+    turns are blocks of consecutive steps, synchronised only at their ends, so the GPU's queue
+    runs as in training; the phases then come from ``max(2, steps // 4)`` further steps whose
+    phase boundaries synchronise (their time split, scaled to the throughput's step time)."""
     for _ in range(warmup):
         for step in steps_by_name.values():
             step(PhaseTimer(device, phases))
-    timers = {name: PhaseTimer(device, phases) for name in steps_by_name}
-    wall = dict.fromkeys(steps_by_name, 0.0)
-    for _ in range(steps):
+    cuda = device.type == "cuda"
+    block = max(1, steps // 4) if cuda else 1
+    timers = {name: PhaseTimer(device, phases, sync=not cuda) for name in steps_by_name}
+    wall, done = dict.fromkeys(steps_by_name, 0.0), dict.fromkeys(steps_by_name, 0)
+    while min(done.values()) < steps:
         for name, step in steps_by_name.items():
+            n = min(block, steps - done[name])
             timers[name].sync()
             t0 = time.perf_counter()
-            step(timers[name])
+            for _ in range(n):
+                step(timers[name])
             timers[name].sync()
             wall[name] += time.perf_counter() - t0
+            done[name] += n
+    split_steps = steps
+    if cuda:                                     # the split, from steps that synchronise per phase
+        split_steps = max(2, steps // 4)
+        timers = {name: PhaseTimer(device, phases) for name in steps_by_name}
+        for _ in range(split_steps):
+            for name, step in steps_by_name.items():
+                step(timers[name])
     out = {}
     for name, timer in timers.items():
         total = wall[name] / steps
-        split = {k: v / steps for k, v in timer.seconds.items()}
+        split = {k: v / split_steps for k, v in timer.seconds.items()}
+        if cuda and sum(split.values()) > total:         # synchronised phases are slower: scale them
+            split = {k: v * total / sum(split.values()) for k, v in split.items()}
         split["other"] = max(0.0, total - sum(split.values()))
         out[name] = {"seconds_per_step": total, "steps_per_sec": 1.0 / total,
                      "time_split": {k: round(v, 6) for k, v in split.items()},
                      "time_share": {k: round(v / total, 4) for k, v in split.items()}}
     return out
+
+
+class _FlopCount(TorchDispatchMode):
+    """Adds up ``torch.utils.flop_counter``'s count of every operator that runs (its registry:
+    matmuls, convolutions, attention, forward and backward). FlopCounterMode itself also tracks
+    modules with gradient hooks, which ``torch.autograd.grad`` on a leaf (the adaptive GAN
+    weight's) refuses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.registry = FlopCounterMode().flop_registry
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        count = self.registry.get(func._overloadpacket)
+        if count is not None:
+            self.total += count(*args, **kwargs, out_val=out)
+        return out
+
+
+def count_flops(step: Any, device: torch.device, phases: tuple[str, ...] = PHASES["vae"]) -> int:
+    """Floating-point operations of one ``step(timer)`` as executed (matmuls, convolutions and
+    attention, forward and backward; recomputation under gradient checkpointing included). Run
+    it after a warm-up step: a compiled model compiles outside it."""
+    with _FlopCount() as counter:
+        step(PhaseTimer(device, phases))
+    return int(counter.total)
 
 
 def profile_steps(steps_by_name: dict[str, Any], device: torch.device, path: Path,

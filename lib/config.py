@@ -110,7 +110,9 @@ class TrainConfig:
     adam_betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
     gradient_accumulation_steps: int = 1
     grad_clip: float = 1.0             # max global grad norm before each step; 0: no clipping
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # auto: bf16 on a CUDA GPU that has it, else float32 (the CPU); lib/accel.py resolves it
+    # (and `accelerate launch --mixed_precision`) and every run records what it used.
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     log_every: int = 100
     val_every: int = 5000
     val_batches: int = 8               # validation batches per evaluation; 0: whole split
@@ -122,10 +124,15 @@ class TrainConfig:
     divergence_factor: float = 3.0     # smoothed loss above best x this factor ...
     divergence_window: int = 5         # ... for this many consecutive log records
     on_divergence: Literal["warn", "stop"] = "warn"
-    # Speed switches; off by default because each can change the numbers a run produces.
-    tf32: bool = False                 # TF32 matmuls and cuDNN convolutions (Ampere+ GPUs)
+    # Speed switches (lib/accel.py). None changes anything on a CPU.
+    tf32: bool = True                  # TF32 float32 matmuls and convolutions on Ampere+ GPUs; false:
+                                       # PyTorch's defaults (TF32 convolutions, IEEE matmuls)
     channels_last: bool = False        # NHWC memory format for the convolutional models
-    compile: bool = False              # torch.compile the models (first steps compile)
+    compile: bool = False              # torch.compile the models (the first steps compile)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune",
+                          "max-autotune-no-cudagraphs"] = "default"   # torch.compile's mode
+    compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: no code generation)
+    gradient_checkpointing: bool = False   # recompute activations in the backward: less memory, slower
 
     def validate(self, v: "_Validator", prefix: str) -> None:
         k = prefix + "."
@@ -410,10 +417,12 @@ def _convert(tp: Any, value: Any, key: str, source: str, default: Any = None) ->
         if value is None:
             return None
         return _convert(args[0], value, key, source)
-    if isinstance(value, bool):               # YAML reads an unquoted off / on as a boolean
-        word = "on" if value else "off"
-        if (key in OFF_KEYS and word == "off") or (origin is Literal and word in typing.get_args(tp)):
-            value = word
+    if isinstance(value, bool):               # YAML reads unquoted off / on / no / yes as booleans
+        words = ("on", "yes", "true") if value else ("off", "no", "false")
+        if key in OFF_KEYS and not value:
+            value = "off"
+        elif origin is Literal and value not in typing.get_args(tp):
+            value = next((w for w in words if w in typing.get_args(tp)), value)
     if origin is Literal:
         if not any(value == a and type(value) is type(a) for a in typing.get_args(tp)):
             raise ConfigError(f"{source}: {key} = {value!r} is invalid; expected {_describe(tp)}")

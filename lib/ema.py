@@ -26,7 +26,7 @@ def make_ema(module: torch.nn.Module, cfg: TrainConfig, device: torch.device) ->
     ``accelerator.prepare``, so on N processes it starts from the synchronised weights."""
     if not cfg.ema:
         return None
-    ema = EMAModel(module.parameters(), decay=cfg.ema_decay)
+    ema = EMAModel(module.parameters(), decay=cfg.ema_decay, foreach=True)   # one kernel for all, not one each
     ema.to(device)
     return ema
 

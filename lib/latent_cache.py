@@ -29,6 +29,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 from diffusers import AutoencoderKL
+from diffusers.utils.torch_utils import randn_tensor
 from torch.utils.data import DataLoader
 
 from lib.batching import collate
@@ -94,7 +95,10 @@ class LatentCache:
 
     def rows(self, part: str, index: torch.Tensor | np.ndarray, device: torch.device | str
              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Posterior mean and std (float32) of samples ``index`` of split ``part``, on ``device``."""
+        """Posterior mean and std (float32) of samples ``index`` of split ``part``, on ``device``.
+        ``index`` may live on any device (a batch moved to the GPU carries its ``index`` there)."""
+        if isinstance(index, torch.Tensor):
+            index = index.detach().cpu().numpy()
         i = np.asarray(index, dtype=np.int64) + self.offsets[part]
         mean = torch.from_numpy(np.ascontiguousarray(self.mean[i])).to(device, non_blocking=True)
         std = torch.from_numpy(np.ascontiguousarray(self.std[i])).to(device, non_blocking=True)
@@ -223,7 +227,7 @@ class LatentSource:
             mean, std = dist.mean.float(), dist.std.float()
         if not (self.sample if sample is None else sample):
             return mean
-        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        eps = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)   # any generator's device
         return mean + std * eps
 
 

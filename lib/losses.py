@@ -9,7 +9,15 @@ Generator objective, per batch::
     d_weight = disc_weight * clamp(||∇nll|| / (||∇g_loss|| + 1e-4), 0, 1e4)   (decoder's last layer)
     total    = nll + kl_weight * kl + disc_factor * d_weight * g_loss
 
-``disc_factor`` is 0 until ``disc_start`` optimizer steps are done and 1 afterwards. Because
+``disc_factor`` is 0 until ``disc_start`` optimizer steps are done and 1 afterwards.
+
+The discriminator runs once per generator update, on a detached copy of x̂: its gradient at
+x̂, ``∂g_loss/∂x̂``, gives both ``||∇g_loss||`` at the last layer and, pulled back through the
+VAE with ``d_weight``, the GAN term's gradient (the same gradient as backpropagating
+``d_weight * g_loss``; the logged ``total`` is the same number). So no backward pass runs twice
+through the discriminator, and none is taken with ``retain_graph`` through a compiled graph
+(``torch.compile`` refuses that; the decoder's last convolution stays outside the compiled
+graph, lib/models.py). Because
 the last term enters only after the switch (and can be large and negative), ``total`` is not
 comparable across the switch; ``rec_loss`` (the per-pixel mean of ``rec``) is.
 
@@ -31,6 +39,9 @@ from lib.config import VAELossConfig
 from lib.errors import ConfigError
 
 ADAPTIVE_WEIGHT_MAX = 1e4
+# The discriminator's gradient at x̂ is taken of 2^10 * g_loss and divided back: exact in binary
+# floating point, and it keeps fp16's small per-pixel gradients above the format's floor.
+GAN_GRAD_SCALE = 2.0 ** 10
 
 
 @dataclass
@@ -86,12 +97,17 @@ def reconstruction_map(x: torch.Tensor, rec: torch.Tensor, cfg: VAELossConfig,
     return out
 
 
-def adaptive_weight(nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
-                    disc_weight: float) -> torch.Tensor:
-    """``disc_weight * clamp(||∇nll|| / (||∇g|| + 1e-4), 0, 1e4)``, gradients at ``last_layer``."""
-    nll_grad = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
-    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    w = nll_grad.norm() / (g_grad.norm() + 1e-4)
+def grad_norm_at(output: torch.Tensor, weight: torch.Tensor, grad_output: Optional[torch.Tensor] = None
+                 ) -> torch.Tensor:
+    """``||∂output/∂weight||`` (with ``grad_output``: of the vector-Jacobian product), keeping the
+    graph for the backward pass that follows."""
+    return torch.autograd.grad(output, weight, grad_output, retain_graph=True)[0].norm()
+
+
+def adaptive_weight(nll_grad_norm: torch.Tensor, g_grad_norm: torch.Tensor, disc_weight: float) -> torch.Tensor:
+    """``disc_weight * clamp(||∇nll|| / (||∇g|| + 1e-4), 0, 1e4)`` from the two gradient norms at
+    the decoder's last layer; detached."""
+    w = nll_grad_norm / (g_grad_norm + 1e-4)
     return torch.clamp(w, 0.0, ADAPTIVE_WEIGHT_MAX).detach() * disc_weight
 
 
@@ -103,7 +119,8 @@ def generator_loss(x: torch.Tensor, rec: torch.Tensor, kl: torch.Tensor, logvar:
     """The generator's total loss and its logged components (see the module docstring).
 
     ``disc`` is only called when ``disc_active``; the caller passes it with its parameters
-    frozen so the generator's backward pass puts no gradient into the discriminator.
+    frozen. It sees a detached copy of ``rec``, so the generator's backward pass never enters
+    the discriminator; the GAN term's gradient reaches the VAE through ``rec``.
     """
     batch = x.shape[0]
     rec_map = reconstruction_map(x, rec, cfg, perceptual)
@@ -122,12 +139,19 @@ def generator_loss(x: torch.Tensor, rec: torch.Tensor, kl: torch.Tensor, logvar:
     }
     if disc_active and cfg.disc_weight > 0:
         assert disc is not None and last_layer is not None
-        g_loss = -disc(rec).float().mean()
         if torch.is_grad_enabled():
-            d_weight = adaptive_weight(nll_loss, g_loss, last_layer, cfg.disc_weight)
+            fake = rec.detach().requires_grad_(True)
+            g_loss = -disc(fake).float().mean()
+            g_scaled = torch.autograd.grad(g_loss * GAN_GRAD_SCALE, fake)[0]    # ∂g_loss/∂x̂: one pass, graph freed
+            d_weight = adaptive_weight(grad_norm_at(nll_loss, last_layer),
+                                       grad_norm_at(rec, last_layer, g_scaled) / GAN_GRAD_SCALE, cfg.disc_weight)
+            g_rec = g_scaled.float() / GAN_GRAD_SCALE
+            pull = (rec.float() * g_rec).sum()                         # its gradient: g_rec through the VAE
+            total = total + d_weight * (g_loss.detach() + pull - pull.detach())   # value d_weight * g_loss
         else:  # validation: no graph to differentiate
+            g_loss = -disc(rec).float().mean()
             d_weight = torch.tensor(0.0, device=x.device)
-        total = total + d_weight * g_loss
+            total = total + d_weight * g_loss
         logs["g_loss"] = g_loss.detach()
         logs["d_weight"] = d_weight
     logs["total_loss"] = total.detach()

@@ -49,6 +49,16 @@ class VAEWithLogvar(nn.Module):
         rec = self.vae.decode(z).sample
         return rec, posterior.kl()
 
+    def compile(self, *args, **kwargs) -> None:
+        """``torch.compile`` in place (``nn.Module.compile``), all but the decoder's last
+        convolution: the adaptive GAN weight takes gradients at its weight with ``retain_graph``
+        (lib/losses.py). Outside the compiled graph those touch that one convolution; inside,
+        each would run the whole compiled backward, which refuses ``retain_graph`` (its buffers
+        are donated to the one backward pass it expects)."""
+        conv_out = self.vae.decoder.conv_out
+        conv_out.forward = torch.compiler.disable(conv_out.forward)
+        super().compile(*args, **kwargs)
+
     @property
     def last_layer(self) -> torch.Tensor:
         """The decoder's output convolution weight: the adaptive GAN weight is measured here."""

@@ -136,7 +136,8 @@ class DDPM(Objective):
         z = z * sched.init_noise_sigma
         for t in sched.timesteps:
             out = prior.denoise(sched.scale_model_input(z, t), t.expand(z.shape[0]), features, sim_id)
-            z = sched.step(out, t, z, generator=generator).prev_sample
+            # float32 in: the schedulers cast their state to the model output's dtype (bf16 under autocast)
+            z = sched.step(out.float(), t, z, generator=generator).prev_sample
         return z
 
 
@@ -215,7 +216,7 @@ class Flow(Objective):
         x, features = self._start(prior, cond, generator)
         for t in sched.timesteps:
             v = prior.denoise(x, t.expand(x.shape[0]), features, sim_id)
-            x = sched.step(v, t, x).prev_sample.to(x.dtype)
+            x = sched.step(v.float(), t, x).prev_sample.to(x.dtype)     # float32 state (see DDPM.sample)
         return x
 
 

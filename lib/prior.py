@@ -96,6 +96,12 @@ class LatentPrior(nn.Module):
         self.latent_channels = latent_channels
         self.latent_size = image_size // downsample
 
+    def compile(self, *args, **kwargs) -> None:
+        """``torch.compile`` the condition encoder and the UNet in place, not this wrapper's
+        ``forward``: sampling calls them through :meth:`encode_cond` and :meth:`denoise`."""
+        self.cond_encoder.compile(*args, **kwargs)
+        self.unet.compile(*args, **kwargs)
+
     @property
     def latent_shape(self) -> str:
         return f"{self.latent_channels}x{self.latent_size}x{self.latent_size}"

@@ -21,7 +21,7 @@ from accelerate.utils import set_seed
 from lib.batching import train_batches
 from lib.config import Config
 from lib.dataset import RadioMapDataset
-from lib.losses import adaptive_weight, discriminator_loss, generator_loss, load_perceptual
+from lib.losses import adaptive_weight, discriminator_loss, generator_loss, grad_norm_at, load_perceptual
 from lib.models import VAEWithLogvar, build_discriminator
 from lib.schedule import build_scheduler
 
@@ -59,7 +59,8 @@ class ReferenceVAE:
             g_loss = -self.disc(rec).mean()             # the discriminator is not frozen here
             # base.total = nll + kl_weight * kl; the KL has no gradient at the decoder's last
             # layer, so this is the reference's adaptive weight of the NLL.
-            d_weight = adaptive_weight(base.total, g_loss, self.gen.last_layer, loss_cfg.disc_weight)
+            d_weight = adaptive_weight(grad_norm_at(base.total, self.gen.last_layer),
+                                       grad_norm_at(g_loss, self.gen.last_layer), loss_cfg.disc_weight)
             total = base.total + d_weight * disc_factor * g_loss
         with t("logging"):
             total.item()

@@ -12,7 +12,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from lib import checkpoint as ckpt
-from lib.accel import make_accelerator
+from lib.accel import make_accelerator, resolve_precision
 from lib.config import Config, save_config
 from lib.dataset import describe_data
 from lib.errors import FAILURE_HOOKS, UserError
@@ -61,7 +61,7 @@ def begin_run(cfg: Config, stage: str, run_dir: Path, resuming: bool) -> Acceler
     """Before anything but the lock is written: create the Accelerator, take the run folder's
     lock (lib/runlock.py: a second run into the folder stops here, naming the first), refuse a
     fresh start over an existing run, and seed everything."""
-    accelerator = make_accelerator(getattr(cfg, stage).train)
+    accelerator = make_accelerator(getattr(cfg, stage).train, f"{stage}.train.mixed_precision")
     lock = RunLock(run_dir) if accelerator.is_main_process else None
     stale = lock.acquire() if lock is not None else None
     started = _Started(lock)
@@ -115,6 +115,7 @@ def print_dry_run(cfg: Config, stage: str, resuming: bool, extra_points: Optiona
           f"batch {cfg.batch_size(stage)} x {train_cfg.gradient_accumulation_steps} accumulation per process")
     for label, step, lr in key_points(train_cfg, extra_points):
         print(f"step {step:>9d}  lr {fmt_lr(lr)}  ({label})")
+    print(f"\n# precision\n{resolve_precision(train_cfg, f'{stage}.train.mixed_precision').describe()}")
     print("\n# outputs")
     for what, where in (("run folder", f"{run_dir}" + (" (continued: --resume)" if resuming else "")),
                         ("checkpoints", f"{run_dir / 'checkpoints'} (every {fmt_step(train_cfg.checkpoint_every)} "

@@ -104,3 +104,25 @@ def test_best_stage1_checkpoint_is_chosen_after_disc_start(tmp_path):
     for step, loss in ((10, 0.10), (20, 0.05)):                          # not past disc_start yet
         vae_ckpt(step, loss)
     assert resolve_trained("vae", "best", tmp_path / "early").step == 20
+
+
+def test_contents_changed_in_place_are_found_by_the_manifest(tmp_path):
+    """A weight file damaged without changing its size, still a valid safetensors file: only the
+    SHA-256 of the manifest can tell, and resolving latest skips it with a warning naming why."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    for step in (3, 6):
+        tmp = ck.begin(tmp_path, step)
+        save_file({"w": torch.arange(16, dtype=torch.float32)}, str(tmp / "model.safetensors"))
+        ck.commit(tmp, {"step": step})
+    victim = tmp_path / "step-0000006" / "model.safetensors"
+    data = bytearray(victim.read_bytes())
+    data[-4:] = b"\x00\x00\x80\x7f"                          # the last weight becomes +inf
+    victim.write_bytes(bytes(data))
+    assert torch.isinf(load_file(str(victim))["w"][-1])          # safetensors reads it without complaint
+    assert ck.check_complete(victim.parent) is None               # sizes alone do not show it ...
+    assert "is damaged (its SHA-256 differs" in ck.check_complete(victim.parent, verify=True)   # ... the digest does
+    warnings = []
+    chosen = ck.resolve("latest", tmp_path, warnings.append)
+    assert chosen.step == 3
+    assert len(warnings) == 1 and "step-0000006" in warnings[0] and "model.safetensors is damaged" in warnings[0]

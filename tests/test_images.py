@@ -146,10 +146,16 @@ def test_titles_are_drawn_whole_in_the_header():
 
 
 def test_accepts_low_precision_and_grad_tensors():
+    """fp16, bf16 and tensors that require grad (what validation under autocast hands over) draw
+    the very pixels of their float32 values."""
     x = _maps(2).half().requires_grad_(False)
     y = _maps(2, 1).requires_grad_(True)
     img = render_grid([("a", x, "map"), ("b", y, "map")])
     assert img.dtype == np.uint8 and img.shape[1] == PAD + 2 * (TW + PAD)
+    assert np.array_equal(img, render_grid([("a", x.float(), "map"), ("b", y.detach(), "map")]))
+    z = _maps(2, 2).bfloat16()
+    assert np.array_equal(render_grid([("c", z, "map")]), render_grid([("c", z.float(), "map")]))
+    assert not np.array_equal(img, render_grid([("a", y.detach(), "map"), ("b", x.float(), "map")]))
 
 
 def test_creates_parent_and_leaves_no_temp_files(tmp_path):

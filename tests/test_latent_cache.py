@@ -55,6 +55,36 @@ def test_cached_means_are_the_encoders(tmp_path, prior_trainer):
     assert again.path == cache.path and "encoded" not in lines[1]
 
 
+class OnAnotherDevice(torch.Tensor):
+    """A tensor as a batch moved to a GPU holds its ``index``: NumPy cannot read it in place
+    (what a CUDA tensor raises), ``.cpu()`` gives a plain CPU tensor."""
+
+    def __array__(self, *args, **kwargs):
+        raise TypeError("can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() first.")
+
+    def numpy(self, *args, **kwargs):
+        raise TypeError("can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() first.")
+
+    def cpu(self, *args, **kwargs):
+        return self.as_subclass(torch.Tensor).clone()
+
+
+def test_rows_take_an_index_from_another_device(tmp_path, prior_trainer):
+    """Validation moves the whole batch to the device, ``index`` included (the first GPU run of
+    stage 2 died there at its first validation)."""
+    cfg, vae, data = setup(tmp_path, prior_trainer)
+    cache = open_latent_cache(with_cache(cfg, "auto", tmp_path / "out"), vae, data, "cpu")
+    index = torch.tensor([3, 0, 2])
+    on_device = index.as_subclass(OnAnotherDevice)
+    with pytest.raises(TypeError):
+        import numpy as np
+        np.asarray(on_device)                            # the stand-in behaves like a CUDA tensor
+    for part in ("train", "val"):
+        mean, std = cache.rows(part, on_device, "cpu")
+        expected = cache.rows(part, index.numpy(), "cpu")
+        assert type(mean) is torch.Tensor and torch.equal(mean, expected[0]) and torch.equal(std, expected[1])
+
+
 def test_stale_cache_is_refused(tmp_path, prior_trainer):
     cfg, vae, data = setup(tmp_path, prior_trainer)
     mine = with_cache(cfg, str(tmp_path / "mine"), tmp_path)

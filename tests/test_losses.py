@@ -3,7 +3,7 @@ import torch
 
 from lib.config import VAELossConfig, VAEModelConfig
 from lib.errors import ConfigError
-from lib.losses import (ADAPTIVE_WEIGHT_MAX, adaptive_weight, discriminator_loss, generator_loss,
+from lib.losses import (ADAPTIVE_WEIGHT_MAX, adaptive_weight, discriminator_loss, generator_loss, grad_norm_at,
                         load_perceptual)
 from lib.models import PatchDiscriminator, VAEWithLogvar, frozen
 
@@ -45,9 +45,45 @@ def test_adaptive_weight_formula_and_clamp():
     w = torch.nn.Parameter(torch.randn(4, 4))
     nll, g = (w * 3).sum(), (w * 0.5).sum()
     expect = 0.5 * (torch.full((4, 4), 3.0).norm() / (torch.full((4, 4), 0.5).norm() + 1e-4))
-    assert adaptive_weight(nll, g, w, 0.5).item() == pytest.approx(expect.item(), rel=1e-6)
+    assert adaptive_weight(grad_norm_at(nll, w), grad_norm_at(g, w), 0.5).item() == pytest.approx(expect.item(), rel=1e-6)
     tiny = (w * 1e-12).sum()
-    assert adaptive_weight(nll, tiny, w, 0.5).item() == pytest.approx(0.5 * ADAPTIVE_WEIGHT_MAX)
+    assert adaptive_weight(grad_norm_at(nll, w), grad_norm_at(tiny, w), 0.5).item() == pytest.approx(0.5 * ADAPTIVE_WEIGHT_MAX)
+    out = w * 2.0                                          # a vector-Jacobian product: ||2 * v||
+    v = torch.full((4, 4), 0.25)
+    assert grad_norm_at(out, w, v).item() == pytest.approx((2.0 * v).norm().item(), rel=1e-6)
+
+
+def test_gan_term_is_the_reference_formula_with_one_discriminator_pass():
+    """The toolkit's generator loss takes the discriminator's gradient once, on a detached copy
+    of the reconstruction; its value, adaptive weight and gradients are those of the LDM
+    formula ``nll + kl_weight * kl + d_weight * g_loss`` backpropagated through the discriminator."""
+    cfg = VAELossConfig(disc_weight=0.5, kl_weight=1e-3)
+    gen, disc, x = setup(3)
+    rec, kl = gen(x, sample_posterior=False)
+    calls = []
+    disc.register_forward_hook(lambda *a: calls.append(1))
+    with frozen(disc):
+        out = generator_loss(x, rec, kl, gen.logvar, cfg, True, disc, gen.last_layer)
+    assert len(calls) == 1
+    params = [p for p in gen.parameters()]
+    got = torch.autograd.grad(out.total, params)
+
+    rec, kl = gen(x, sample_posterior=False)               # the formula, by hand
+    diff = x - rec
+    nll = ((diff.abs() + diff.pow(2)) / torch.exp(gen.logvar) + gen.logvar).sum() / x.shape[0]
+    base = nll + cfg.kl_weight * kl.sum() / x.shape[0]
+    with frozen(disc):
+        g_loss = -disc(rec).mean()
+        nll_grad = torch.autograd.grad(nll, gen.last_layer, retain_graph=True)[0]
+        g_grad = torch.autograd.grad(g_loss, gen.last_layer, retain_graph=True)[0]
+        d_weight = 0.5 * torch.clamp(nll_grad.norm() / (g_grad.norm() + 1e-4), 0, ADAPTIVE_WEIGHT_MAX).detach()
+        total = base + d_weight * g_loss
+        want = torch.autograd.grad(total, params)
+    assert out.logs["d_weight"].item() == pytest.approx(d_weight.item(), rel=1e-5)
+    assert out.logs["g_loss"].item() == pytest.approx(g_loss.item(), rel=1e-6)
+    assert out.total.item() == pytest.approx(total.item(), rel=1e-6)
+    got, want = torch.cat([g.flatten() for g in got]), torch.cat([g.flatten() for g in want])
+    assert (got - want).norm() <= 1e-5 * want.norm()       # float32 rounding apart
 
 
 def test_nll_uses_learned_logvar():

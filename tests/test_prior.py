@@ -215,6 +215,52 @@ def test_radiodiff_loss_weights_and_l1_variant(tiny):
         assert loss.item() == pytest.approx(expected.mean().item(), rel=1e-6)
 
 
+class Echo(torch.nn.Module):
+    """A "network" whose C^ and eps^ are fixed functions of its input x_t, so that the loss and
+    the sampler depend on the forward process and on every update by hand-checkable amounts."""
+    latent_channels, latent_size = 2, 4
+
+    def encode_cond(self, cond):
+        return cond
+
+    def denoise(self, x, t, features, sim_id):
+        self.seen_t = t / 1000.0
+        return torch.cat([0.5 * x, -0.25 * x + 0.1], dim=1)
+
+    def forward(self, x, t, cond, sim_id):
+        return self.denoise(x, t, cond, sim_id)
+
+
+def test_radiodiff_loss_and_sampler_equal_a_hand_computation(tiny):
+    """RadioDiff's objective for a fixed tiny input, step by step by hand: the forward process
+    x_t = x0 - x0 t + sqrt(t) eps (C = -x0), the loss on C and eps, and two sampler steps
+    x <- x + s x0^ - (s / sqrt(t)) eps^ + sqrt(s (t - s) / t) z, returning x0^ at the last."""
+    cfg, _, _ = tiny
+    obj = make_objective(diffusion_cfg(cfg, objective="radiodiff", radiodiff_loss="l2", radiodiff_weighting=True))
+    net, x0 = Echo(), torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(7))
+    loss = obj.loss(net, x0, None, None, torch.Generator().manual_seed(8))
+    g = torch.Generator().manual_seed(8)
+    eps = torch.randn(x0.shape, generator=g)
+    t = 1e-4 + (1 - 1e-4) * torch.rand(2, generator=g)
+    tt = t.view(-1, 1, 1, 1)
+    x_t = x0 - x0 * tt + tt.sqrt() * eps
+    c_hat, eps_hat = 0.5 * x_t, -0.25 * x_t + 0.1
+    per_sample = lambda e: (e ** 2).mean((1, 2, 3))      # noqa: E731
+    expected = 2 * torch.exp(1 - t) * per_sample(c_hat + x0) + torch.exp(t.sqrt()) * per_sample(eps_hat - eps)
+    assert loss.item() == pytest.approx(expected.mean().item(), rel=1e-6)
+
+    out = obj.sample(net, torch.zeros(2, 3, 8, 8), None, 2, generator=torch.Generator().manual_seed(9))
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 2, 4, 4, generator=g)                 # the start, t = 1
+    c, e = 0.5 * x, -0.25 * x + 0.1
+    x0_hat = x - c * 1.0 - 1.0 * e
+    x = x + 0.5 * x0_hat - (0.5 / 1.0) * e + (0.5 * 0.5 / 1.0) ** 0.5 * torch.randn(2, 2, 4, 4, generator=g)
+    c, e = 0.5 * x, -0.25 * x + 0.1                           # t = 0.5, the last step
+    expected = x - c * 0.5 - 0.5 ** 0.5 * e
+    assert torch.allclose(net.seen_t, torch.full((2,), 0.5))
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- the trainer
 @pytest.fixture
 def prior_trainer(tiny_data):

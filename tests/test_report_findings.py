@@ -39,8 +39,27 @@ def test_clean_toolkit_vae_run_has_only_info_findings(tmp_path):
 
 
 def test_clean_toolkit_prior_run_has_no_findings(tmp_path):
-    a, _ = findings([toolkit_run(tmp_path, stage="prior")])
+    a, run = findings([toolkit_run(tmp_path, stage="prior")])
     assert a.findings == []
+    # the rules did run: every logged LR was compared with the configured schedule ...
+    steps, lr = run.series("lr")
+    assert len(steps) == 50 and a.lr_expected is not None and np.allclose(a.lr_expected, lr, rtol=1e-9)
+    # ... and the same run with a defect in it is not clean
+    bad = toolkit_run(tmp_path / "bad", stage="prior", edit=lambda s, r: dict(r, lr=r["lr"] * 2))
+    assert [f.id for f in findings([bad])[0].findings] == ["lr_mismatch"]
+
+
+def test_lr_printed_as_zero_without_a_known_schedule(tmp_path):
+    """The seeds' `lr: 0.00000` in a log with no config line and no --config: the LR is reported as
+    a display artefact of the fixed decimals, and said to be unreadable, not zero."""
+    log = original_log(tmp_path / "a.log", list(range(0, 1001, 100)), config=None, lr_fn=lambda s: 2e-6)
+    a, _ = findings([log])
+    assert a.schedule is None
+    (z,) = by_id(a, "lr_display_rounding")
+    assert z.severity == "warning" and z.steps == [0, 1000]
+    assert "printed with 5 decimals and reads 0.00000 at 11 of 11 records" in z.evidence
+    assert "any LR below 5e-06 prints like this" in z.evidence
+    assert "No config is known to compare with (pass --config)" in z.evidence
 
 
 def test_clean_resumed_toolkit_run(tmp_path):

@@ -226,8 +226,10 @@ def test_a_checkpoint_damaged_in_place_is_skipped(tmp_path, trainer, monkeypatch
     ck_dir = tmp_path / "run" / trainer.subdir / "checkpoints"
     victim = sorted((ck_dir / "step-0000006").rglob("*.safetensors"))[0]
     data = bytearray(victim.read_bytes())
-    data[:8] = b"\xff" * 8                                    # the header length: same size, unreadable
+    data[-2:] = bytes([data[-2] ^ 0xFF, data[-1] ^ 0xFF])     # a weight's bytes: same size, still readable
     victim.write_bytes(bytes(data))
+    from safetensors.torch import load_file
+    assert load_file(str(victim))                              # only the manifest can tell
     assert run_main(trainer.module, ["--config", cfg, "--resume", "latest", "--set",
                                      f"{trainer.subdir}.train.max_steps=7"], monkeypatch) == 0
     err = capsys.readouterr().err

@@ -114,6 +114,33 @@ def test_discriminator_phases_and_logvar(tmp_path, tiny_data, monkeypatch):
     assert vae.config.latent_channels == 2
 
 
+def test_train_step_trains_the_discriminator_after_disc_start_only_and_the_logvar_always(tmp_path, tiny_data):
+    """One update of train_step before and one after disc_start: the learned log-variance is in
+    the generator's optimizer and moves in both; the discriminator moves only once it is active
+    (the reference's gradient_accumulate_every: 1 never updated it); the generator and
+    discriminator schedules advance once per update either way."""
+    from lib.accel import make_accelerator
+    from lib.batching import train_batches
+    from tests.helpers import reset_accelerate
+    reset_accelerate()
+    cfg = load_config(tiny_config(tmp_path, tiny_data, **{"vae.train": {"warmup_steps": 0}}))   # LR > 0 at once
+    acc = make_accelerator(cfg.vae.train)
+    m = train_vae.build_models(cfg, acc)
+    assert any(p is m.vae_raw.logvar for g in m.opt_g.param_groups for p in g["params"])
+    batches = train_batches(build_datasets(cfg.data, 0, ("train",), lambda s: None)["train"], 2, 0)
+    snapshot = lambda: ([p.detach().clone() for p in m.disc_raw.parameters()], m.vae_raw.logvar.item())  # noqa: E731
+    for disc_active in (False, True):
+        disc_before, logvar_before = snapshot()
+        applied, logs = train_vae.train_step(m, batches, acc, cfg, disc_active)
+        disc_after, logvar_after = snapshot()
+        assert applied and logvar_after != logvar_before
+        moved = any(not torch.equal(a, b) for a, b in zip(disc_before, disc_after))
+        assert moved == disc_active, f"disc_active={disc_active}"
+        assert ("disc_loss" in logs) == disc_active and ("grad_norm_disc" in logs) == disc_active
+    assert m.sched_g.scheduler.last_epoch == m.sched_d.scheduler.last_epoch == 2
+    reset_accelerate()
+
+
 def test_checkpoint_layout_and_rotation(tmp_path, tiny_data, monkeypatch):
     cfg = tiny_config(tmp_path, tiny_data, **{"vae.train": {"max_steps": 12, "checkpoint_every": 3,
                                                             "keep_last": 2, "log_every": 4}})
