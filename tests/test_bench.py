@@ -97,7 +97,6 @@ def test_prior_variants_each_have_their_own_vae(tmp_path, tiny_data):
     prior = {k: v for k, v in TINY_PRIOR.items() if k in ("model", "diffusion")}
     cfg = load_config(tiny_config(tmp_path, tiny_data, prior=prior))
     acc = make_accelerator(cfg.prior.train)
-    ds = build_datasets(cfg.data, cfg.seed, ("train",), log=lambda m: None)["train"]
     calls = []
     real = bench.TrainerStep.__init__
 
