@@ -43,8 +43,10 @@ from lib.latents import decode_latents, encode_latents
 from lib.metrics import DB_PER_GRAY_LEVEL, METRIC_NAMES, MetricAccumulator, summarize, summarize_groups
 from lib.numfmt import fmt
 from lib.objectives import SAMPLERS, generate_maps, make_objective
+from lib.outputs import StagedFolder
 from lib.prior import MODEL_KEYS
 from lib.progress import echo, progress
+from lib.trackers import close_trackers, log_image, log_scalars, open_trackers
 from lib.resume import check_compatible
 from lib.splits import check_overlap, data_mismatch, maps_hash, protocol_warnings, split_record
 from lib.weights import load_prior, load_prior_vae, resolve_trained
@@ -160,62 +162,70 @@ def main() -> int:
          + ", ".join(f"{s}: {a:.3f} {b:+.3f} log10(d px)" for s, (a, b) in sorted(baseline.lines.items())))
 
     # ------------------------------------------------------------------ the predictions
+    # Written into a staging folder that replaces {output_dir}/eval only when complete; one
+    # evaluation at a time into it (lib/outputs.py).
     out_dir = Path(cfg.output_dir) / "eval"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    store = PredictionStore(out_dir, len(eval_ds), cfg.data.image_size) if args.save_predictions else None
-    rng = torch.Generator().manual_seed(cfg.seed)      # the same sampling noise every evaluation
-    methods = {
-        "model": lambda b: generate_maps(prior, vae, latent_scale, b["cond"], to_model_id[b["sim_id"]], objective,
-                                         steps, sampler, rng),
-        "vae_ceiling": lambda b: decode_latents(vae, encode_latents(vae, b["image"])),
-        "distance_baseline": lambda b: baseline.predict(b["cond"], [sims[i] for i in b["sim_id"].tolist()]),
-    }
-    batch_size = cfg.batch_size("prior")
-    with torch.no_grad(), progress(len(eval_ds), desc=f"evaluate {args.split}", unit="sample") as bar:
-        def after(batch: dict, preds: dict) -> None:
-            if store is not None:
-                store.add(preds["model"], batch["image"], batch["map_id"].tolist(), batch["tx"].tolist(),
-                          [sims[i] for i in batch["sim_id"].tolist()])
-            bar.update(len(batch["image"]))
-        scores = score_methods(eval_batches(eval_ds, batch_size), methods, device, sims, after)
+    with StagedFolder(out_dir, "evaluation") as work:
+        store = PredictionStore(work, len(eval_ds), cfg.data.image_size) if args.save_predictions else None
+        rng = torch.Generator().manual_seed(cfg.seed)      # the same sampling noise every evaluation
+        methods = {
+            "model": lambda b: generate_maps(prior, vae, latent_scale, b["cond"], to_model_id[b["sim_id"]],
+                                             objective, steps, sampler, rng),
+            "vae_ceiling": lambda b: decode_latents(vae, encode_latents(vae, b["image"])),
+            "distance_baseline": lambda b: baseline.predict(b["cond"], [sims[i] for i in b["sim_id"].tolist()]),
+        }
+        batch_size = cfg.batch_size("prior")
+        with torch.no_grad(), progress(len(eval_ds), desc=f"evaluate {args.split}", unit="sample") as bar:
+            def after(batch: dict, preds: dict) -> None:
+                if store is not None:
+                    store.add(preds["model"], batch["image"], batch["map_id"].tolist(), batch["tx"].tolist(),
+                              [sims[i] for i in batch["sim_id"].tolist()])
+                bar.update(len(batch["image"]))
+            scores = score_methods(eval_batches(eval_ds, batch_size), methods, device, sims, after)
 
-    # ------------------------------------------------------------------ report
-    db_factor = DB_PER_GRAY_LEVEL * (1.0 - cfg.data.threshold)
-    result: dict[str, Any] = {
-        "split": args.split, "num_samples": scores.accs["model"].num_samples, "simulations": sims,
-        "objective": dcfg.objective, "sampler": sampler, "num_inference_steps": steps,
-        "network_evaluations": objective.evaluations(steps, sampler), "prediction_type": dcfg.prediction_type,
-        "latent_scale": latent_scale,
-        "checkpoints": {"prior": str(info.path), "prior_step": info.step, "prior_ema": prior_ema,
-                        "vae": state["vae_checkpoint"], "vae_step": state.get("vae_step"), "vae_ema": loaded.ema},
-    }
-    for k in METHODS:
-        result[k] = method_summary(scores.accs[k], scores.seconds[k], db_factor)
-    result["distance_baseline"]["fit"] = {"samples": n_fit, "lines": baseline.to_dict()}
-    result["protocol"] = {
-        "split": split.name, "split_seed": split.seed, "part": args.split, "maps": len(part_maps),
-        "map_ids": part_maps, "map_ids_hash": maps_hash(part_maps), "max_maps": args.max_maps,
-        "threshold": cfg.data.threshold, "cars_input": cfg.data.cars_input, "simulations": sims,
-        "objective": dcfg.objective, "sampler": sampler, "steps": steps,
-        "network_evaluations": result["network_evaluations"], "ms_per_sample": result["model"]["ms_per_sample"],
-        "rmse_db_factor": db_factor, "allow_overlap": overlaps,
-        "conventions": {"mean": "per map (map x transmitter x simulation), then mean and std over them",
-                        "set": "nmse_set = sum (pred - target)^2 / sum target^2 and rmse_set = sqrt(mean "
-                               "(pred - target)^2), over every pixel of the set",
-                        "rmse_db": f"{DB_PER_GRAY_LEVEL:g} dB per gray level x (1 - threshold) x rmse_set"},
-    }
-    (out_dir / "metrics.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    table = markdown(result)
-    (out_dir / "metrics.md").write_text(table, encoding="utf-8")
-    written = [out_dir / "metrics.json", out_dir / "metrics.md"]
-    if scores.first is not None:
-        save_samples(out_dir / "samples.png", scores.first, {GRID_TITLES[k]: k for k in METHODS}, sims,
-                     cfg.data.threshold)
-        written.append(out_dir / "samples.png")
-    if store is not None:
-        written += [store.close(), out_dir / "predictions"]
+        # ------------------------------------------------------------------ report
+        db_factor = DB_PER_GRAY_LEVEL * (1.0 - cfg.data.threshold)
+        result: dict[str, Any] = {
+            "split": args.split, "num_samples": scores.accs["model"].num_samples, "simulations": sims,
+            "objective": dcfg.objective, "sampler": sampler, "num_inference_steps": steps,
+            "network_evaluations": objective.evaluations(steps, sampler), "prediction_type": dcfg.prediction_type,
+            "latent_scale": latent_scale,
+            "checkpoints": {"prior": str(info.path), "prior_step": info.step, "prior_ema": prior_ema,
+                            "vae": state["vae_checkpoint"], "vae_step": state.get("vae_step"), "vae_ema": loaded.ema},
+        }
+        for k in METHODS:
+            result[k] = method_summary(scores.accs[k], scores.seconds[k], db_factor)
+        result["distance_baseline"]["fit"] = {"samples": n_fit, "lines": baseline.to_dict()}
+        result["protocol"] = {
+            "split": split.name, "split_seed": split.seed, "part": args.split, "maps": len(part_maps),
+            "map_ids": part_maps, "map_ids_hash": maps_hash(part_maps), "max_maps": args.max_maps,
+            "threshold": cfg.data.threshold, "cars_input": cfg.data.cars_input, "simulations": sims,
+            "objective": dcfg.objective, "sampler": sampler, "steps": steps,
+            "network_evaluations": result["network_evaluations"], "ms_per_sample": result["model"]["ms_per_sample"],
+            "rmse_db_factor": db_factor, "allow_overlap": overlaps,
+            "conventions": {"mean": "per map (map x transmitter x simulation), then mean and std over them",
+                            "set": "nmse_set = sum (pred - target)^2 / sum target^2 and rmse_set = sqrt(mean "
+                                   "(pred - target)^2), over every pixel of the set",
+                            "rmse_db": f"{DB_PER_GRAY_LEVEL:g} dB per gray level x (1 - threshold) x rmse_set"},
+        }
+        (work / "metrics.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        table = markdown(result)
+        (work / "metrics.md").write_text(table, encoding="utf-8")
+        written = ["metrics.json", "metrics.md"]
+        if scores.first is not None:
+            save_samples(work / "samples.png", scores.first, {GRID_TITLES[k]: k for k in METHODS}, sims,
+                         cfg.data.threshold)
+            written.append("samples.png")
+        if store is not None:
+            written += [store.close().name, "predictions"]
+        trackers = open_trackers(cfg.prior.train.report_to, "prior.train.report_to", work, "radiodiff-eval",
+                                 cfg.to_dict(), run_name=f"{Path(cfg.output_dir).name}/eval")
+        log_scalars(trackers, {f"eval/{k}/{m}": result[k][m] for k in METHODS for m in METRIC_NAMES}, info.step)
+        if "samples.png" in written:
+            log_image(trackers, "eval/samples", work / "samples.png", info.step)
+        close_trackers(trackers)                   # TensorBoard: {output_dir}/eval/tb
     print(table)
-    print("wrote " + ", ".join(str(p) for p in written))
+    print("wrote " + ", ".join(str(out_dir / name) for name in written))
     return 0
 
 

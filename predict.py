@@ -1,4 +1,4 @@
-"""Radio maps for new environments from a trained stage-2 checkpoint.
+"""Radio maps for new environments from a trained stage-2 checkpoint (or its exported pipeline).
 
     python predict.py --checkpoint runs/demo/prior/checkpoints/step-0000600 --buildings city.png \\
         --tx 120,37 --tx 30,200 --simulation DPM --out maps/
@@ -7,7 +7,8 @@
 
 The checkpoint holds everything needed: the prior, the VAE it decodes with (``vae/``), the latent
 scale, and in its ``config.yaml`` the model and the data conventions (image size, threshold,
-cars input). An environment is a building map (an 8-bit grayscale PNG, square, 255 = building,
+cars input); a folder ``python -m lib.export`` wrote holds the same as a diffusers pipeline.
+Either way the maps come from ``RadioMapPipeline.sample`` (lib/pipeline.py). An environment is a building map (an 8-bit grayscale PNG, square, 255 = building,
 like RadioMapSeer's ``png/buildings_complete``; resized to the model's size like the training
 maps), transmitters at pixels ``--tx X,Y`` (column, row of that image) and, for a model that
 takes cars as input, a cars map. ``--root`` reads the environments of a RadioMapSeer-layout
@@ -22,6 +23,7 @@ if __name__ == "__main__":       # answer --help and honour Ctrl-C before the sl
     from lib.cli import early_start, predict_parser
     early_start(predict_parser)
 
+import re
 import time
 from pathlib import Path
 from typing import Iterator
@@ -30,17 +32,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lib import checkpoint as ckpt
 from lib.cli import predict_parser
 from lib.condition import fill_condition
-from lib.config import load_config
-from lib.errors import UserError, run_cli
-from lib.layout import (ANTENNAS_DIR, BUILDINGS_DIR, CARS_DIR, BadFile, cars_channels, discover_maps,
+from lib.errors import UserError, one_line, run_cli
+from lib.layout import (ANTENNAS_DIR, BUILDINGS_DIR, CARS_DIR, BadFile, discover_maps,
                         file_names, read_png, tx_pixel)
-from lib.metrics import to_unit
-from lib.objectives import SAMPLERS, generate_maps, make_objective
+from lib.objectives import SAMPLERS
+from lib.pipeline import RadioMapPipeline, pipeline_from_checkpoint
 from lib.progress import echo, progress
-from lib.weights import load_prior, load_prior_vae
 
 Environment = tuple[str, int, np.ndarray, tuple[int, int], "np.ndarray | None"]   # name, tx, buildings, pixel, cars
 
@@ -102,18 +101,51 @@ def folder_environments(args, size: int, cars_needed: bool) -> Iterator[Environm
             yield str(m), t, buildings, pixel, cars
 
 
+def safe_name(text: str) -> str:
+    """``text`` as a plain file name: letters, digits, ``.``, ``_`` and ``-`` kept, anything else
+    (a path separator, ``..``) replaced by ``_``."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", text).lstrip(".")
+    return name or "_"
+
+
+def output_folder(out: Path, simulation: str) -> Path:
+    """``--out/SIMULATION``, made; only ever a folder under ``--out`` (a checkpoint's simulation
+    names are data from whoever trained it)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: a file, not a folder; pass a folder for the maps")
+    folder = out / safe_name(simulation)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot write there ({exc.strerror or exc}); pass a writable folder") from None
+    if not folder.resolve().is_relative_to(out.resolve()):
+        raise UserError(f"--simulation {simulation!r}: not a name maps can be written under --out {out} as")
+    return folder
+
+
+def load_pipeline(path: Path, device: torch.device) -> RadioMapPipeline:
+    """A stage-2 checkpoint folder, or a folder ``python -m lib.export`` wrote (model_index.json)."""
+    if (path / "model_index.json").is_file():
+        try:
+            return RadioMapPipeline.from_pretrained(str(path)).to(device)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"--checkpoint {path}: not a loadable RadioMapPipeline ({one_line(str(exc))[:200]})") from None
+    return pipeline_from_checkpoint(path, device)
+
+
 def main() -> int:
     args = predict_parser().parse_args()
-    info = ckpt.resolve(args.checkpoint, Path(args.checkpoint).parent, echo, option="--checkpoint")
-    cfg = load_config(info.path / "config.yaml")
     if (args.root is None) == (args.buildings is None):
         raise UserError("give --buildings PNG (with --tx) or --root FOLDER")
     if args.buildings and not args.tx:
         raise UserError("--buildings needs at least one --tx X,Y")
-    trained = list(info.state["simulations"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = load_pipeline(Path(args.checkpoint), device)
+    trained = list(pipe.config.simulations)
     if args.simulation not in trained:
-        raise UserError(f"--simulation {args.simulation}: {info.path} was trained on {', '.join(trained)}")
-    dcfg = cfg.prior.diffusion
+        raise UserError(f"--simulation {args.simulation}: {args.checkpoint} was trained on {', '.join(trained)}")
+    objective = pipe.objective
+    dcfg = objective.cfg
     steps = dcfg.num_inference_steps if args.steps is None else args.steps
     if not 1 <= steps <= dcfg.num_train_timesteps or args.batch_size < 1:
         raise UserError(f"--steps {steps} / --batch-size {args.batch_size}: expected integers >= 1")
@@ -121,19 +153,14 @@ def main() -> int:
     if args.sampler is not None and args.sampler not in SAMPLERS[dcfg.objective]:
         raise UserError(f"--sampler {args.sampler}: objective {dcfg.objective} samples with "
                         f"{' or '.join(SAMPLERS[dcfg.objective])}")
-    size, threshold = cfg.data.image_size, cfg.data.threshold
-    cars_needed = cars_channels([args.simulation], cfg.data.cars_input)[0]
+    size, cars_needed = int(pipe.config.image_size), pipe.cars_needed(args.simulation)
     environments = list((folder_environments if args.root else given_environment)(args, size, cars_needed))
     if not environments:
         raise UserError(f"--root {args.root}: no transmitters to predict for")
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    loaded = load_prior_vae(info, cfg, device)
-    prior, _ = load_prior(info.path, cfg, loaded.downsample, len(trained), device)
-    objective, latent_scale = make_objective(dcfg), float(info.state["latent_scale"])
-    out = Path(args.out) / args.simulation
-    out.mkdir(parents=True, exist_ok=True)
-    rng = torch.Generator().manual_seed(cfg.seed if args.seed is None else args.seed)
+    out = output_folder(Path(args.out), args.simulation)
+    written: set[str] = set()
+    rng = torch.Generator().manual_seed(int(pipe.config.seed) if args.seed is None else args.seed)
     sim_id = trained.index(args.simulation)
     seconds = 0.0
     with torch.no_grad(), progress(len(environments), desc="predict", unit="sample") as bar:
@@ -143,17 +170,17 @@ def main() -> int:
             for k, (_, _, buildings, pixel, cars) in enumerate(batch):
                 fill_condition(cond[k], buildings, cars, pixel, buildings.shape)
             t0 = time.perf_counter()
-            maps = generate_maps(prior, loaded.vae, latent_scale, torch.from_numpy(cond).to(device),
-                                 torch.full((len(batch),), sim_id, device=device), objective, steps, sampler, rng)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            gray = pipe.sample(torch.from_numpy(cond).to(device), torch.full((len(batch),), sim_id, device=device),
+                               steps, sampler, rng)                # the pipeline's own sampling (lib/pipeline.py)
             seconds += time.perf_counter() - t0
-            gray = to_unit(maps.float()).cpu().numpy()[:, 0]
-            if threshold > 0:              # back from RadioUNet's thresholded units to the gray level
-                gray = threshold + (1.0 - threshold) * gray
             for (name, tx, *_), g in zip(batch, gray):
-                np.save(out / f"{name}_{tx}.npy", g.astype(np.float32))
-                Image.fromarray(np.rint(g * 255.0).astype(np.uint8), mode="L").save(out / f"{name}_{tx}.png")
+                stem = safe_name(f"{name}_{tx}")
+                if stem in written:
+                    raise UserError(f"{out / stem}.png: two inputs of this run would both be written there (city "
+                                    f"{name!r}, transmitter {tx}); give the cities different file names")
+                written.add(stem)
+                np.save(out / f"{stem}.npy", g)
+                Image.fromarray(np.rint(g * 255.0).astype(np.uint8), mode="L").save(out / f"{stem}.png")
             bar.update(len(batch))
     echo(f"{len(environments)} samples (radio maps) in {seconds:.2f} s of sampling ({len(environments) / max(seconds, 1e-9):.3g} "
          f"samples/s; objective {dcfg.objective}, {sampler}, {steps} steps, {device.type}); written to {out}")

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Optional
@@ -29,6 +28,7 @@ from typing import Optional
 from lib.analysis import analyze
 from lib.errors import UserError, run_cli
 from lib.forked import finish_helper, start_helper
+from lib.outputs import StagedFolder
 from lib.read_run import load_run, resolve_inputs
 from lib.report_figures import make_figures
 from lib.report_text import FIGURES, build_summary, span_text, write_csv, write_markdown
@@ -84,17 +84,8 @@ def _main(argv: Optional[list[str]] = None) -> int:
                         f"pass an empty or new folder")
     # Written into a new folder that replaces the old report only when complete: a report that
     # fails leaves the previous one as it was, and no figure of an older report stays behind.
-    out = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    try:
-        shutil.rmtree(out, ignore_errors=True)
-        out.mkdir(parents=True)
-    except OSError as exc:
-        raise UserError(f"cannot create the output folder {final}: {exc.strerror or exc}") from None
-    try:
+    with StagedFolder(final, "report") as out:
         summary, figures, a = _write_report(args, run, out, timings, t0)
-        _replace(out, final)
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
     counts = {sev: sum(1 for f in a.findings if f.severity == sev) for sev in ("error", "warning", "info")}
     print(f"{len(run.steps)} rows from {len(run.sources)} source(s), {run.skipped_total} line(s) skipped; "
           f"findings: {counts['error']} error, {counts['warning']} warning, {counts['info']} info")
@@ -105,16 +96,6 @@ def _main(argv: Optional[list[str]] = None) -> int:
 
 
 REPORT_FILES = {"metrics.csv", "summary.json", "report.md", *FIGURES.values()}
-
-
-def _replace(new: Path, final: Path) -> None:
-    """Put the finished report folder ``new`` in the place of ``final`` (an older report there is
-    removed once the new one is in place)."""
-    old = final.parent / f".{final.name}.old-{os.getpid()}"
-    if final.exists():
-        final.rename(old)
-    new.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_report(args: argparse.Namespace, run, out: Path, timings: dict[str, float], t0: float):

@@ -125,7 +125,7 @@ def main() -> int:
     run_dir, ckpt_dir = Path(cfg.output_dir) / "prior", Path(cfg.output_dir) / "prior" / "checkpoints"
     accelerator = begin_run(cfg, "prior", run_dir, resuming=args.resume is not None)   # nothing written yet
     start = StartupLog(accelerator.is_main_process, cfg.warnings)   # goes to train.log once it exists
-    resume = ckpt.resolve(args.resume, ckpt_dir, start.warning) if args.resume else None
+    resume = ckpt.resolve_resume(args.resume, ckpt_dir, start.warning, start.info)   # latest with none: fresh
     checked = check_resume(resume, cfg, RESUME_KEYS, args.allow_data_change) if resume else None
 
     # ------------------------------------------------------------------ the frozen stage-1 VAE, data
@@ -208,9 +208,9 @@ def main() -> int:
         log.record("val", step, {"loss": val_loss, **{k: metrics[k] for k in ("nmse", "rmse", "ssim", "psnr")},
                                  **{f"nmse_{s}": v["nmse"] for s, v in by_sim.items()},
                                  "num_samples": metrics["num_samples"], "seconds": time.perf_counter() - t0})
-        if accelerator.is_main_process and scores.first is not None:
-            save_samples(run_dir / "samples" / f"step-{step:07d}.png", scores.first, {"prediction": "prediction"},
-                         sims, cfg.data.threshold)
+        if accelerator.is_main_process and scores.first is not None:      # the grid, also to the trackers
+            log.image("samples", save_samples(run_dir / "samples" / f"step-{step:07d}.png", scores.first,
+                                              {"prediction": "prediction"}, sims, cfg.data.threshold), step)
         return val_loss
 
     def save(step: int, val_loss: Optional[float]) -> None:

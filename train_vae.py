@@ -139,7 +139,7 @@ def main() -> int:
     run_dir, ckpt_dir = Path(cfg.output_dir) / "vae", Path(cfg.output_dir) / "vae" / "checkpoints"
     accelerator = begin_run(cfg, "vae", run_dir, resuming=args.resume is not None)   # nothing written yet
     start = StartupLog(accelerator.is_main_process, cfg.warnings)   # goes to train.log once it exists
-    resume = ckpt.resolve(args.resume, ckpt_dir, start.warning) if args.resume else None
+    resume = ckpt.resolve_resume(args.resume, ckpt_dir, start.warning, start.info)   # latest with none: fresh
     checked = check_resume(resume, cfg, MODEL_KEYS, args.allow_data_change) if resume else None
 
     # ------------------------------------------------------------------ data
@@ -201,9 +201,10 @@ def main() -> int:
         best_val = min(best_val, val_loss)
         log.record("val", step, {"rec_loss": val_loss, **{k: metrics[k] for k in ("psnr", "ssim", "nmse", "rmse")},
                                  "num_samples": metrics["num_samples"], "seconds": time.perf_counter() - t0})
-        if accelerator.is_main_process and scores.first is not None:
-            save_samples(run_dir / "samples" / f"step-{step:07d}.png", scores.first, {"reconstruction": "reconstruction"},
-                         val_ds.simulations, cfg.data.threshold, truth="input", condition=False)
+        if accelerator.is_main_process and scores.first is not None:      # the grid, also to the trackers
+            log.image("samples", save_samples(run_dir / "samples" / f"step-{step:07d}.png", scores.first, {
+                "reconstruction": "reconstruction"}, val_ds.simulations, cfg.data.threshold, truth="input",
+                condition=False), step)
         return val_loss
 
     def save(step: int, val_loss: Optional[float]) -> None:

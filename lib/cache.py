@@ -49,7 +49,7 @@ from lib.cache_read import (
     folder_fingerprint,
     source_folders,
 )
-from lib.errors import DataError, run_cli
+from lib.errors import DataError, UserError, run_cli
 from lib.layout import (
     BadFile,
     cars_channels,
@@ -62,6 +62,7 @@ from lib.layout import (
     to_unit,
     tx_pixel,
 )
+from lib.outputs import no_space, require_space, reserved_memmap, size_text
 from lib.progress import progress
 
 if TYPE_CHECKING:
@@ -114,11 +115,15 @@ def build(root: str | os.PathLike, simulations: Sequence[str], out: str | os.Pat
 
     tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    pixels = size[0] * size[1]
+    nbytes = pixels * (len(map_ids) * (1 + int(cars)) + len(pairs) * len(sims)) + 24 * len(pairs) + 2**20
     try:
         tmp.mkdir(parents=True)
+        require_space(tmp, nbytes, "data.cache", 'free space there, or set data.cache to a folder on another disk '
+                                                 'or to "off"')
 
         def array(name: str, shape: tuple, dtype=np.uint8) -> np.ndarray:
-            return np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
+            return reserved_memmap(tmp / f"{name}.npy", shape, dtype)
 
         row = {m: i for i, m in enumerate(map_ids)}
         b_arr = array("buildings", (len(map_ids), *size))
@@ -162,8 +167,11 @@ def build(root: str | os.PathLike, simulations: Sequence[str], out: str | os.Pat
         (tmp / INDEX).write_text(json.dumps(index, indent=1), encoding="utf-8")
         _publish(tmp, out)
     except OSError as exc:
-        raise DataError(f"data.cache: cannot write {out} ({detail(exc)}); set data.cache to a "
-                        f"writable folder, or to \"off\"") from None
+        full = f", {size_text(nbytes)} needed" if no_space(exc) else ""
+        raise DataError(f"data.cache: cannot write {out} ({detail(exc)}{full}); set data.cache to a "
+                        f"writable folder with room, or to \"off\"") from None
+    except UserError as exc:
+        raise DataError(str(exc)) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     nbytes = sum(f.stat().st_size for f in out.iterdir())
@@ -222,8 +230,7 @@ def _build_view(packed: PackedMaps, size: int, folder: Path, log: Log) -> None:
     try:
         for name in packed.map_names():
             src = packed.arrays()[name]
-            dst = np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=np.float32,
-                                            shape=(len(src), size, size))
+            dst = reserved_memmap(tmp / f"{name}.npy", (len(src), size, size), np.float32)
             for i in range(0, len(src), 64):       # the loader's conversion and resize
                 dst[i:i + 64] = resize_maps(to_unit(*src[i:i + 64]), size).numpy()
             dst.flush()

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from lib.errors import CheckpointError
+from lib.errors import CheckpointError, one_line
+from lib.outputs import disk_full
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -39,6 +40,7 @@ STATE_FILE = "trainer_state.json"
 KEEP_FILE = "KEEP"          # a checkpoint holding this file is never rotated away
 NAME_RE = re.compile(r"^step-(\d{7,})$")
 TMP_PREFIX = ".tmp-"
+DELETING_PREFIX = ".deleting-"
 
 
 def checkpoint_name(step: int) -> str:
@@ -95,6 +97,8 @@ def check_complete(folder: Path, verify: bool = False) -> Optional[str]:
     files = state.get("files")
     if not isinstance(files, dict) or not isinstance(state.get("step"), int):
         return f"{STATE_FILE} has no step or file manifest"
+    if verify and "state_sha256" in state and state_digest(state) != state["state_sha256"]:
+        return f"{STATE_FILE} was changed after it was written (its SHA-256 differs from the one it records)"
     for rel, entry in files.items():
         size, digest = (entry, None) if isinstance(entry, int) else (entry.get("size"), entry.get("sha256"))
         p = folder / rel
@@ -105,6 +109,14 @@ def check_complete(folder: Path, verify: bool = False) -> Optional[str]:
         if verify and digest is not None and _sha256(p) != digest:
             return f"file {rel} is damaged (its SHA-256 differs from the one recorded when it was written)"
     return None
+
+
+def state_digest(state: dict[str, Any]) -> str:
+    """SHA-256 of a trainer state without its own ``state_sha256`` (sorted keys): the state file
+    carries the digest of everything else in it, so that an edit of it (a latent scale, a step)
+    is found like a damaged weight file."""
+    body = {k: v for k, v in state.items() if k != "state_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=True).encode()).hexdigest()
 
 
 def read_state(folder: Path) -> dict[str, Any]:
@@ -183,12 +195,27 @@ def resolve(spec: str, ckpt_dir: Path, warn: Callable[[str], None] = print,
     return CheckpointInfo(folder, int(state["step"]), state)
 
 
+def resolve_resume(spec: Optional[str], ckpt_dir: Path, warn: Callable[[str], None] = print,
+                   info: Callable[[str], None] = print) -> Optional[CheckpointInfo]:
+    """A trainer's ``--resume``: None for a fresh start. ``latest`` with no checkpoint yet starts
+    fresh and says so, as diffusers' examples do, so that a requeued job can always pass it
+    (also one killed before its first checkpoint); otherwise :func:`resolve` (checkpoints that
+    exist but are all damaged are an error, not a fresh start)."""
+    if spec is None:
+        return None
+    if spec == "latest" and not list_checkpoints(ckpt_dir, lambda message: None):
+        info(f"--resume latest: no checkpoint under {ckpt_dir} yet; starting a fresh run")
+        return None
+    return resolve(spec, ckpt_dir, warn)
+
+
 def clean_temporaries(ckpt_dir: Path) -> list[Path]:
-    """Remove ``.tmp-*`` folders left by a write that was killed (only one writer per run)."""
+    """Remove ``.tmp-*`` folders left by a write that was killed and ``.deleting-*`` ones left by a
+    rotation that was killed (only one writer per run)."""
     removed = []
     if ckpt_dir.is_dir():
         for folder in ckpt_dir.iterdir():
-            if folder.name.startswith(TMP_PREFIX) and folder.is_dir():
+            if folder.name.startswith((TMP_PREFIX, DELETING_PREFIX)) and folder.is_dir():
                 shutil.rmtree(folder, ignore_errors=True)
                 removed.append(folder)
     return removed
@@ -211,6 +238,7 @@ def commit(tmp: Path, state: dict[str, Any]) -> Path:
     """
     step = int(state["step"])
     state = dict(state, files=_manifest(tmp), saved_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    state["state_sha256"] = state_digest(state)
     state_path = tmp / STATE_FILE
     with open(state_path, "w", encoding="utf-8") as f:
         json.dump(state, f, indent=1, allow_nan=True)
@@ -235,7 +263,7 @@ def rotate(ckpt_dir: Path, keep_last: int, warn: Callable[[str], None] = print) 
     Incomplete folders are never counted as kept and never deleted here (they are named
     by :func:`list_checkpoints` so a person can look at them).
     """
-    infos = list_checkpoints(ckpt_dir, warn)
+    infos = list_checkpoints(ckpt_dir, lambda message: None)     # incomplete ones were named at the start
     keep = {c.path for c in infos[-keep_last:]} | {c.path for c in infos if (c.path / KEEP_FILE).exists()}
     best = best_of(infos)
     if best is not None:
@@ -243,9 +271,20 @@ def rotate(ckpt_dir: Path, keep_last: int, warn: Callable[[str], None] = print) 
     removed = []
     for c in infos:
         if c.path not in keep:
-            shutil.rmtree(c.path, ignore_errors=True)
+            remove(c.path)
             removed.append(c.path)
     return removed
+
+
+def remove(folder: Path) -> None:
+    """Delete a checkpoint folder: renamed first to a hidden ``.deleting-*`` name (one atomic
+    step), then deleted, so that a kill in between leaves no half-deleted ``step-N`` but a
+    leftover that :func:`clean_temporaries` removes at the next start."""
+    doomed = folder.with_name(f"{DELETING_PREFIX}{folder.name}")
+    if doomed.exists():
+        shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(folder, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- writing a checkpoint
@@ -268,6 +307,30 @@ def write_file(folder: Path, name: str, obj: Any) -> None:
         raise TypeError(f"cannot write {type(obj).__name__} as {name}")
 
 
+def _trained_models(accelerator: "Accelerator") -> Any:
+    """The models Accelerate saves in ``accelerate/`` (e.g. the VAE with its learned log-variance)."""
+    import torch
+    return torch.nn.ModuleList([accelerator.unwrap_model(m) for m in getattr(accelerator, "_models", [])])
+
+
+def nonfinite_weights(files: dict[str, Any]) -> Optional[str]:
+    """The name of the first of ``files``' models or tensor dicts that holds a NaN or infinity,
+    else None: such weights are never written as a checkpoint (a run stopped for non-finite
+    values then points at its last finite checkpoint, from which the advised resume works)."""
+    import torch
+    for name, obj in files.items():
+        if isinstance(obj, torch.nn.Module):
+            tensors = list(obj.state_dict().values())
+        elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            tensors = list(obj.values())
+        else:
+            continue
+        floats = [t for t in tensors if t.is_floating_point()]
+        if floats and not bool(torch.stack([torch.isfinite(t).all() for t in floats]).all()):
+            return name
+    return None
+
+
 def save_checkpoint(accelerator: "Accelerator", ckpt_dir: Path, step: int, cfg: "Config",
                     state: dict[str, Any], files: dict[str, Any], keep_last: int,
                     log: "RunLog") -> Optional[Path]:
@@ -278,18 +341,39 @@ def save_checkpoint(accelerator: "Accelerator", ckpt_dir: Path, step: int, cfg: 
     the files. Logs a ``checkpoint`` event with the seconds it took; returns the folder."""
     from lib.config import save_config
     t0 = time.perf_counter()
+    bad = nonfinite_weights({**files, "the training state (accelerate/)": _trained_models(accelerator)})
+    if bad:      # every process decides alike: the weights are the same on every process
+        newest = newest_intact(list_checkpoints(ckpt_dir, lambda message: None), lambda message: None)
+        log.event("checkpoint_skipped", step, f"not written: {bad} holds non-finite weights at step {step}; "
+                  + (f"the newest checkpoint, {newest.path}, keeps the last finite weights" if newest else
+                     "no earlier checkpoint exists"), level="WARNING", weights=bad,
+                  kept=str(newest.path) if newest else None)
+        return None
     tmp = ckpt_dir / f"{TMP_PREFIX}{checkpoint_name(step)}"
+    try:
+        if accelerator.is_main_process:
+            begin(ckpt_dir, step)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp / "accelerate"))
+        accelerator.wait_for_everyone()
+        final = None
+        if accelerator.is_main_process:
+            for name, obj in files.items():
+                write_file(tmp, name, obj)
+            save_config(cfg, tmp / "config.yaml")
+            final = commit(tmp, dict(state, step=step))
+    except Exception as exc:      # a full disk, a quota, a read-only mount: the earlier checkpoints stand
+        if not (isinstance(exc, OSError) or disk_full(exc)):    # torch and safetensors wrap a full disk
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        newest = newest_intact(list_checkpoints(ckpt_dir, lambda message: None), lambda message: None)
+        free = shutil.disk_usage(ckpt_dir).free if ckpt_dir.is_dir() else None
+        raise CheckpointError(
+            f"cannot write checkpoint {checkpoint_name(step)} in {ckpt_dir} ({getattr(exc, 'strerror', None) or one_line(str(exc))}"
+            + (f"; {free / 2**20:.0f} MiB free" if free is not None else "") + "); "
+            + (f"the checkpoints already there are intact (newest: {newest.path.name}): " if newest else "")
+            + "make room, then continue with --resume latest") from None
     if accelerator.is_main_process:
-        begin(ckpt_dir, step)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp / "accelerate"))
-    accelerator.wait_for_everyone()
-    final = None
-    if accelerator.is_main_process:
-        for name, obj in files.items():
-            write_file(tmp, name, obj)
-        save_config(cfg, tmp / "config.yaml")
-        final = commit(tmp, dict(state, step=step))
         removed = rotate(ckpt_dir, keep_last, log.warning)
         log.event("checkpoint", step, f"checkpoint {final}" + (f" (removed {len(removed)} older)" if removed else ""),
                   level="INFO", path=str(final), seconds=round(time.perf_counter() - t0, 4))

@@ -123,7 +123,8 @@ def bench_parser() -> argparse.ArgumentParser:
 def predict_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Radio maps for new environments from a trained stage-2 checkpoint.")
     p.add_argument("--checkpoint", required=True, metavar="PATH",
-                   help="a stage-2 checkpoint folder, e.g. runs/demo/prior/checkpoints/step-0000600")
+                   help="a stage-2 checkpoint folder, e.g. runs/demo/prior/checkpoints/step-0000600, or a folder "
+                        "python -m lib.export wrote")
     p.add_argument("--buildings", metavar="PNG", help="building map of one city (8-bit grayscale, 255 = building)")
     p.add_argument("--tx", action="append", default=[], metavar="X,Y",
                    help="a transmitter at column X, row Y of --buildings (repeatable)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import shlex
 import typing
 from dataclasses import dataclass, field
@@ -133,6 +134,8 @@ class TrainConfig:
                           "max-autotune-no-cudagraphs"] = "default"   # torch.compile's mode
     compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: no code generation)
     gradient_checkpointing: bool = False   # recompute activations in the backward: less memory, slower
+    # Experiment trackers (Accelerate's): records and sample grids also go there (lib/trackers.py).
+    report_to: Literal["tensorboard", "wandb", "mlflow", "comet_ml", "all"] = "tensorboard"
 
     def validate(self, v: "_Validator", prefix: str) -> None:
         k = prefix + "."
@@ -447,14 +450,16 @@ def _convert(tp: Any, value: Any, key: str, source: str, default: Any = None) ->
     if tp is float:
         if isinstance(value, bool):
             raise bad()
-        if isinstance(value, (int, float)):
-            return float(value)
         if isinstance(value, str):      # PyYAML reads 5e-6 (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 raise bad() from None
-        raise bad()
+        if not isinstance(value, (int, float)):
+            raise bad()
+        if not math.isfinite(value):    # .inf / .nan: every weight would become NaN
+            raise ConfigError(f"{source}: {key} = {value!r} is invalid; expected a finite number")
+        return float(value)
     if tp is str:
         if isinstance(value, bool):     # YAML reads off/on/no/yes unquoted as booleans
             raise ConfigError(f"{source}: {key} = {value!r} has the wrong type; expected a string "
@@ -515,29 +520,51 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def _merge(base: dict, child: dict) -> dict:
+    """``child``'s keys over ``base``'s, section by section (a value replaces a value; lists whole)."""
+    out = dict(base)
+    for k, v in child.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml(p: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A config file's mapping; a ``base: OTHER.yaml`` key (relative to the file's folder) is
+    read first and this file's keys go over it, section by section."""
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p} (pass an existing YAML file, e.g. configs/demo.yaml)"
+                          if not seen else f"{seen[-1]}: base = {str(p)!r}: file not found")
+    try:
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{p}: not valid YAML{where}") from None
+    if loaded is None:
+        raise ConfigError(f"{p}: the file is empty; a config needs the sections data, vae and prior "
+                          f"(copy configs/demo.yaml or configs/m.yaml)")
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{p}: expected a mapping with sections data, vae, prior")
+    base = loaded.pop("base", None)
+    if base is None:
+        return loaded
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{p}: base = {base!r} is invalid; expected the path of another config file")
+    base_path = (p.parent / base).resolve()
+    if base_path in seen or base_path == p.resolve():
+        chain = " -> ".join(str(x) for x in (*seen, p.resolve(), base_path))
+        raise ConfigError(f"{p}: base files form a cycle ({chain})")
+    return _merge(read_yaml(base_path, (*seen, p.resolve())), loaded)
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or the defaults when ``path`` is None), apply ``--set`` overrides,
-    and return the validated :class:`Config`."""
+    """Read a YAML config (or the defaults when ``path`` is None; ``base:`` inheritance, see
+    :func:`read_yaml`), apply ``--set`` overrides, and return the validated :class:`Config`."""
     raw: dict = {}
     source = "<defaults>"
     if path is not None:
         source = str(path)
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p} (pass an existing YAML file, "
-                              f"e.g. configs/demo.yaml)")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{p}: not valid YAML{where}") from None
-        if loaded is None:
-            raise ConfigError(f"{p}: the file is empty; a config needs the sections data, vae and prior "
-                              f"(copy configs/demo.yaml or configs/m.yaml)")
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: expected a mapping with sections data, vae, prior")
-        raw = loaded
+        raw = read_yaml(Path(path))
     if overrides:
         raw = apply_overrides(raw, list(overrides))
         source += " (with --set)"

@@ -7,6 +7,7 @@ else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
+import re
 import signal
 import sys
 from typing import Callable
@@ -40,12 +41,12 @@ def one_line(message: str) -> str:
     if not lines:
         return "unknown error"
     last = lines[-1]
-    # "lib.errors.DataError: file x is corrupt" -> "file x is corrupt"
+    # "lib.errors.DataError: file x is corrupt" (or lib.layout.BadFile, ...) -> "file x is corrupt"
     for cls in (UserError, ConfigError, DataError, CheckpointError):
         for prefix in (f"{cls.__module__}.{cls.__name__}: ", f"{cls.__name__}: "):
             if last.startswith(prefix):
                 last = last[len(prefix):]
-    return last
+    return re.sub(r"^lib(\.\w+)+: ", "", last)
 
 
 class Interrupted(BaseException):

@@ -192,7 +192,8 @@ class FaultPolicy:
         if not self.nonfinite.bad():
             return False
         self.log.event("stopped", step, f"{self.nonfinite.consecutive} non-finite updates in a row; "
-                       f"checkpointing the last good state (step {step}). Try a lower "
+                       f"checkpointing the last good state (step {step}; not if its weights are not finite: "
+                       f"then the newest checkpoint keeps the last finite ones). Try a lower "
                        f"{self.stage}.train.lr or grad_clip, or bf16 instead of fp16, then --resume latest")
         self.exit_code = EXIT_STOPPED
         return True

@@ -163,7 +163,10 @@ def _validate(columns: Sequence[Column], max_rows: int) -> tuple[int, int, int]:
 
 
 def nice_max(value: float) -> float:
-    """``value`` rounded up to two significant digits (a colour scale's top); at least 1e-3."""
+    """``value`` rounded up to two significant digits (a colour scale's top); at least 1e-3; 1 for
+    a value that is not finite (a model whose output is NaN still gets its grid)."""
+    if not math.isfinite(float(value)):
+        return 1.0
     value = max(float(value), 1e-3)
     step = 10 ** (math.floor(math.log10(value)) - 1)
     return math.ceil(value / step - 1e-9) * step
@@ -324,13 +327,14 @@ def sample_labels(first: dict, simulations: Sequence[str]) -> list[str]:
 
 
 def save_samples(path: str | os.PathLike, first: dict, predictions: dict[str, str], simulations: Sequence[str],
-                 threshold: float = 0.0, truth: str = "ground truth", condition: bool = True) -> None:
+                 threshold: float = 0.0, truth: str = "ground truth", condition: bool = True) -> Path:
     """The grid of the first batch :func:`lib.evaluation.score_methods` scored (``first``): the
     condition (with ``condition``), the ground truth, each prediction ({column title: key in
-    ``first``}) and the error of the first one, a row label per sample."""
+    ``first``}) and the error of the first one, a row label per sample. Returns its path."""
     columns = [("buildings + transmitter", first["cond"], "cond")] if condition else []
     columns += [(truth, first["image"], "map")] + [(title, first[key], "map") for title, key in predictions.items()]
     title, key = next(iter(predictions.items()))
     columns.append(("|error|" if len(predictions) == 1 else f"|{title} error|",
                     (first[key] - first["image"]).abs() / 2, "error"))
     save_grid(path, columns, labels=sample_labels(first, simulations), threshold=threshold)
+    return Path(path)

@@ -35,8 +35,9 @@ from torch.utils.data import DataLoader
 from lib.batching import collate
 from lib.cache_read import folder_fingerprint
 from lib.dataset import RadioMapDataset
-from lib.errors import DataError
+from lib.errors import DataError, UserError
 from lib.layout import GAIN_DIR
+from lib.outputs import no_space, require_space, reserved_memmap, size_text
 from lib.progress import progress
 
 VERSION = 1
@@ -127,9 +128,12 @@ def build_latent_cache(path: Path, vae: AutoencoderKL, datasets: dict[str, Radio
     shape = tuple(vae.encode(first).latent_dist.mean.shape[1:])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    nbytes = 2 * 4 * total * int(np.prod(shape)) + 2**20
     try:
-        mean = np.lib.format.open_memmap(tmp / "mean.npy", mode="w+", dtype=np.float32, shape=(total, *shape))
-        std = np.lib.format.open_memmap(tmp / "std.npy", mode="w+", dtype=np.float32, shape=(total, *shape))
+        require_space(tmp, nbytes, "prior.latent_cache", "free space there, or set prior.latent_cache to a folder "
+                                                         "on another disk, or to off")
+        mean = reserved_memmap(tmp / "mean.npy", (total, *shape), np.float32)
+        std = reserved_memmap(tmp / "std.npy", (total, *shape), np.float32)
         offsets, row = {}, 0
         with progress(total, desc="latent cache", unit="sample", show=log is not None) as bar:
             for part in datasets:
@@ -156,8 +160,11 @@ def build_latent_cache(path: Path, vae: AutoencoderKL, datasets: dict[str, Radio
             if not (path / INDEX).is_file():      # not another process publishing the same cache
                 raise
     except OSError as exc:
-        raise LatentCacheError(f"prior.latent_cache: cannot write {path} ({exc.strerror or exc}); set "
-                               f"prior.latent_cache to a writable folder, or to off") from None
+        full = f", {size_text(nbytes)} needed" if no_space(exc) else ""
+        raise LatentCacheError(f"prior.latent_cache: cannot write {path} ({exc.strerror or exc}{full}); set "
+                               f"prior.latent_cache to a writable folder with room, or to off") from None
+    except UserError as exc:
+        raise LatentCacheError(str(exc)) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if log is not None:

@@ -50,9 +50,10 @@ _TX_NAME = re.compile(_ID + "_" + _ID + r"\.png")
 class BadFile(DataError):
     """A data file that is missing, unexpected, corrupt or of the wrong mode or size."""
 
-    def __init__(self, path: Path | str, reason: str) -> None:
-        self.path, self.reason = str(path), reason
-        super().__init__(f"{path}: {reason}")
+    def __init__(self, path: Path | str, reason: Optional[str] = None) -> None:
+        # One argument: the whole message (how a DataLoader worker's copy is re-raised).
+        self.path, self.reason = str(path), reason or ""
+        super().__init__(f"{path}: {reason}" if reason is not None else str(path))
 
 
 # ------------------------------------------------------------------------ discovery

@@ -96,6 +96,19 @@ class LatentPrior(nn.Module):
         self.latent_channels = latent_channels
         self.latent_size = image_size // downsample
 
+    @classmethod
+    def from_parts(cls, cond_encoder: ConditionEncoder, unet: UNet2DModel, distance_channel: bool,
+                   obstruction_channel: bool) -> "LatentPrior":
+        """A prior around networks that exist already (a diffusers pipeline's components,
+        lib/pipeline.py), with the weights they hold."""
+        prior = cls.__new__(cls)
+        nn.Module.__init__(prior)
+        prior.distance_channel, prior.obstruction_channel = distance_channel, obstruction_channel
+        prior.cond_encoder, prior.unet = cond_encoder, unet
+        prior.latent_channels = unet.config.in_channels - cond_encoder.net[-1].out_channels
+        prior.latent_size = unet.config.sample_size
+        return prior
+
     def compile(self, *args, **kwargs) -> None:
         """``torch.compile`` the condition encoder and the UNet in place, not this wrapper's
         ``forward``: sampling calls them through :meth:`encode_cond` and :meth:`denoise`."""

@@ -22,7 +22,8 @@ from typing import Any, Optional
 import numpy as np
 
 from lib.numfmt import fmt_lr
-from lib.runtable import MAX_EXAMPLES, ParsedRun, Rows, Schedule, Skips, build_table, read_lines, split_segments
+from lib.runtable import (MAX_EXAMPLES, MAX_STEP, ParsedRun, Rows, Schedule, Skips, build_table, read_lines,
+                          split_segments)
 
 # The reference trainers' LambdaLR multiplier: max((1 - step / N) ** power, min_lr). Its
 # stage-1 (VAE) trainer used power 0.95, its stage-2 (conditional LDM) trainer 0.96; min_lr
@@ -169,6 +170,9 @@ def _parse_original_lines(file_index: int, name: str, lines: list[tuple[int, str
             skips.add("truncated record" if k == last else "malformed record", f"{name}:{lineno}", text)
             continue
         step = int(m.group(1))
+        if step >= MAX_STEP:
+            skips.add("step out of range", f"{name}:{lineno}", text)
+            continue
         if step == cur_step:
             rows.add_to(cur_row, names, values)     # generator + discriminator line of one step
             continue

@@ -14,7 +14,7 @@ import orjson
 
 from lib.errors import UserError
 from lib.numfmt import fmt_lr
-from lib.runtable import ParsedRun, Rows, Schedule, Skips, build_table, read_lines, split_segments
+from lib.runtable import MAX_STEP, ParsedRun, Rows, Schedule, Skips, build_table, read_lines, split_segments
 
 JSON_CHUNK = 20_000      # lines decoded in one json.loads call when they are all valid
 _BARE_NONFINITE = re.compile(r"(?<=[:\[,])(\s*)(-?)(nan|inf|infinity)(?=\s*[,}\]])", re.IGNORECASE)
@@ -72,10 +72,13 @@ def parse_jsonl(path: Path, skips: Skips):
         step = rec.get("step")
         split = rec.get("split")
         if type(step) is not int:
-            if isinstance(step, float) and step.is_integer():
+            if isinstance(step, float) and step.is_integer() and abs(step) < MAX_STEP:
                 step = int(step)
             else:
                 split = None
+        if type(step) is int and not 0 <= step < MAX_STEP:
+            skips.add("step out of range", f"{name}:{lineno}", str(step))
+            continue
         if split == "train":
             rows.add(tuple(rec), list(rec.values()))
             steps.append(step)

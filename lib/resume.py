@@ -4,6 +4,7 @@ changed schedule is continued from the resume step.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Optional
 
 import torch
@@ -50,13 +51,38 @@ def check_compatible(info: ckpt.CheckpointInfo, cfg: Config, sections: list[str]
     return saved
 
 
-def load_training_state(accelerator: Accelerator, info: ckpt.CheckpointInfo) -> None:
-    """Restore models, optimizers, schedulers, RNG and scaler from ``info``'s ``accelerate/``."""
+class _Said(logging.Handler):
+    """The messages of a logger while it is attached."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def load_training_state(accelerator: Accelerator, info: ckpt.CheckpointInfo) -> Optional[str]:
+    """Restore models, optimizers, schedulers, RNG and scaler from ``info``'s ``accelerate/``.
+    Returns a warning when the random states could not be read (Accelerate carries on without
+    them and only says so at its INFO level), else None."""
+    logger = logging.getLogger("accelerate.checkpointing")
+    said, level = _Said(), logger.level
+    logger.addHandler(said)
+    logger.setLevel(logging.INFO)
     try:
         accelerator.load_state(str(info.path / "accelerate"))
     except (RuntimeError, KeyError, ValueError, FileNotFoundError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{info.path}: cannot restore the training state ({first[:200]})") from None
+    finally:
+        logger.removeHandler(said)
+        logger.setLevel(level)
+    if any("Could not load random states" in m for m in said.messages):
+        return (f"{info.path / 'accelerate'}: the random states (random_states_{accelerator.process_index}.pkl) "
+                f"could not be read; training continues with fresh ones, so it will not repeat an uninterrupted "
+                f"run exactly (data order and weights are restored)")
+    return None
 
 
 def rebase_if_changed(saved_train: dict[str, Any], cfg: TrainConfig, step: int,
@@ -95,7 +121,9 @@ def restore_run(accelerator: Accelerator, resume: ckpt.CheckpointInfo, cfg: Conf
     """Continue from ``resume`` (checked by :func:`check_resume`): restore the Accelerate state
     (models, optimizers, schedulers, RNG) and the EMA weights, and rebase the schedules if this
     config changed them. Returns the checkpoint's trainer state and the note for ``run.json``."""
-    load_training_state(accelerator, resume)
+    rng_warning = load_training_state(accelerator, resume)
+    if rng_warning:
+        log.warning(rng_warning)
     state = resume.state
     step = state["step"]
     if ema is not None:

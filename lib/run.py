@@ -3,6 +3,7 @@ and ``--dry-run``, which shows what a run would do without starting one.
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -29,9 +30,22 @@ def _checkpoint_folders(run_dir: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if ckpt.NAME_RE.match(p.name)) if folder.is_dir() else []
 
 
+def check_writable(run_dir: Path) -> None:
+    """The run folder can be made and written: its first existing ancestor is a folder this
+    process may write in (else one line naming it, not a traceback at the first write)."""
+    existing = next(p for p in [run_dir, *run_dir.parents] if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"output_dir: {existing} is a file, not a folder; the run folder {run_dir} cannot be made "
+                        f"there (pass --set output_dir=NEW_DIR)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"output_dir: {existing} is not writable, so the run folder {run_dir} cannot be "
+                        f"{'written' if existing == run_dir else 'made'} (pass --set output_dir=NEW_DIR)")
+
+
 def check_new_run_dir(run_dir: Path, resuming: bool) -> None:
     """Refuse to start a fresh run in a folder that holds one: one with a checkpoint (nothing
     is wiped). A folder whose earlier start wrote no checkpoint is not a run (see open_run)."""
+    check_writable(run_dir)
     if resuming or not run_dir.is_dir():
         return
     found = _checkpoint_folders(run_dir)
@@ -62,6 +76,7 @@ def begin_run(cfg: Config, stage: str, run_dir: Path, resuming: bool) -> Acceler
     lock (lib/runlock.py: a second run into the folder stops here, naming the first), refuse a
     fresh start over an existing run, and seed everything."""
     accelerator = make_accelerator(getattr(cfg, stage).train, f"{stage}.train.mixed_precision")
+    check_writable(run_dir)
     lock = RunLock(run_dir) if accelerator.is_main_process else None
     stale = lock.acquire() if lock is not None else None
     started = _Started(lock)
@@ -89,7 +104,9 @@ def open_run(cfg: Config, run_dir: Path, accelerator: Accelerator, earlier: Star
             for path in leftovers:
                 path.rename(aside / path.name)
             earlier.warning(f"{run_dir}: an earlier start wrote no checkpoint; its files are in {aside}")
-    log = RunLog(run_dir, accelerator.is_main_process, earlier=earlier)
+    stage = run_dir.name                   # {output_dir}/vae or /prior
+    log = RunLog(run_dir, accelerator.is_main_process, earlier=earlier, report_to=getattr(cfg, stage).train.report_to,
+                 key=f"{stage}.train.report_to", config=cfg.to_dict())
     if _STARTED[0] is not None:
         _STARTED[0].log = log
     if accelerator.is_main_process:

@@ -4,7 +4,9 @@ The lock is ``{run_dir}/.lock``: an ``fcntl`` lock held for the life of the run 
 drops it when the process ends, however it ends) plus the holder's PID, host, start time and
 command in the file, so a refusal can name the other run. A lock file whose lock is free was
 left by a process that is gone: it is taken over, and the start says so (with that process's
-PID and host). On the same host a holder whose PID is still alive is never taken over.
+PID and host). On the same host a holder whose PID is still alive is never taken over, unless
+that PID now belongs to another process (a requeued job can get the PID of the one that died):
+the lock records when its process started, and a PID that started later is not the holder.
 """
 from __future__ import annotations
 
@@ -32,6 +34,26 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def process_start(pid: int) -> Optional[int]:
+    """When process ``pid`` started (clock ticks since boot, ``/proc/PID/stat``), or None where
+    that cannot be read. A PID the kernel reused belongs to a process that started later."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat[stat.rindex(")") + 2:].split()[19])      # field 22, after "pid (comm) "
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _same_process(info: dict[str, Any]) -> bool:
+    """Whether the process a lock file names is still running: its PID is alive and, where the
+    file recorded it, started when the holder did (not a later process given the same PID)."""
+    pid = info.get("pid")
+    if not isinstance(pid, int) or not _alive(pid):
+        return False
+    recorded = info.get("pid_start")
+    return recorded is None or process_start(pid) in (None, recorded)
+
+
 def _read(path: Path) -> dict[str, Any]:
     try:
         info = json.loads(path.read_text(encoding="utf-8") or "{}")
@@ -48,9 +70,9 @@ class RunLock:
     """The lock of ``run_dir``; :meth:`acquire` creates the folder when it is missing and
     remembers what it created, so that a start that fails can remove it again."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, name: str = LOCK_FILE) -> None:
         self.run_dir = Path(run_dir)
-        self.path = self.run_dir / LOCK_FILE
+        self.path = self.run_dir / name
         self.created: list[Path] = []        # folders this start created, outermost first
         self._fd: Optional[int] = None
 
@@ -58,9 +80,13 @@ class RunLock:
         """Take the lock; a one-line :class:`UserError` naming the holder when another run has
         it. Returns a warning when a stale lock was taken over (else None)."""
         missing = [p for p in [self.run_dir, *self.run_dir.parents] if not p.exists()]
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.created = list(reversed(missing))
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.created = list(reversed(missing))
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise UserError(f"cannot write in {self.run_dir} ({exc.strerror or exc}); choose a writable folder "
+                            f"(--set output_dir=NEW_DIR)") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -71,14 +97,13 @@ class RunLock:
                             f"end, or start elsewhere with --set output_dir=NEW_DIR") from None
         previous = _read(self.path)
         same_host = previous.get("host") == platform.node()
-        if previous and same_host and isinstance(previous.get("pid"), int) and previous["pid"] != os.getpid() \
-                and _alive(previous["pid"]):
+        if previous and same_host and previous.get("pid") != os.getpid() and _same_process(previous):
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
             raise UserError(f"{self.run_dir} is in use by another run ({_holder(previous)}; its lock file "
                             f"{self.path} is not locked, but that process is alive); stop it first")
-        info = {"pid": os.getpid(), "host": platform.node(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "command": [sys.executable] + sys.argv}
+        info = {"pid": os.getpid(), "pid_start": process_start(os.getpid()), "host": platform.node(),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": [sys.executable] + sys.argv}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
         os.fsync(fd)

@@ -27,6 +27,7 @@ import torch
 
 from lib.numfmt import fmt, fmt_lr
 from lib.progress import echo
+from lib.trackers import close_trackers, log_image, log_scalars, open_trackers
 
 
 def _git_commit() -> Optional[str]:
@@ -114,13 +115,13 @@ class StartupLog:
 class RunLog:
     """Writes records and messages of one run; everything is a no-op off the main process."""
 
-    def __init__(self, run_dir: Path, is_main: bool = True, tensorboard: bool = True,
-                 earlier: Optional[StartupLog] = None) -> None:
+    def __init__(self, run_dir: Path, is_main: bool = True, earlier: Optional[StartupLog] = None,
+                 report_to: str = "tensorboard", key: str = "train.report_to", config: Optional[dict] = None) -> None:
         self.run_dir = run_dir
         self.is_main = is_main
         self._jsonl = None
         self._text = None
-        self._tb = None
+        self.trackers: list = []                # lib/trackers.py (report_to)
         self.seconds = 0.0                      # spent writing records and events
         self.last_step = 0                      # of the newest record or event
         self._last_train: Optional[tuple[float, int]] = None   # (time, step) of the last train record
@@ -132,9 +133,7 @@ class RunLog:
         for stamp, level, message in (earlier.lines if earlier is not None else []):
             self._text.write(f"{stamp} {level} {message}\n")
         self._text.flush()
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            self._tb = SummaryWriter(str(run_dir / "tb"))
+        self.trackers = open_trackers(report_to, key, run_dir, f"radiodiff-{run_dir.name}", config)
 
     # -- human-readable lines
     def _line(self, level: str, message: str) -> None:
@@ -162,10 +161,9 @@ class RunLog:
             return rec
         self._jsonl.write(json.dumps(rec) + "\n")
         self._jsonl.flush()
-        if self._tb is not None:
-            for k, v in rec.items():
-                if k not in ("step", "time", "split") and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self._tb.add_scalar(f"{split}/{k}", v, step)
+        if self.trackers:
+            log_scalars(self.trackers, {f"{split}/{k}": v for k, v in rec.items() if k not in ("step", "time", "split")
+                                        and isinstance(v, (int, float)) and not isinstance(v, bool)}, int(step))
         text = record_text(rec)
         if echo:
             self._line("INFO", f"[{split} {step}] {text}")
@@ -217,17 +215,18 @@ class RunLog:
             self._text.flush()
         self.seconds += time.perf_counter() - t0
 
-    def flush(self) -> None:
-        if self._tb is not None:
-            self._tb.flush()
+    def image(self, tag: str, path: Path, step: int) -> None:
+        """A figure already written (a sample grid) to the trackers as an image."""
+        if self.is_main and self.trackers:
+            log_image(self.trackers, tag, path, step)
 
     def close(self) -> None:
         for h in (self._jsonl, self._text):
             if h is not None:
                 h.close()
-        if self._tb is not None:
-            self._tb.close()
-        self._jsonl = self._text = self._tb = None
+        close_trackers(self.trackers)
+        self._jsonl = self._text = None
+        self.trackers = []
 
 
 def _plain(v: Any) -> Any:

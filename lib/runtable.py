@@ -117,39 +117,48 @@ class Skips:
 
 
 # --------------------------------------------------------------------------- reading text
+MAX_LINE = 1 << 20         # bytes: a longer line is not read (a log line is a few hundred)
+MAX_STEP = 1 << 62         # a step beyond this is not a step any run made
+
+
 def read_lines(path: Path, skips: Skips) -> list[tuple[int, str]]:
     """(line number, text) of every non-empty line. Bytes that are not UTF-8 are replaced
     (and the line counted); a line with NUL bytes or mostly unprintable text is binary and
-    skipped. The last line of a file that does not end with a newline may be cut off: callers
-    call a bad last line truncated."""
+    skipped; a line longer than :data:`MAX_LINE` is skipped unread (memory stays bounded
+    whatever the file holds). The last line of a file that does not end with a newline may be
+    cut off: callers call a bad last line truncated."""
+    out: list[tuple[int, str]] = []
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            lineno = 0
+            while True:
+                raw = f.readline(MAX_LINE + 1)
+                if not raw:
+                    break
+                lineno += 1
+                if len(raw) > MAX_LINE and not raw.endswith(b"\n"):
+                    while raw and not raw.endswith(b"\n"):         # the rest of it, a block at a time
+                        raw = f.readline(MAX_LINE + 1)
+                    skips.lines += 1
+                    skips.add(f"line longer than {MAX_LINE // 2**20} MiB", f"{path.name}:{lineno}", "(not read)")
+                    continue
+                raw = raw.rstrip(b"\n")
+                if raw.endswith(b"\r"):
+                    raw = raw[:-1]
+                try:
+                    text, bad = raw.decode("utf-8"), False
+                except UnicodeDecodeError:
+                    text, bad = raw.decode("utf-8", errors="replace"), True
+                if not text or text.isspace():
+                    continue
+                skips.lines += 1
+                skips.non_utf8 += bad
+                if "\x00" in text or (bad and _mostly_unprintable(text)):
+                    skips.add("binary", f"{path.name}:{lineno}", text)
+                    continue
+                out.append((lineno, text))
     except OSError as exc:
         raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
-    try:
-        texts = data.decode("utf-8").split("\n")
-        bad_rows: set[int] = set()
-    except UnicodeDecodeError:
-        texts, bad_rows = [], set()
-        for i, raw in enumerate(data.split(b"\n")):
-            try:
-                texts.append(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                texts.append(raw.decode("utf-8", errors="replace"))
-                bad_rows.add(i)
-    skips.non_utf8 += len(bad_rows)
-    if b"\r" in data:
-        texts = [t[:-1] if t.endswith("\r") else t for t in texts]
-    out = [(i + 1, t) for i, t in enumerate(texts) if t and not t.isspace()]
-    skips.lines += len(out)
-    if b"\x00" in data or bad_rows:
-        keep = []
-        for lineno, t in out:
-            if "\x00" in t or (lineno - 1 in bad_rows and _mostly_unprintable(t)):
-                skips.add("binary", f"{path.name}:{lineno}", t)
-            else:
-                keep.append((lineno, t))
-        out = keep
     return out
 
 

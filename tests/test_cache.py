@@ -184,3 +184,28 @@ def test_unwritable_cache_location(city, tmp_path):
     (tmp_path / "a-file").write_text("")
     msg = one_line_error(lambda: cache.build(city, ["DPM"], tmp_path / "a-file" / "packed", log=quiet))
     assert msg.startswith(f"data.cache: cannot write {tmp_path / 'a-file' / 'packed'}") and "writable" in msg
+
+
+# ------------------------------------------------------------------ a full disk
+def test_a_full_disk_while_packing_is_one_line_and_leaves_nothing(city, tmp_path, monkeypatch):
+    """The arrays' blocks are reserved before they are filled: a full disk is an error naming the
+    folder and the bytes needed (not a SIGBUS), the partial cache is removed, and a disk that is
+    known to be too small is refused before anything is decoded."""
+    import errno
+
+    import lib.outputs as outputs
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(outputs.os, "posix_fallocate", full)
+    out = tmp_path / "packed"
+    with pytest.raises(DataError, match=rf"^data.cache: cannot write {out} \(.*No space left on device, [0-9.]+ "
+                                        r"(KiB|MiB) needed\); set data.cache to a writable folder with room"):
+        cache.build(city, ["DPM"], out, log=lambda m: None)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("packed")]
+    monkeypatch.undo()
+    monkeypatch.setattr(outputs.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 100, 100))
+    with pytest.raises(DataError, match=rf"^data.cache: {tmp_path}/packed.tmp-\d+ has 100 bytes free, [0-9.]+ "
+                                        r"(KiB|MiB) needed; free space there, or set data.cache to a folder on"):
+        cache.build(city, ["DPM"], out, log=lambda m: None)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("packed")]

@@ -126,3 +126,40 @@ def test_contents_changed_in_place_are_found_by_the_manifest(tmp_path):
     chosen = ck.resolve("latest", tmp_path, warnings.append)
     assert chosen.step == 3
     assert len(warnings) == 1 and "step-0000006" in warnings[0] and "model.safetensors is damaged" in warnings[0]
+
+
+def test_a_rotation_killed_midway_leaves_no_half_deleted_checkpoint(tmp_path, monkeypatch):
+    """Deleting a checkpoint renames it to a hidden name first: killed in the middle of the
+    deletion, the rotation leaves no step-N folder with files missing (which every later listing
+    would warn about) but a leftover the next start removes."""
+    for step in (1, 2, 3):
+        make(tmp_path, step)
+
+    def killed(path, *a, **k):                    # deletes one file, then the process dies
+        next(p for p in sorted(path.rglob("*")) if p.is_file()).unlink()
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ck.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ck.rotate(tmp_path, keep_last=2)
+    monkeypatch.undo()
+    warnings = []
+    assert [c.step for c in ck.list_checkpoints(tmp_path, warnings.append)] == [2, 3] and warnings == []
+    assert [p.name for p in ck.clean_temporaries(tmp_path)] == [".deleting-step-0000001"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-0000002", "step-0000003"]
+
+
+def test_an_edited_trainer_state_is_found_like_a_damaged_file(tmp_path):
+    """The manifest covers every file, the trainer state too: it records the SHA-256 of the rest
+    of itself (a latent scale changed x10 by hand was once taken as it was)."""
+    make(tmp_path, 3)
+    edited = make(tmp_path, 6)
+    state = json.loads((edited / ck.STATE_FILE).read_text())
+    assert state["state_sha256"] == ck.state_digest(state)
+    state["latent_scale"] = 10.0
+    (edited / ck.STATE_FILE).write_text(json.dumps(state, indent=1))
+    assert "trainer_state.json was changed after it was written" in ck.check_complete(edited, verify=True)
+    warnings = []
+    assert ck.resolve("latest", tmp_path, warnings.append).step == 3
+    assert "step-0000006" in warnings[0] and "was changed after it was written" in warnings[0]
+    with pytest.raises(CheckpointError, match="not a complete checkpoint: trainer_state.json was changed"):
+        ck.resolve(str(edited), tmp_path)

@@ -1,7 +1,9 @@
+from pathlib import Path
+
 import pytest
 import yaml
 
-from lib.config import Config, load_config, parse_override
+from lib.config import Config, load_config, parse_override, read_yaml
 from lib.errors import ConfigError
 
 
@@ -14,7 +16,7 @@ def write(tmp_path, data, name="c.yaml"):
 @pytest.mark.parametrize("name", ["configs/m.yaml", "configs/m_cars.yaml", "configs/demo.yaml"])
 def test_shipped_configs_load_and_document_every_key(name):
     cfg = load_config(name)
-    raw = yaml.safe_load(open(name))
+    raw = read_yaml(Path(name))                  # with its base file's keys (m_cars.yaml: m.yaml's)
 
     def keys(d, prefix=""):
         out = set()
@@ -131,3 +133,49 @@ def test_to_dict_round_trips(tmp_path):
     p = write(tmp_path, cfg.to_dict())
     assert load_config(p).to_dict() == cfg.to_dict()
     assert "source_path" not in cfg.to_dict() and isinstance(Config().to_dict(), dict)
+
+
+def test_a_config_inherits_from_its_base_section_by_section(tmp_path):
+    (tmp_path / "sub").mkdir()
+    write(tmp_path, {"seed": 3, "data": {"batch_size": 4, "simulation": ["DPM", "IRT2"]},
+                     "vae": {"train": {"lr": 1e-3, "max_steps": 50}}}, "base.yaml")
+    child = write(tmp_path / "sub", {"base": "../base.yaml", "data": {"simulation": ["IRT2"]},
+                                     "vae": {"train": {"max_steps": 70}}}, "child.yaml")
+    cfg = load_config(child, ["vae.train.warmup_steps=5"])
+    assert (cfg.seed, cfg.data.batch_size, cfg.data.simulation) == (3, 4, ["IRT2"])     # a list is replaced whole
+    assert (cfg.vae.train.lr, cfg.vae.train.max_steps, cfg.vae.train.warmup_steps) == (1e-3, 70, 5)
+    assert "base" not in cfg.to_dict()                      # runs record the resolved config
+
+
+def test_m_cars_is_m_with_the_cars_keys():
+    m, cars = load_config("configs/m.yaml").to_dict(), load_config("configs/m_cars.yaml").to_dict()
+    assert cars["data"]["simulation"] == ["carsDPM"] and cars["data"]["cars_input"] is True
+    assert cars["output_dir"] == "runs/m_cars"
+    for d in (m, cars):
+        del d["output_dir"]
+        del d["data"]["simulation"], d["data"]["cars_input"]
+    assert m == cars
+    assert len(Path("configs/m_cars.yaml").read_text().splitlines()) < 20
+
+
+def test_base_errors_are_one_line(tmp_path):
+    a = write(tmp_path, {"base": "b.yaml"}, "a.yaml")
+    write(tmp_path, {"base": "a.yaml"}, "b.yaml")
+    with pytest.raises(ConfigError, match=r"base files form a cycle \(.*a.yaml -> .*b.yaml -> .*a.yaml\)"):
+        load_config(a)
+    missing = write(tmp_path, {"base": "nope.yaml"}, "m.yaml")
+    with pytest.raises(ConfigError, match=rf"^{missing}: base = '.*nope.yaml': file not found$"):
+        load_config(missing)
+    with pytest.raises(ConfigError, match=r"base = 3 is invalid; expected the path of another config file"):
+        load_config(write(tmp_path, {"base": 3}, "n.yaml"))
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "1e999"])
+def test_non_finite_numbers_are_refused(tmp_path, value):
+    """An infinite LR turns every weight into NaN at the first step."""
+    with pytest.raises(ConfigError, match=r"vae.train.lr = (inf|-inf|nan) is invalid; expected a finite number"):
+        load_config(None, [f"vae.train.lr={value}"])
+    p = tmp_path / "c.yaml"
+    p.write_text(f"prior:\n  train:\n    grad_clip: {value}\n")
+    with pytest.raises(ConfigError, match=rf"{p}: prior.train.grad_clip = (inf|-inf|nan) is invalid; expected a finite"):
+        load_config(p)

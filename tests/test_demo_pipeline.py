@@ -35,3 +35,28 @@ def test_demo_pipeline_prints_the_numbers_the_runs_wrote(tmp_path, tiny_data):
     again = subprocess.run([sys.executable, "benchmarks/demo_pipeline.py", "--config", str(cfg), "--out", str(out)],
                            cwd=ROOT, capture_output=True, text=True)
     assert again.returncode != 0 and "exists" in again.stderr             # nothing is overwritten
+
+
+def test_the_spread_table_is_each_numbers_mean_and_sample_std():
+    """--seeds N: every number per seed and its mean ± sample standard deviation over the seeds."""
+    import importlib
+    import statistics
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        demo = importlib.import_module("demo_pipeline")
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    def run(seed, nmse):
+        ev = {k: {"nmse": nmse + i, "psnr": 20.0 + seed} for i, k in enumerate(("model", "vae_ceiling", "distance_baseline"))}
+        return {"seed": seed, "vae_val": {"psnr": 25.0 + seed, "ssim": 0.8, "nmse": 0.04 * (seed + 1)},
+                "prior_val": {"nmse": 0.1}, "evaluation": ev,
+                "seconds": {"train_vae.py": 90.0 + seed, "train_unified_prior.py": 50.0, "evaluate.py": 9.0}}
+    runs = [run(0, 0.10), run(1, 0.12), run(2, 0.17)]
+    lines = demo.spread_table(runs)
+    assert lines[0] == "| quantity | seed 0 | seed 1 | seed 2 | mean ± std |"
+    row = next(line for line in lines if line.startswith("| test NMSE, model |"))
+    values = [0.10, 0.12, 0.17]
+    assert row == (f"| test NMSE, model | 0.1 | 0.12 | 0.17 | {statistics.mean(values):.4g} ± "
+                   f"{statistics.stdev(values):.2g} |")
+    assert len(lines) == 2 + len(demo.SPREAD)

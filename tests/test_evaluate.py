@@ -2,6 +2,7 @@
 a fit that recovers a known pathloss line."""
 import json
 import math
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -181,3 +182,80 @@ def test_prior_checkpoint_vae_carries_the_scaling_factor(evaluated):
     vae = AutoencoderKL.from_pretrained(folder / "vae")
     assert vae.config.scaling_factor == pytest.approx(state["latent_scale"], rel=1e-12) != 0.18215
     assert state["split"]["name"] == "random" and state["vae_step"] == 3
+
+
+SLOW_EVALUATION = """
+import time, lib.evaluation as ev
+orig = ev.PredictionStore.add
+def add(self, *a, **k):
+    orig(self, *a, **k)
+    print("batch written", flush=True)
+    time.sleep(1.0)
+ev.PredictionStore.add = add
+"""
+
+
+def copy_of(evaluated, tmp_path):
+    """The evaluated run folder copied, and the command-line flags that point at the copy."""
+    import shutil
+    cfg, _, out = evaluated
+    shutil.copytree(out.parent, tmp_path / "run")
+    return cfg, tmp_path / "run" / "eval", ["--set", f"output_dir={tmp_path / 'run'}"]
+
+
+def slow_evaluation(tmp_path, cfg, flags):
+    from types import SimpleNamespace
+
+    from tests.helpers import run_injected
+    proc = run_injected(tmp_path, SimpleNamespace(module_name="evaluate"), cfg, SLOW_EVALUATION, "--steps", "1",
+                        "--save-predictions", "--set", "data.batch_size=2", *flags, name="slow_eval.py",
+                        background=True)
+    out_file = tmp_path / "slow_eval.py.out"
+    deadline = time.time() + 120
+    while "batch written" not in (out_file.read_text() if out_file.exists() else "") and proc.poll() is None:
+        assert time.time() < deadline, "the evaluation did not start"
+        time.sleep(0.1)
+    return proc
+
+
+def test_two_evaluations_into_one_folder_one_is_refused(evaluated, tmp_path, monkeypatch, capsys):
+    """A second evaluation into the folder of a running one stops at once with one line; the
+    first finishes, and its outputs are all its own (the metrics follow from its predictions)."""
+    cfg, out, flags = copy_of(evaluated, tmp_path)
+    first = slow_evaluation(tmp_path, cfg, flags)
+    assert run_main(evaluate, ["--config", cfg, "--steps", "1", *flags], monkeypatch) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: {out.parent} is in use by another evaluation (PID {first.pid} on ")
+    assert first.wait(timeout=300) == 0, (tmp_path / "slow_eval.py.err").read_text()[-2000:]
+    m = json.loads((out / "metrics.json").read_text())
+    with np.load(out / "predictions.npz") as z:
+        err2 = ((z["pred"].astype(np.float64) - z["target"]) ** 2).reshape(len(z["pred"]), -1)
+        t2 = (z["target"].astype(np.float64) ** 2).reshape(len(z["pred"]), -1)
+    assert m["model"]["nmse"] == pytest.approx(np.mean(err2.sum(1) / t2.sum(1)), rel=1e-5)
+    assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".eval")) == []
+
+
+def test_sigterm_during_an_evaluation_keeps_the_old_one_whole(evaluated, tmp_path):
+    """SIGTERM while a new evaluation writes its predictions: the earlier evaluation's files are
+    all there and unchanged, and nothing of the new one is left behind."""
+    import signal
+    cfg, out, flags = copy_of(evaluated, tmp_path)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    proc = slow_evaluation(tmp_path, cfg, flags)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    assert "interrupted by SIGTERM" in (tmp_path / "slow_eval.py.err").read_text()
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before
+    assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []
+
+
+def test_evaluation_scalars_and_grid_reach_the_tracker(evaluated):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    _, _, out = evaluated
+    m = json.loads((out / "metrics.json").read_text())        # the latest evaluation's (the folder is replaced whole)
+    acc = EventAccumulator(str(out / "tb"), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    step = m["checkpoints"]["prior_step"]
+    assert [(e.step, e.value) for e in acc.Scalars("eval/model/nmse")] == [(step, pytest.approx(m["model"]["nmse"]))]
+    assert [e.step for e in acc.Images("eval/samples")] == [step]

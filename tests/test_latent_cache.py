@@ -126,3 +126,18 @@ def test_resumed_run_with_the_cache_equals_a_run_without_it(tmp_path, prior_trai
     for split in ("train", "val"):
         keep = lambda r: {k: v for k, v in r.items() if k not in ("time", "seconds", "steps_per_sec")}
         assert [keep(r) for r in read_records(a, split)] == [keep(r) for r in read_records(b, split)]
+
+
+def test_a_full_disk_while_encoding_is_one_line_and_leaves_nothing(tmp_path, prior_trainer, monkeypatch):
+    import errno
+
+    import lib.outputs as outputs
+    cfg, vae, data = setup(tmp_path, prior_trainer)
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(outputs.os, "posix_fallocate", full)
+    with pytest.raises(LatentCacheError, match=r"^prior.latent_cache: cannot write .*\(No space left on device, "
+                                               r"[0-9.]+ (KiB|MiB) needed\); set prior.latent_cache to a writable"):
+        open_latent_cache(with_cache(cfg, "auto", tmp_path / "out"), vae, data, "cpu")
+    assert [p.name for p in (tmp_path / "out" / "latent-cache").iterdir()] == []

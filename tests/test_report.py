@@ -305,3 +305,23 @@ def test_lr_mismatch_reaches_the_figures_and_the_report(tmp_path):
     summary, out = run_report(tmp_path, str(run), figures=True)
     assert [f["id"] for f in summary["findings"]] == ["lr_mismatch"]
     assert "fig3_learning_rate.png" in summary["figures"] and "lr_mismatch" in (out / "report.md").read_text()
+
+
+def test_an_overlong_line_and_an_impossible_step_are_skipped_not_fatal(tmp_path):
+    """A line of several MiB is counted and skipped without being read whole (report.py once used
+    7.8 GB on one 253 MB line); a step beyond any run's (2^64) is skipped, not an overflow."""
+    from lib.runtable import MAX_LINE
+    run = toolkit_run(tmp_path, stage="prior")
+    p = run / "metrics.jsonl"
+    long_line = '{"step": 5100, "split": "train", "loss": 1.0, "pad": "' + "x" * (3 * MAX_LINE) + '"}\n'
+    with open(p, "a") as f:
+        f.write(long_line + '{"step": 18446744073709551616, "split": "train", "loss": 1.0, "lr": 1e-5}\n'
+                + f'{{"step": {2 ** 62 + 5}, "split": "train", "loss": 1.0, "lr": 1e-5}}\n'
+                + '{"step": 5200, "split": "train", "time": 1.8e9, "loss": 0.5, "lr": 1e-5}\n')
+    r = load_run([str(run)])
+    assert r.skipped == {"line longer than 1 MiB": 1, "malformed record": 1, "step out of range": 1}
+    assert list(r.steps[-2:]) == [5000, 5200]
+    log = original_log(tmp_path / "o.log", list(range(0, 501, 100)))
+    with open(log, "a") as f:
+        f.write(orig_line(99999999999999999999999, 3000, {"loss": 1.0, "lr": 1e-5}, 9.0) + "\n")
+    assert load_run([str(log)]).skipped == {"step out of range": 1}

@@ -10,13 +10,16 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from lib.faults import EXIT_PREEMPTED
-from tests.helpers import ROOT, TRAINERS, read_records, run_injected, run_main, tiny_config, trainer_config
+from lib.faults import EXIT_PREEMPTED, EXIT_STOPPED
+from tests.helpers import (ROOT, TRAINERS, checkpoint_tensors, max_abs_diff, read_records, run_injected, run_main,
+                           tiny_config, trainer_config)
 
 both = pytest.mark.parametrize("trainer", list(TRAINERS), indirect=True)
 
@@ -236,6 +239,122 @@ def test_a_checkpoint_damaged_in_place_is_skipped(tmp_path, trainer, monkeypatch
     assert "skipping damaged checkpoint" in err and "step-0000006" in err
     resumed = [r for r in read_records(tmp_path / "run" / trainer.subdir, "event") if r["event"] == "resume"]
     assert resumed[-1]["from_step"] == 3
+
+
+# ----------------------------------------------------------------------------- requeue
+@pytest.mark.parametrize("trainer", ["vae", "prior"], indirect=True)
+def test_a_requeued_job_can_always_pass_resume_latest(tmp_path, trainer, monkeypatch):
+    """A cluster job script that always passes --resume latest: its first start (no checkpoint
+    yet) starts a fresh run and says so; killed (kill -9) before its first checkpoint, the
+    requeued start does the same, and the run ends as an uninterrupted one."""
+    ref = trainer_config(tmp_path, trainer, "ref.yaml", output_dir=str(tmp_path / "ref"))
+    assert run_main(trainer.module, ["--config", ref], monkeypatch) == 0
+    cfg = trainer_config(tmp_path, trainer, "q.yaml", output_dir=str(tmp_path / "q"))
+    r = run_injected(tmp_path, trainer, cfg, """
+        import lib.optim as optim
+        orig, calls = optim.apply_updates, [0]
+        def apply_updates(*a, **k):
+            calls[0] += 1
+            if calls[0] == 2:                      # the second update: before the first checkpoint
+                os.kill(os.getpid(), signal.SIGKILL)
+            return orig(*a, **k)
+        optim.apply_updates = apply_updates
+    """, "--resume", "latest")
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    run_dir = tmp_path / "q" / trainer.subdir
+    assert "--resume latest: no checkpoint under" in (run_dir / "train.log").read_text()
+    assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").glob("step-*"))
+    assert run_main(trainer.module, ["--config", cfg, "--resume", "latest"], monkeypatch) == 0
+    assert "starting a fresh run" in (run_dir / "train.log").read_text()
+    assert not [e for e in read_records(run_dir, "event") if e["event"] == "resume"]
+    assert len(list(run_dir.glob("failed-start-*"))) == 1          # the killed start's files, moved aside
+    final = lambda d: checkpoint_tensors(d / "checkpoints" / "step-0000006")    # noqa: E731
+    assert max_abs_diff(final(tmp_path / "ref" / trainer.subdir), final(run_dir)) <= 1e-6
+    # best, or a checkpoint folder, still has to exist
+    assert run_main(trainer.module, ["--config", trainer_config(tmp_path, trainer, "n.yaml", output_dir=str(
+        tmp_path / "n")), "--resume", "best"], monkeypatch) == 2
+
+
+@pytest.mark.parametrize("trainer", ["vae", "prior"], indirect=True)
+def test_nonfinite_weights_are_never_checkpointed_and_the_advised_resume_works(tmp_path, trainer, monkeypatch):
+    """An update that leaves an infinite weight (a far too high LR does that): every later loss is
+    NaN, the run stops, and no checkpoint holds those weights, so the advice it prints (lower the
+    LR, then --resume latest) continues from the last finite one."""
+    from lib import optim
+    orig, calls = optim.apply_updates, [0]
+
+    def apply_updates(accelerator, optimizers, schedulers, finite):
+        applied = orig(accelerator, optimizers, schedulers, finite)
+        calls[0] += 1
+        if calls[0] == 4:
+            with torch.no_grad():
+                optimizers[0].param_groups[0]["params"][0].mul_(float("inf"))
+        return applied
+    section = f"{trainer.subdir}.train"
+    cfg = trainer_config(tmp_path, trainer, **{section: {"max_nonfinite": 2}})    # (stage 2: its VAE first)
+    monkeypatch.setattr(optim, "apply_updates", apply_updates)
+    assert run_main(trainer.module, ["--config", cfg], monkeypatch) == EXIT_STOPPED
+    run_dir = tmp_path / "run" / trainer.subdir
+    events = {e["event"]: e for e in read_records(run_dir, "event")}
+    assert events["stopped"]["step"] == 4 and "--resume latest" in events["stopped"]["message"]
+    skipped = events["checkpoint_skipped"]
+    assert skipped["step"] == 4 and skipped["kept"].endswith("step-0000003") and "non-finite weights" in skipped["message"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-0000003"]
+    monkeypatch.setattr(optim, "apply_updates", orig)
+    assert run_main(trainer.module, ["--config", cfg, "--resume", "latest", "--set", f"{section}.lr=5e-4"],
+                    monkeypatch) == 0
+    assert [e for e in read_records(run_dir, "event") if e["event"] == "resume"][-1]["from_step"] == 3
+    weights = checkpoint_tensors(run_dir / "checkpoints" / "step-0000006")
+    assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_earlier_ones_stand(tmp_path, tiny_data, monkeypatch, capsys):
+    import errno
+
+    import lib.checkpoint as ck
+    import train_vae
+    orig = ck.write_file
+
+    def write_file(folder, name, obj):
+        if folder.name.endswith("step-0000006"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return orig(folder, name, obj)
+    monkeypatch.setattr(ck, "write_file", write_file)
+    cfg = tiny_config(tmp_path, tiny_data)
+    assert run_main(train_vae, ["--config", cfg], monkeypatch) == 2
+    ck_dir = tmp_path / "run" / "vae" / "checkpoints"
+    import re
+    assert re.fullmatch(rf"error: cannot write checkpoint step-0000006 in {re.escape(str(ck_dir))} \(No space left on "
+                        r"device; \d+ MiB free\); the checkpoints already there are intact \(newest: step-0000003\): "
+                        r"make room, then continue with --resume latest", last_error(capsys))
+    assert sorted(p.name for p in ck_dir.iterdir()) == ["step-0000003"]
+    assert [e["event"] for e in read_records(tmp_path / "run" / "vae", "event")][-1] == "error"
+    monkeypatch.setattr(ck, "write_file", orig)
+    assert run_main(train_vae, ["--config", cfg, "--resume", "latest"], monkeypatch) == 0
+
+
+def test_an_output_folder_that_cannot_be_made_or_written_is_one_line(tmp_path, tiny_data, monkeypatch, capsys):
+    """output_dir under a file, or a folder that cannot be written: one line for a run and for
+    --dry-run alike, nothing written."""
+    import lib.run
+    import train_vae
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    cfg = tiny_config(tmp_path, tiny_data, output_dir=str(blocker / "run"))
+    for extra in ([], ["--dry-run"]):
+        assert run_main(train_vae, ["--config", cfg, *extra], monkeypatch) == 2
+        assert last_error(capsys) == (f"error: output_dir: {blocker} is a file, not a folder; the run folder "
+                                      f"{blocker / 'run' / 'vae'} cannot be made there (pass --set output_dir=NEW_DIR)")
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    real_access = lib.run.os.access
+    monkeypatch.setattr(lib.run.os, "access", lambda p, mode: Path(p) != read_only and real_access(p, mode))
+    cfg = tiny_config(tmp_path, tiny_data, "ro.yaml", output_dir=str(read_only))
+    for extra in ([], ["--dry-run"]):
+        assert run_main(train_vae, ["--config", cfg, *extra], monkeypatch) == 2
+        assert last_error(capsys) == (f"error: output_dir: {read_only} is not writable, so the run folder "
+                                      f"{read_only / 'vae'} cannot be made (pass --set output_dir=NEW_DIR)")
+    assert list(read_only.iterdir()) == []
 
 
 # ----------------------------------------------------------------------------- misreadings

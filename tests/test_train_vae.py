@@ -210,6 +210,20 @@ def test_corrupt_png_is_named(tmp_path, tiny_data, monkeypatch, capsys):
     assert not (tmp_path / "run" / "vae" / "checkpoints").exists()
 
 
+def test_a_png_cut_after_its_header_in_a_loader_worker_is_one_line(tmp_path, tiny_data, monkeypatch, capsys):
+    """A file whose header reads (so the checks before the start pass) but whose pixels end early,
+    decoded in a DataLoader worker process (m.yaml's loader): one line naming the file."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    for victim in (data / "gain" / "DPM").iterdir():          # the first training batch meets one
+        raw = victim.read_bytes()
+        victim.write_bytes(raw[: len(raw) * 2 // 3])
+    cfg = tiny_config(tmp_path, data, **{"data": {"source": "radiomapseer", "num_workers": 2, "cache": "off"}})
+    assert run(monkeypatch, cfg) == 2
+    line = error_line(capsys)
+    assert re.fullmatch(rf"error: {re.escape(str(data))}/gain/DPM/\d+_\d\.png: corrupt or truncated PNG \(.*\)", line), line
+
+
 @pytest.mark.parametrize("override,expected", [
     ("vae.train.lrr=1", "unknown key 'vae.train.lrr'"),
     ("vae.train.lr=-1e-4", "vae.train.lr = -0.0001 is invalid"),
