@@ -13,7 +13,7 @@ step: loss tracking, fault checks, the training record every ``log_every`` steps
 every phase boundary synchronises, so GPU work is charged to the phase that queued it.
 
 In the same process and at the same config it runs the reference trainer's step
-(:mod:`lib.reference_step`: RadioDiff's ``train_vae.py`` with the LDM loss, two full VAE
+(:mod:`lib.bench.reference_step`: RadioDiff's ``train_vae.py`` with the LDM loss, two full VAE
 forwards per step, fp32, eager, PNG data) under PyTorch's default precision settings (cuDNN's
 TF32 convolutions), as RadioDiff's users ran it; the toolkit's step runs under its config.
 
@@ -55,21 +55,21 @@ from diffusers import AutoencoderKL
 
 import train_unified_prior
 import train_vae
-from lib.accel import backend_flags, make_accelerator, resolve_precision
+from lib.bench.measure import (PHASES, PhaseTimer, count_flops, machine, measure_data, peak_memory_mb, profile_steps,
+                               time_steps)
+from lib.bench.reference_step import ReferenceVAE
+from lib.bench.suite import run_suite
 from lib.cli import bench_parser
-from lib.batching import train_batches
-from lib.bench_suite import run_suite
-from lib.benchmarking import (PHASES, PhaseTimer, count_flops, machine, measure_data, peak_memory_mb, profile_steps,
-                              time_steps)
 from lib.config import Config, load_config
-from lib.dataset import RadioMapDataset, build_datasets
+from lib.data.batching import train_batches
+from lib.data.dataset import STAGE_FIELDS, RadioMapDataset, build_datasets
 from lib.errors import UserError, run_cli
-from lib.faults import FaultPolicy
-from lib.latent_cache import LatentCache, build_latent_cache
-from lib.models import build_vae
-from lib.reference_step import ReferenceVAE
-from lib.runlog import MeanTracker, RunLog
-from lib.schedule import check_schedules
+from lib.models.latents import LatentCache, build_latent_cache
+from lib.models.vae import build_vae
+from lib.train.accel import backend_flags, make_accelerator, resolve_precision
+from lib.train.faults import FaultPolicy
+from lib.train.runlog import MeanTracker, RunLog
+from lib.train.schedule import check_schedules
 
 
 # --------------------------------------------------------------------------- the trainers' steps
@@ -192,8 +192,10 @@ def bench_vae(cfg: Config, steps: int, warmup: int, phases: list[str], reference
               else {"peak_rss_mb": None, "cuda_peak_mb": None} for v in variants_used}
     accelerator = make_accelerator(cfg.vae.train, "vae.train.mixed_precision")
     device = accelerator.device
-    data, datasets = measure_data(cfg, log, data_seconds)
-    variants: dict[str, Any] = {"toolkit": TrainerStep("vae", cfg, accelerator, datasets["configured"], work / "toolkit")}
+    data, datasets = measure_data(cfg, log, data_seconds, STAGE_FIELDS["vae"])     # stage 1 reads the gain maps
+    variants: dict[str, Any] = {"toolkit": TrainerStep("vae", cfg, accelerator,
+                                                       datasets["configured"].with_fields(STAGE_FIELDS["vae"]),
+                                                       work / "toolkit")}
     if reference:
         variants["reference"] = ReferenceVAE(cfg, device, datasets["png"])
     flags = {"toolkit": cfg.vae.train, "reference": None}        # None: PyTorch's default precision settings
@@ -278,7 +280,7 @@ def random_vae(cfg: Config) -> AutoencoderKL:
 def bench_prior(cfg: Config, steps: int, warmup: int, work: Path, log,
                 data_seconds: float = 0.5, profile_path: Optional[Path] = None) -> dict[str, Any]:
     """Stage 2 on the encoder (a frozen VAE encodes every batch) and on the latent cache
-    (lib/latent_cache.py, built here from the same VAE), taking turns step by step."""
+    (lib/models/latents.py, built here from the same VAE), taking turns step by step."""
     accelerator = make_accelerator(cfg.prior.train, "prior.train.mixed_precision")
     device = accelerator.device
     data, datasets = measure_data(cfg, log, data_seconds)
@@ -289,8 +291,8 @@ def bench_prior(cfg: Config, steps: int, warmup: int, work: Path, log,
     build_s = time.perf_counter() - t0
     # Each its own VAE: with the cache the trainer moves the unused encoder off the device.
     variants = {"encoder": TrainerStep("prior", cfg, accelerator, datasets["configured"], work / "a", vae),
-                "cache": TrainerStep("prior", cfg, accelerator, datasets["configured"], work / "b", copy.deepcopy(vae),
-                                     cache)}
+                "cache": TrainerStep("prior", cfg, accelerator, datasets["configured"].with_fields(
+                    STAGE_FIELDS["prior-cached"]), work / "b", copy.deepcopy(vae), cache)}
     steppers = {k: under_flags(cfg.prior.train, v.step) for k, v in variants.items()}
     flops = warm_and_count(steppers, device, PHASES["prior"])
     res = time_steps(steppers, steps, warmup, device, PHASES["prior"])
@@ -350,7 +352,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             "warmup": a.warmup}
     with tempfile.TemporaryDirectory(prefix="bench-") as work:
         if a.stage == "data":
-            res, _ = measure_data(cfg, log, a.data_seconds)
+            res, _ = measure_data(cfg, log, a.data_seconds, by_stage=True)
         elif a.stage == "vae":
             info.update(switches(cfg.vae.train, "vae"))
             res = bench_vae(cfg, a.steps, a.warmup, phases, not a.no_reference, Path(work), log,
@@ -389,7 +391,9 @@ def summary(r: dict[str, Any]) -> str:
               f"{r['data_samples_per_sec_cached']:.4g} samples/s ({r['cache_speedup']:.2f}x); "
               f"this config reads {r['data_path']}")
     if r["stage"] == "data":
-        return "\n".join(lines + [loader])
+        return "\n".join(lines + [loader] + [f"  {stage} reads {' + '.join(v['fields'])}: PNG {v['png']:.4g} "
+                                              f"samples/s, cached {v['cached']:.4g} samples/s"
+                                              for stage, v in r["data_by_stage"].items()])
     lines.append(f"  toolkit    {r['steps_per_sec']:.4g} steps/s, {r['samples_per_sec']:.4g} samples/s, "
                  f"{r['flops_per_sample'] / 1e9:.4g} GFLOP per sample, {r['tflops_per_sec']:.4g} TFLOP/s"
                  + memory_text(r.get("peak_rss_mb"), r.get("cuda_peak_mb")))

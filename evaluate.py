@@ -7,7 +7,7 @@
 Next to the model it measures, on the same maps, two baselines: the VAE round trip of the
 ground truth (``vae_ceiling``: the best stage 2 can do through this VAE) and a distance-only
 log-distance pathloss fit on the training maps (``distance_baseline``: what a model that
-ignores buildings gets; lib/baselines.py). Metrics on [0, 1] maps (lib/metrics.py), both
+ignores buildings gets; lib/evaluation/baselines.py). Metrics on [0, 1] maps (lib/evaluation/metrics.py), both
 conventions: per map, then mean ± std (RadioDiff: NMSE, RMSE, SSIM, PSNR with data range 1),
 and set level (RadioUNet: ``nmse_set``, ``rmse_set``, ``rmse_db``); overall and per simulator.
 The maps it is measured on must not be training maps of the VAE or the prior (the contamination
@@ -31,25 +31,25 @@ import numpy as np
 import torch
 from torch.utils.data import Subset
 
-from lib.baselines import fit_distance_baseline
-from lib.batching import eval_batches
 from lib.cli import evaluate_parser
 from lib.config import load_config
-from lib.dataset import build_datasets, prepare_data
+from lib.data.batching import eval_batches
+from lib.data.dataset import build_datasets, prepare_data
+from lib.data.splits import check_overlap, data_mismatch, maps_hash, protocol_warnings, split_record
 from lib.errors import UserError, run_cli
-from lib.evaluation import PredictionStore, score_methods
-from lib.images import save_samples
-from lib.latents import decode_latents, encode_latents
-from lib.metrics import DB_PER_GRAY_LEVEL, METRIC_NAMES, MetricAccumulator, summarize, summarize_groups
+from lib.evaluation.baselines import fit_distance_baseline
+from lib.evaluation.images import save_samples
+from lib.evaluation.metrics import DB_PER_GRAY_LEVEL, METRIC_NAMES, MetricAccumulator, summarize, summarize_groups
+from lib.evaluation.scoring import PredictionStore, score_methods
+from lib.models.latents import decode_latents, encode_latents
+from lib.models.objectives import choose_sampler, generate_maps, make_objective
+from lib.models.prior import ARCHITECTURE_KEYS
 from lib.numfmt import fmt
-from lib.objectives import SAMPLERS, generate_maps, make_objective
 from lib.outputs import StagedFolder
-from lib.prior import MODEL_KEYS
 from lib.progress import echo, progress
-from lib.trackers import close_trackers, log_image, log_scalars, open_trackers
-from lib.resume import check_compatible
-from lib.splits import check_overlap, data_mismatch, maps_hash, protocol_warnings, split_record
-from lib.weights import load_prior, load_prior_vae, resolve_trained
+from lib.train.resume import check_compatible
+from lib.train.trackers import close_trackers, log_image, log_scalars, open_trackers
+from lib.train.weights import load_prior, load_prior_vae, resolve_trained
 
 METHODS = {"model": "model (prior + VAE decode)", "vae_ceiling": "VAE round trip (ceiling)",
            "distance_baseline": "distance only (log-distance fit)"}
@@ -112,16 +112,13 @@ def main() -> int:
         if value is not None and value < 1:
             raise UserError(f"{flag} {value}: expected an integer >= 1")
     objective = make_objective(dcfg)
-    sampler = args.sampler or dcfg.sampler or SAMPLERS[dcfg.objective][0]
-    if args.sampler is not None and args.sampler not in SAMPLERS[dcfg.objective]:
-        raise UserError(f"--sampler {args.sampler}: objective {dcfg.objective} samples with "
-                        f"{' or '.join(SAMPLERS[dcfg.objective])}")
+    sampler = choose_sampler(dcfg, args.sampler)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
 
     # ------------------------------------------------------------------ checkpoints
     info = resolve_trained("prior", args.checkpoint, cfg.output_dir, cfg.flags)
-    check_compatible(info, cfg, MODEL_KEYS)
+    check_compatible(info, cfg, ARCHITECTURE_KEYS)
     state = info.state
     trained_sims = list(state["simulations"])
     unknown = [s for s in cfg.data.simulation if s not in trained_sims]

@@ -8,7 +8,7 @@
 The checkpoint holds everything needed: the prior, the VAE it decodes with (``vae/``), the latent
 scale, and in its ``config.yaml`` the model and the data conventions (image size, threshold,
 cars input); a folder ``python -m lib.export`` wrote holds the same as a diffusers pipeline.
-Either way the maps come from ``RadioMapPipeline.sample`` (lib/pipeline.py). An environment is a building map (an 8-bit grayscale PNG, square, 255 = building,
+Either way the maps come from ``RadioMapPipeline.sample`` (lib/evaluation/pipeline.py). An environment is a building map (an 8-bit grayscale PNG, square, 255 = building,
 like RadioMapSeer's ``png/buildings_complete``; resized to the model's size like the training
 maps), transmitters at pixels ``--tx X,Y`` (column, row of that image) and, for a model that
 takes cars as input, a cars map. ``--root`` reads the environments of a RadioMapSeer-layout
@@ -33,12 +33,12 @@ import torch
 from PIL import Image
 
 from lib.cli import predict_parser
-from lib.condition import fill_condition
+from lib.data.condition import fill_condition
+from lib.data.layout import (ANTENNAS_DIR, BUILDINGS_DIR, CARS_DIR, BadFile, discover_maps, file_names, read_png,
+                             tx_pixel)
 from lib.errors import UserError, one_line, run_cli
-from lib.layout import (ANTENNAS_DIR, BUILDINGS_DIR, CARS_DIR, BadFile, discover_maps,
-                        file_names, read_png, tx_pixel)
-from lib.objectives import SAMPLERS
-from lib.pipeline import RadioMapPipeline, pipeline_from_checkpoint
+from lib.evaluation.pipeline import RadioMapPipeline, pipeline_from_checkpoint
+from lib.models.objectives import choose_sampler
 from lib.progress import echo, progress
 
 Environment = tuple[str, int, np.ndarray, tuple[int, int], "np.ndarray | None"]   # name, tx, buildings, pixel, cars
@@ -149,10 +149,7 @@ def main() -> int:
     steps = dcfg.num_inference_steps if args.steps is None else args.steps
     if not 1 <= steps <= dcfg.num_train_timesteps or args.batch_size < 1:
         raise UserError(f"--steps {steps} / --batch-size {args.batch_size}: expected integers >= 1")
-    sampler = args.sampler or dcfg.sampler or SAMPLERS[dcfg.objective][0]
-    if args.sampler is not None and args.sampler not in SAMPLERS[dcfg.objective]:
-        raise UserError(f"--sampler {args.sampler}: objective {dcfg.objective} samples with "
-                        f"{' or '.join(SAMPLERS[dcfg.objective])}")
+    sampler = choose_sampler(dcfg, args.sampler)
     size, cars_needed = int(pipe.config.image_size), pipe.cars_needed(args.simulation)
     environments = list((folder_environments if args.root else given_environment)(args, size, cars_needed))
     if not environments:
@@ -171,7 +168,7 @@ def main() -> int:
                 fill_condition(cond[k], buildings, cars, pixel, buildings.shape)
             t0 = time.perf_counter()
             gray = pipe.sample(torch.from_numpy(cond).to(device), torch.full((len(batch),), sim_id, device=device),
-                               steps, sampler, rng)                # the pipeline's own sampling (lib/pipeline.py)
+                               steps, sampler, rng)                # the pipeline's own sampling (lib/evaluation/pipeline.py)
             seconds += time.perf_counter() - t0
             for (name, tx, *_), g in zip(batch, gray):
                 stem = safe_name(f"{name}_{tx}")

@@ -14,7 +14,7 @@ logs the config line at the top of each file, read without executing anything).
 Outputs go to ``--out`` (default ``RUN/report/``; for log files the folder of the first one):
 ``metrics.csv`` (one row per step), ``summary.json`` (statistics, findings, skipped lines),
 five PNG figures and ``report.md`` that embeds them. The findings are listed in
-:mod:`lib.findings` with their rules.
+:mod:`lib.report.findings` with their rules.
 """
 from __future__ import annotations
 
@@ -25,20 +25,20 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from lib.analysis import analyze
 from lib.errors import UserError, run_cli
-from lib.forked import finish_helper, start_helper
 from lib.outputs import StagedFolder
-from lib.read_run import load_run, resolve_inputs
-from lib.report_figures import make_figures
-from lib.report_text import FIGURES, build_summary, span_text, write_csv, write_markdown
+from lib.report.analysis import analyze
+from lib.report.figures import make_figures
+from lib.report.forked import finish_helper, start_helper
+from lib.report.read_run import load_run, resolve_inputs
+from lib.report.text import FIGURES, build_summary, span_text, write_csv, write_markdown
 
 
 # --------------------------------------------------------------------------- CLI
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Findings and their rules: see lib/findings.py")
+                                epilog="Findings and their rules: see lib/report/findings.py")
     p.add_argument("runs", nargs="+", metavar="RUN",
                    help="a run folder of this toolkit, or log files / a folder of the original trainer")
     p.add_argument("--out", default=None, help="output folder (default: RUN/report)")

@@ -4,8 +4,9 @@
     accelerate launch train_unified_prior.py --config configs/m.yaml --resume latest
     python train_unified_prior.py --config configs/m.yaml --dry-run        # schedule at its key points
 
-Reads like train_vae.py: ``build_models``, ``train_step`` (bench.py times it), then ``main``: config, the
-frozen stage-1 VAE, data, models, resume, latent scale, the loop. Outputs: ``{output_dir}/prior/``.
+Reads like train_vae.py: ``build_models``, ``train_step`` (bench.py times it), ``train``: the frozen
+stage-1 VAE, data, models, resume, latent scale, the loop; then ``main``: the config, and ``train``
+inside the run's lifecycle (lib/train/run.py). Outputs: ``{output_dir}/prior/``.
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator, Optional
 
 import torch
@@ -26,31 +26,18 @@ from accelerate.utils import set_seed
 from diffusers import AutoencoderKL
 from diffusers.training_utils import EMAModel
 
-from lib import checkpoint as ckpt
-from lib.accel import prepare_model
-from lib.batching import eval_batches, train_batches
 from lib.cli import trainer_parser
 from lib.config import Config, load_config
-from lib.dataset import build_datasets, prepare_data
-from lib.ema import ema_files, ema_state, ema_weights, make_ema
+from lib.data import (STAGE_FIELDS, build_datasets, check_overlap, data_mismatch, eval_batches, prepare_data,
+                      protocol_warnings, split_record, train_batches)
 from lib.errors import run_cli
-from lib.evaluation import gather_accumulator, gather_values, score_methods
-from lib.faults import FaultPolicy
-from lib.images import save_samples
-from lib.latent_cache import LatentCache, LatentSource, open_latent_cache, place_vae
-from lib.latents import measure_latent_scale
-from lib.models import count_parameters
+from lib.evaluation import gather_accumulator, gather_values, save_samples, score_methods
+from lib.models import (LatentCache, LatentPrior, LatentSource, Objective, check_diffusion, count_parameters,
+                        generate_maps, make_objective, measure_latent_scale, open_latent_cache, place_vae, prior_files)
 from lib.numfmt import fmt, fmt_lr
-from lib.objectives import Objective, generate_maps, make_objective
-from lib.optim import any_process, build_optimizer, update
-from lib.prior import RESUME_KEYS, LatentPrior, prior_files
-from lib.progress import progress
-from lib.resume import check_resume, restore_run
-from lib.run import begin_run, close_run, open_run, print_dry_run
-from lib.runlog import MeanTracker, StartupLog, mean_logs, update_run_json
-from lib.schedule import build_scheduler, check_schedules
-from lib.splits import check_overlap, data_mismatch, protocol_warnings, split_record
-from lib.weights import load_vae, stage1_checkpoint
+from lib.train import (FaultPolicy, MeanTracker, Run, any_process, build_optimizer, build_scheduler, check_schedules,
+                       ema_files, ema_state, ema_weights, load_vae, make_ema, mean_logs, prepare_model, print_dry_run,
+                       stage1_checkpoint, update)
 
 Phase = Callable[[str], ContextManager]              # bench.py passes a timer of the step's parts
 
@@ -64,9 +51,9 @@ class Stage2:
     sched: Any
     ema: Optional[EMAModel]
     vae: AutoencoderKL
-    latents: LatentSource             # the frozen encoder, or the latent cache (lib/latent_cache.py)
+    latents: LatentSource             # the frozen encoder, or the latent cache (lib/models/latents.py)
     latent_scale: float
-    objective: Objective              # what the prior learns and how it samples (lib/objectives.py)
+    objective: Objective              # what the prior learns and how it samples (lib/models/objectives.py)
 
 
 def build_models(cfg: Config, accelerator: Accelerator, vae: AutoencoderKL, downsample: int,
@@ -83,17 +70,17 @@ def build_models(cfg: Config, accelerator: Accelerator, vae: AutoencoderKL, down
                   vae, LatentSource(vae, cache, cfg.prior.posterior_sample), 1.0, objective)
 
 
-def train_step(m: Stage2, batches: Iterator[dict], accelerator: Accelerator, cfg: Config,
+def train_step(m: Stage2, data_iter: Iterator[dict], accelerator: Accelerator, cfg: Config,
                phase: Phase = lambda name: nullcontext()) -> tuple[bool, dict]:
     """One optimizer update: ``gradient_accumulation_steps`` micro-batches, their latents from the
     frozen VAE or the latent cache (scaled), noised and denoised by the prior given the condition
-    (lib/objectives.py), backward; then clip, check, step (lib/optim.py) and the EMA. Returns
+    (lib/models/objectives.py), backward; then clip, check, step (lib/train/optim.py) and the EMA. Returns
     whether the update was applied and the loss and gradient norm (detached)."""
     train_cfg, device = cfg.prior.train, accelerator.device
     logs = []
     for _ in range(train_cfg.gradient_accumulation_steps):
         with phase("data"):
-            batch = next(batches)
+            batch = next(data_iter)
             cond = batch["cond"].to(device, non_blocking=True)   # buildings, transmitter, cars
             sim_id = batch["sim_id"].to(device, non_blocking=True)
         with accelerator.accumulate(m.prior):
@@ -113,23 +100,12 @@ def train_step(m: Stage2, batches: Iterator[dict], accelerator: Accelerator, cfg
     return result.applied, logs
 
 
-def main() -> int:
-    # ------------------------------------------------------------------ config
-    args = trainer_parser(__doc__.splitlines()[0], allow_overlap=True).parse_args()
-    cfg = load_config(args.config, args.set)
-    train_cfg, diffusion_cfg = cfg.prior.train, cfg.prior.diffusion
-    if args.dry_run:
-        vae = stage1_checkpoint(cfg) if args.resume is None else None     # a resumed prior keeps its own
-        return print_dry_run(cfg, "prior", args.resume is not None,
-                             notes=[("stage-1 VAE", f"{vae.path} (step {vae.step})" if vae else "the resumed run's")])
-    run_dir, ckpt_dir = Path(cfg.output_dir) / "prior", Path(cfg.output_dir) / "prior" / "checkpoints"
-    accelerator = begin_run(cfg, "prior", run_dir, resuming=args.resume is not None)   # nothing written yet
-    start = StartupLog(accelerator.is_main_process, cfg.warnings)   # goes to train.log once it exists
-    resume = ckpt.resolve_resume(args.resume, ckpt_dir, start.warning, start.info)   # latest with none: fresh
-    checked = check_resume(resume, cfg, RESUME_KEYS, args.allow_data_change) if resume else None
+def train(run: Run, args: Any) -> int:
+    cfg, accelerator, start = run.cfg, run.accelerator, run.start     # start: messages until the log opens
+    train_cfg, diffusion_cfg, run_dir = cfg.prior.train, cfg.prior.diffusion, run.dir
 
     # ------------------------------------------------------------------ the frozen stage-1 VAE, data
-    vae_info = stage1_checkpoint(cfg, resume, start.warning)   # a resumed run keeps its VAE
+    vae_info = stage1_checkpoint(cfg, run.resume, start.warning)   # a resumed run keeps its VAE
     loaded = load_vae(vae_info.path, cfg)                 # frozen, eval mode; a mismatch is an error
     with accelerator.main_process_first():      # the synthetic default is generated once
         split = prepare_data(cfg.data, cfg.seed, start.info)
@@ -146,7 +122,9 @@ def main() -> int:
     with accelerator.main_process_first():      # the latent cache: built once, by the main process
         cache = open_latent_cache(cfg, loaded.vae.to(accelerator.device), data, accelerator.device,
                                   accelerator.is_main_process, start.info)
-    log = open_run(cfg, run_dir, accelerator, start)
+    if cache is not None:              # training reads the condition alone: the latents are cache rows
+        train_ds = train_ds.with_fields(STAGE_FIELDS["prior-cached"])
+    log = run.open()                             # the run folder, its log and config.yaml
 
     # ------------------------------------------------------------------ models, optimizer, schedule
     m = build_models(cfg, accelerator, loaded.vae, loaded.downsample, cache)
@@ -155,13 +133,11 @@ def main() -> int:
              f"{count_parameters(m.prior_raw) / 1e6:.2f}M parameters on {m.prior_raw.latent_shape} latents")
 
     # ------------------------------------------------------------------ resume, latent scale
-    step, batches, best_val, resume_note = 0, 0, math.inf, None
-    faults = FaultPolicy(accelerator, train_cfg, "prior", log, ckpt_dir)   # non-finite, divergence, signals
-    if resume is not None:
-        state, resume_note = restore_run(accelerator, resume, cfg, "prior", checked, log, {"prior": m.sched},
-                                         m.ema, m.prior_raw)
-        step, batches, best_val = state["step"], state["batches"], state.get("best_val_loss") or math.inf
-        faults.load_state_dict(state)
+    faults = FaultPolicy(accelerator, train_cfg, "prior", log, run.ckpt_dir)   # non-finite, divergence, signals
+    state, resume_note = run.restore({"prior": m.sched}, m.ema, m.prior_raw)     # {} when fresh
+    step, batches_done, best_val = state.get("step", 0), state.get("batches", 0), state.get("best_val_loss") or math.inf
+    faults.load_state_dict(state)
+    if state:
         m.latent_scale = float(state["latent_scale"])
         log.info(f"latent scale factor {m.latent_scale:.6g} (from the checkpoint)")
     else:
@@ -171,9 +147,7 @@ def main() -> int:
     m.vae.register_to_config(scaling_factor=m.latent_scale)   # in the VAE copy each checkpoint holds
     scale_info = {"latent_scale": m.latent_scale, "vae_checkpoint": str(vae_info.path), "vae_step": vae_info.step,
                   "vae_ema": loaded.ema, "vae_split": vae_info.state.get("split"), "simulations": sims}
-    if accelerator.is_main_process:
-        update_run_json(run_dir, "prior", resume_note, {**scale_info, "split": split_info, "allow_overlap": overlaps,
-                                                        "precision": accelerator.precision.to_dict()})
+    run.write_run_json(resume_note, **scale_info, split=split_info, allow_overlap=overlaps)
     log.event("start", step, f"training to step {train_cfg.max_steps}, {len(sims)} simulation(s), "
               f"objective {diffusion_cfg.objective}, {accelerator.num_processes} process(es), "
               f"{accelerator.precision.describe()}", level="INFO", precision=accelerator.precision.to_dict())
@@ -214,26 +188,27 @@ def main() -> int:
         return val_loss
 
     def save(step: int, val_loss: Optional[float]) -> None:
-        """``checkpoints/step-N`` (lib/checkpoint.py) and the VAE it decodes with (``vae/``, with its scaling factor)."""
+        """``checkpoints/step-N`` (lib/train/checkpoint.py) and the VAE it decodes with (``vae/``, with its
+        scaling factor)."""
         files = {**prior_files(m.prior_raw), **ema_files(m.ema, m.prior_raw), "vae": m.vae,
                  "latent_scale.json": scale_info}
-        ckpt.save_checkpoint(accelerator, ckpt_dir, step, cfg, {
-            "stage": "prior", "batches": batches, "val_loss": val_loss, "best_val_loss": best_val,
+        run.save_checkpoint(step, {
+            "stage": "prior", "batches": batches_done, "val_loss": val_loss, "best_val_loss": best_val,
             **scale_info, "split": split_info, "allow_overlap": overlaps, **faults.state_dict(), **ema_state(m.ema),
-        }, files, train_cfg.keep_last, log)
+        }, files)
 
     # ------------------------------------------------------------------ loop
     stop_at = min(train_cfg.max_steps, args.until_step or train_cfg.max_steps)      # --until-step
-    data_iter = train_batches(train_ds, cfg.batch_size("prior"), cfg.seed, start_batch=batches,
+    data_iter = train_batches(train_ds, cfg.batch_size("prior"), cfg.seed, start_batch=batches_done,
                               rank=accelerator.process_index, world_size=accelerator.num_processes,
                               num_workers=cfg.data.num_workers, pin_memory=cfg.data.pin_memory)
     reduce = (lambda t: accelerator.reduce(t, "mean")) if accelerator.num_processes > 1 else None
     tracker, lrs = MeanTracker(), {"lr": m.opt}
     log.start_clock(step)
-    with faults.signals(), progress(train_cfg.max_steps, step, "prior", show=accelerator.is_main_process) as bar:
+    with faults.signals(), run.progress(step) as bar:
         while step < stop_at and not faults.stopping:     # SIGTERM/SIGINT: finish the step, checkpoint, exit 3
             applied, logs = train_step(m, data_iter, accelerator, cfg)
-            batches += train_cfg.gradient_accumulation_steps
+            batches_done += train_cfg.gradient_accumulation_steps
             tracker.add(logs)
             faults.after_update(step, applied, logs)       # a skipped update; stops after max_nonfinite
             if applied:
@@ -251,8 +226,20 @@ def main() -> int:
             faults.check_preemption(step)                  # a signal in the step or the validation
             if faults.stopping or checkpoint_due:
                 save(step, val_loss)
-    close_run(accelerator, log, step, train_cfg.max_steps, faults.exit_code, ckpt_dir)
+    run.close(step, faults.exit_code)
     return faults.exit_code
+
+
+def main() -> int:
+    args = trainer_parser(__doc__.splitlines()[0], allow_overlap=True).parse_args()
+    cfg = load_config(args.config, args.set)
+    check_diffusion(cfg.prior.diffusion)             # the objective and its sampler, from their registry
+    if args.dry_run:
+        vae = stage1_checkpoint(cfg) if args.resume is None else None     # a resumed prior keeps its own
+        return print_dry_run(cfg, "prior", args.resume is not None,
+                             notes=[("stage-1 VAE", f"{vae.path} (step {vae.step})" if vae else "the resumed run's")])
+    with Run(cfg, "prior", args) as run:         # accelerator, lock, seed, --resume; the error record
+        return train(run, args)
 
 
 if __name__ == "__main__":

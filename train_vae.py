@@ -5,8 +5,9 @@
     python train_vae.py --config configs/m.yaml --dry-run       # schedule at its key points
 
 Reads top to bottom: ``build_models``, ``train_step`` (one optimizer update; bench.py times it as
-it is), then ``main``: config, data, models, resume, and the loop, whose log, validation and
-checkpoint triggers are the ``if`` lines at its end. Outputs go to ``{output_dir}/vae/``.
+it is), ``train``: data, models, resume, and the loop, whose log, validation and checkpoint
+triggers are the ``if`` lines at its end; then ``main``: the config, and ``train`` inside the
+run's lifecycle (lib/train/run.py). Outputs go to ``{output_dir}/vae/``.
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator, Optional
 
 import torch
@@ -26,29 +26,18 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers.training_utils import EMAModel
 
-from lib import checkpoint as ckpt
-from lib.accel import prepare_model
-from lib.batching import eval_batches, train_batches
 from lib.cli import trainer_parser
 from lib.config import Config, load_config
-from lib.dataset import build_datasets, prepare_data
-from lib.ema import ema_files, ema_state, ema_weights, make_ema
+from lib.data import (STAGE_FIELDS, build_datasets, eval_batches, prepare_data, protocol_warnings, split_record,
+                      train_batches)
 from lib.errors import run_cli
-from lib.evaluation import gather_accumulator, gather_values, score_methods
-from lib.faults import FaultPolicy
-from lib.images import save_samples
-from lib.losses import discriminator_loss, generator_loss, load_perceptual, reconstruction_map
-from lib.models import PatchDiscriminator, VAEWithLogvar, build_discriminator, count_parameters, frozen
+from lib.evaluation import gather_accumulator, gather_values, save_samples, score_methods
+from lib.models import (PatchDiscriminator, VAEWithLogvar, build_discriminator, count_parameters, discriminator_loss,
+                        frozen, generator_loss, load_perceptual, reconstruction_map)
 from lib.numfmt import fmt, fmt_lr
-from lib.optim import any_process, build_optimizer, update
-from lib.progress import progress
-from lib.resume import check_resume, restore_run
-from lib.run import begin_run, close_run, open_run, print_dry_run
-from lib.runlog import MeanTracker, StartupLog, mean_logs, update_run_json
-from lib.schedule import build_scheduler, check_schedules
-from lib.splits import protocol_warnings, split_record
+from lib.train import (FaultPolicy, MeanTracker, Run, any_process, build_optimizer, build_scheduler, check_schedules,
+                       ema_files, ema_state, ema_weights, make_ema, mean_logs, prepare_model, print_dry_run, update)
 
-MODEL_KEYS = ["vae.model", "data.image_size"]       # a checkpoint with other values is another model
 Phase = Callable[[str], ContextManager]              # bench.py passes a timer of the step's parts
 
 
@@ -85,18 +74,18 @@ def build_models(cfg: Config, accelerator: Accelerator) -> VAEGAN:
                   make_ema(vae_raw.vae, train_cfg, accelerator.device), perceptual)
 
 
-def train_step(m: VAEGAN, batches: Iterator[dict], accelerator: Accelerator, cfg: Config,
+def train_step(m: VAEGAN, data_iter: Iterator[dict], accelerator: Accelerator, cfg: Config,
                disc_active: bool, phase: Phase = lambda name: nullcontext()) -> tuple[bool, dict]:
     """One optimizer update: ``gradient_accumulation_steps`` micro-batches, each one VAE forward,
     the generator loss and its backward and, once the discriminator is active, its hinge loss
     on the same forward's detached reconstruction and its backward; then clip, check and step
-    (lib/optim.py) and the EMA. Returns whether the update was applied (False: a non-finite
+    (lib/train/optim.py) and the EMA. Returns whether the update was applied (False: a non-finite
     loss or gradient, nothing changed) and the losses and gradient norms (detached)."""
     loss_cfg, train_cfg = cfg.vae.loss, cfg.vae.train
     logs = []
     for _ in range(train_cfg.gradient_accumulation_steps):
         with phase("data"):
-            x = next(batches)["image"].to(accelerator.device, non_blocking=True)
+            x = next(data_iter)["image"].to(accelerator.device, non_blocking=True)
         with accelerator.accumulate(m.vae, m.disc):
             with phase("forward"), accelerator.autocast():
                 rec, kl = m.vae(x)
@@ -129,29 +118,20 @@ def train_step(m: VAEGAN, batches: Iterator[dict], accelerator: Accelerator, cfg
     return result.applied, logs
 
 
-def main() -> int:
-    # ------------------------------------------------------------------ config
-    args = trainer_parser(__doc__.splitlines()[0]).parse_args()
-    cfg = load_config(args.config, args.set)
-    train_cfg, loss_cfg = cfg.vae.train, cfg.vae.loss
-    if args.dry_run:
-        return print_dry_run(cfg, "vae", args.resume is not None, {"disc_start": loss_cfg.disc_start})
-    run_dir, ckpt_dir = Path(cfg.output_dir) / "vae", Path(cfg.output_dir) / "vae" / "checkpoints"
-    accelerator = begin_run(cfg, "vae", run_dir, resuming=args.resume is not None)   # nothing written yet
-    start = StartupLog(accelerator.is_main_process, cfg.warnings)   # goes to train.log once it exists
-    resume = ckpt.resolve_resume(args.resume, ckpt_dir, start.warning, start.info)   # latest with none: fresh
-    checked = check_resume(resume, cfg, MODEL_KEYS, args.allow_data_change) if resume else None
+def train(run: Run, args: Any) -> int:
+    cfg, accelerator, start = run.cfg, run.accelerator, run.start     # start: messages until the log opens
+    train_cfg, loss_cfg, run_dir = cfg.vae.train, cfg.vae.loss, run.dir
 
     # ------------------------------------------------------------------ data
     with accelerator.main_process_first():      # the synthetic default is generated once
         split = prepare_data(cfg.data, cfg.seed, start.info)
-        data = build_datasets(cfg.data, cfg.seed, ("train", "val"), start.info, split)
+        data = build_datasets(cfg.data, cfg.seed, ("train", "val"), start.info, split, STAGE_FIELDS["vae"])
     train_ds, val_ds = data["train"], data["val"]
     start.info(f"data: split {split.describe()}; {len(train_ds)} training and {len(val_ds)} validation "
                f"samples ({cfg.data.source}, {cfg.data.root}, {cfg.data.image_size} px)")
     for warning in protocol_warnings(split):
         start.warning(warning)
-    log = open_run(cfg, run_dir, accelerator, start)
+    log = run.open()                             # the run folder, its log and config.yaml
 
     # ------------------------------------------------------------------ models, optimizers, schedules
     m = build_models(cfg, accelerator)
@@ -160,16 +140,11 @@ def main() -> int:
              f"discriminator {count_parameters(m.disc_raw) / 1e6:.2f}M")
 
     # ------------------------------------------------------------------ resume
-    step, batches, best_val, resume_note = 0, 0, math.inf, None
-    faults = FaultPolicy(accelerator, train_cfg, "vae", log, ckpt_dir)   # non-finite, divergence, signals
-    if resume is not None:
-        state, resume_note = restore_run(accelerator, resume, cfg, "vae", checked, log,
-                                         {"g": m.sched_g, "d": m.sched_d}, m.ema, m.vae_raw.vae)
-        step, batches, best_val = state["step"], state["batches"], state.get("best_val_loss") or math.inf
-        faults.load_state_dict(state)
-    if accelerator.is_main_process:
-        update_run_json(run_dir, "vae", resume_note, {"split": split_record(split, cfg.data),
-                                                      "precision": accelerator.precision.to_dict()})
+    faults = FaultPolicy(accelerator, train_cfg, "vae", log, run.ckpt_dir)   # non-finite, divergence, signals
+    state, resume_note = run.restore({"g": m.sched_g, "d": m.sched_d}, m.ema, m.vae_raw.vae)   # {} when fresh
+    step, batches_done, best_val = state.get("step", 0), state.get("batches", 0), state.get("best_val_loss") or math.inf
+    faults.load_state_dict(state)
+    run.write_run_json(resume_note, split=split_record(split, cfg.data))
     log.event("start", step, f"training to step {train_cfg.max_steps}, disc_start {loss_cfg.disc_start}, "
               f"{accelerator.num_processes} process(es), {accelerator.precision.describe()}",
               level="INFO", precision=accelerator.precision.to_dict())
@@ -208,23 +183,23 @@ def main() -> int:
         return val_loss
 
     def save(step: int, val_loss: Optional[float]) -> None:
-        """Everything needed to continue, as ``checkpoints/step-N`` (lib/checkpoint.py)."""
+        """Everything needed to continue, as ``checkpoints/step-N`` (lib/train/checkpoint.py)."""
         files = {"vae": m.vae_raw.vae, "discriminator.safetensors": m.disc_raw, **ema_files(m.ema, m.vae_raw.vae)}
-        ckpt.save_checkpoint(accelerator, ckpt_dir, step, cfg, {
-            "stage": "vae", "batches": batches, "val_loss": val_loss, "best_val_loss": best_val,
+        run.save_checkpoint(step, {
+            "stage": "vae", "batches": batches_done, "val_loss": val_loss, "best_val_loss": best_val,
             "split": split_record(split, cfg.data), **faults.state_dict(), **ema_state(m.ema),
-        }, files, train_cfg.keep_last, log)
+        }, files)
 
     # ------------------------------------------------------------------ loop
     stop_at = min(train_cfg.max_steps, args.until_step or train_cfg.max_steps)      # --until-step
-    data_iter = train_batches(train_ds, cfg.batch_size("vae"), cfg.seed, start_batch=batches,
+    data_iter = train_batches(train_ds, cfg.batch_size("vae"), cfg.seed, start_batch=batches_done,
                               rank=accelerator.process_index, world_size=accelerator.num_processes,
                               num_workers=cfg.data.num_workers, pin_memory=cfg.data.pin_memory)
     reduce = (lambda t: accelerator.reduce(t, "mean")) if accelerator.num_processes > 1 else None
     tracker, lrs = MeanTracker(), {"lr": m.opt_g, "lr_disc": m.opt_d}
     disc_started = step > loss_cfg.disc_start
     log.start_clock(step)
-    with faults.signals(), progress(train_cfg.max_steps, step, "vae", show=accelerator.is_main_process) as bar:
+    with faults.signals(), run.progress(step) as bar:
         while step < stop_at and not faults.stopping:     # SIGTERM/SIGINT: finish the step, checkpoint, exit 3
             disc_active = step >= loss_cfg.disc_start and loss_cfg.disc_weight > 0
             if disc_active and not disc_started:
@@ -232,7 +207,7 @@ def main() -> int:
                           "records add g_loss, d_weight, disc_loss, logits_real, logits_fake", level="INFO")
                 disc_started = True
             applied, logs = train_step(m, data_iter, accelerator, cfg, disc_active)
-            batches += train_cfg.gradient_accumulation_steps
+            batches_done += train_cfg.gradient_accumulation_steps
             tracker.add(logs)
             faults.after_update(step, applied, logs)       # a skipped update; stops after max_nonfinite
             if applied:
@@ -250,8 +225,17 @@ def main() -> int:
             faults.check_preemption(step)                  # a signal in the step or the validation
             if faults.stopping or checkpoint_due:
                 save(step, val_loss)
-    close_run(accelerator, log, step, train_cfg.max_steps, faults.exit_code, ckpt_dir)
+    run.close(step, faults.exit_code)
     return faults.exit_code
+
+
+def main() -> int:
+    args = trainer_parser(__doc__.splitlines()[0]).parse_args()
+    cfg = load_config(args.config, args.set)
+    if args.dry_run:
+        return print_dry_run(cfg, "vae", args.resume is not None, {"disc_start": cfg.vae.loss.disc_start})
+    with Run(cfg, "vae", args) as run:           # accelerator, lock, seed, --resume; the error record
+        return train(run, args)
 
 
 if __name__ == "__main__":

@@ -55,8 +55,8 @@ def make_toolkit_run(folder: Path, n: int) -> Path:
     cfg = load_config(None, [f"vae.train.max_steps={n}", f"vae.loss.disc_start={n // 3}",
                              "vae.train.log_every=1"])
     save_config(cfg, run / "config.yaml")
-    # the LR exactly as the configured schedule says (lib.schedule is what the trainer uses)
-    from lib.schedule import lr_at
+    # the LR exactly as the configured schedule says (lib.train.schedule is what the trainer uses)
+    from lib.train.schedule import lr_at
     c = curves(n, rng)
     c["lr"] = np.array([lr_at(cfg.vae.train, s) for s in range(1, n + 1)])
     t0 = 1.7e9

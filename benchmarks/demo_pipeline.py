@@ -11,7 +11,7 @@ runs. Then prints, and writes to
 ``--out/demo_table.md`` with every number in ``demo.json``: the machine and date, the wall
 time of each command, stage 1's last validation, and the evaluation table (test split:
 the model, the VAE ceiling and the distance-only baseline), and the generated data's statistics
-next to the published RadioMapSeer maps' (lib/map_stats.py). The README's tables are this
+next to the published RadioMapSeer maps' (lib/data/map_stats.py). The README's tables are this
 output, pasted. ``--out`` must not exist (nothing is overwritten).
 """
 from __future__ import annotations
@@ -28,13 +28,12 @@ from pathlib import Path
 from typing import Optional
 
 import yaml
-
-from commands import ROOT, run   # benchmarks/commands.py
+from commands import ROOT, run  # benchmarks/commands.py
 
 
 def machine() -> str:
     sys.path.insert(0, str(ROOT))
-    from lib.benchmarking import machine as facts
+    from lib.bench.measure import machine as facts
     m = facts()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip() or "unknown"
@@ -118,7 +117,7 @@ def main() -> int:
     seconds, vae_val, prior_val, ev = first["seconds"], first["vae_val"], first["prior_val"], first["evaluation"]
     sims = ev["simulations"]
     sys.path.insert(0, str(ROOT))
-    from lib.map_stats import LABELS, REAL_RANGES, map_statistics
+    from lib.data.map_stats import LABELS, REAL_RANGES, map_statistics
     usual_dir = (yaml.safe_load((ROOT / a.config).read_text()) or {}).get("output_dir", "OUTPUT_DIR")
     lines = [f"Machine: {machine()}.", ""]
     if len(runs) > 1:

@@ -41,6 +41,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from lib.models.objectives import REGISTRY  # noqa: E402  (every objective, from its registry)
 
 # Short schedules on small data; the models are the config's.
 DATA = ["data.source=synthetic", "data.synthetic.num_maps=16", "data.synthetic.tx_per_map=4", "data.split=random",
@@ -50,7 +52,6 @@ STAGE1 = ["vae.train.max_steps=12", "vae.loss.disc_start=6", "vae.train.warmup_s
 STAGE2 = ["prior.train.max_steps=6", "prior.train.warmup_steps=0", "prior.train.log_every=2",
           "prior.train.val_every=6", "prior.train.checkpoint_every=6", "prior.train.val_batches=1",
           "prior.train.batch_size=16", "prior.train.gradient_accumulation_steps=1", "prior.latent_scale_batches=2"]
-OBJECTIVES = ("ddpm", "radiodiff", "flow", "regression")
 
 
 @dataclass
@@ -225,7 +226,7 @@ STEPS = [
     Step("stage1-bf16", "stage 1 in bf16 through disc_start", stage1_bf16),
     Step("stage1-compile", "stage 1 in bf16 with compile through disc_start", stage1_compile),
     Step("stage2-cache", "stage 2 on the latent cache, through a validation", stage2_cache, ["stage1-bf16"]),
-    *[Step(f"objective-{o}", f"stage 2 with objective {o}", objective(o), ["stage1-bf16"]) for o in OBJECTIVES],
+    *[Step(f"objective-{o}", f"stage 2 with objective {o}", objective(o), ["stage1-bf16"]) for o in REGISTRY],
     Step("sigterm-resume", "SIGTERM, then --resume latest", sigterm_resume),
     Step("evaluate", "evaluate.py --save-predictions", evaluate, ["stage2-cache"]),
     Step("predict", "predict.py on a test map", predict, ["stage2-cache"]),

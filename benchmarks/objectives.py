@@ -18,13 +18,16 @@ import json
 import sys
 from pathlib import Path
 
-from commands import ROOT, run   # benchmarks/commands.py
+from commands import ROOT, run  # benchmarks/commands.py
+
+sys.path.insert(0, str(ROOT))
+from lib.models.objectives import REGISTRY  # noqa: E402
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/demo.yaml")
-    p.add_argument("--objectives", nargs="+", default=["ddpm", "radiodiff", "flow", "regression"])
+    p.add_argument("--objectives", nargs="+", default=list(REGISTRY))
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 10])
     p.add_argument("--vae-checkpoint", default=None,
                    help="stage-1 checkpoint (default: the config's output_dir, latest)")
@@ -36,7 +39,7 @@ def main() -> int:
     cfg = load_config(ROOT / a.config, a.set)
     vae = a.vae_checkpoint
     if vae is None:
-        from lib.weights import resolve_trained
+        from lib.train.weights import resolve_trained
         vae = str(resolve_trained("vae", "latest", ROOT / cfg.output_dir if not Path(cfg.output_dir).is_absolute()
                                   else cfg.output_dir, cfg.flags, warn=lambda m: None).path)
     out = Path(a.out)
@@ -48,7 +51,7 @@ def main() -> int:
         flags = [x for s in sets for x in ("--set", s)]
         train_s = run(["train_unified_prior.py", "--config", a.config, *flags])
         results[objective] = {"train_seconds": round(train_s, 1), "steps": {}}
-        for steps in ([1] if objective == "regression" else a.steps):
+        for steps in (a.steps if REGISTRY[objective].iterative else [1]):
             run(["evaluate.py", "--config", a.config, *flags, "--steps", str(steps), "--checkpoint", "latest"])
             m = json.loads((out / objective / "eval" / "metrics.json").read_text())
             results[objective]["steps"][steps] = {k: m["model"][k] for k in

@@ -9,22 +9,16 @@ handle the signals.
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import sys
 from typing import Callable
 
-
-def _exit_now(signum: int, frame: object) -> None:
-    sys.stderr.write(f"interrupted by {signal.Signals(signum).name} while starting\n")
-    os._exit(128 + signum)      # nothing is written yet: nothing to clean up
+from lib.errors import exit_on_signals
 
 
 def early_start(parser: Callable[[], argparse.ArgumentParser]) -> None:
     """Before the slow imports of a script run as a program: honour SIGINT/SIGTERM, and answer
     ``-h`` / ``--help`` (``parser()`` builds the script's parser)."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _exit_now)
+    exit_on_signals()
     if any(a in ("-h", "--help") for a in sys.argv[1:]):
         parser().parse_args()
 
@@ -75,8 +69,9 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("test", "val"), default="test", help="maps to evaluate on")
     p.add_argument("--steps", type=int, default=None, metavar="K",
                    help="sampling steps (default: prior.diffusion.num_inference_steps)")
-    p.add_argument("--sampler", choices=("ddim", "dpm", "euler", "heun"), default=None,
-                   help="sampler (default: prior.diffusion.sampler): ddim | dpm for ddpm, euler | heun for flow")
+    p.add_argument("--sampler", default=None, metavar="NAME",
+                   help="one of the objective's samplers (default: prior.diffusion.sampler, else the objective's "
+                        "own): ddim | dpm for ddpm, euler | heun for flow")
     p.add_argument("--checkpoint", default="best", metavar="best|latest|PATH",
                    help="stage-2 checkpoint under {output_dir}/prior/checkpoints, or a folder")
     p.add_argument("--baseline-samples", type=int, default=4000, metavar="N",
@@ -134,8 +129,8 @@ def predict_parser() -> argparse.ArgumentParser:
     p.add_argument("--simulation", required=True, help="the simulator to predict, one the checkpoint was trained on")
     p.add_argument("--steps", type=int, default=None, metavar="K",
                    help="sampling steps (default: prior.diffusion.num_inference_steps of the checkpoint)")
-    p.add_argument("--sampler", choices=("ddim", "dpm", "euler", "heun"), default=None,
-                   help="sampler (default: the checkpoint's)")
+    p.add_argument("--sampler", default=None, metavar="NAME",
+                   help="one of the objective's samplers (default: the checkpoint's)")
     p.add_argument("--batch-size", type=int, default=16, metavar="N", help="maps sampled together")
     p.add_argument("--seed", type=int, default=None, help="sampling noise (default: the checkpoint's seed)")
     p.add_argument("--out", required=True, metavar="FOLDER", help="where {simulation}/{name}_{tx}.png/.npy go")

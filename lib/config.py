@@ -23,7 +23,6 @@ from lib.errors import ConfigError
 from lib.numfmt import fmt
 
 SIMULATIONS = ("DPM", "IRT2", "IRT4", "carsDPM", "carsIRT2", "carsIRT4")
-SCHEDULERS = ("cosine", "linear", "polynomial", "constant", "constant_with_warmup")
 
 
 # --------------------------------------------------------------------------- sections
@@ -46,7 +45,7 @@ class DataConfig:
     num_workers: int = 0
     pin_memory: bool = False     # page-locked batches for faster host-to-GPU copies (CUDA only)
     cache: str = "off"           # off | auto | path of a cache built by `python -m lib.cache build`
-    split: str = "random"        # radiounet | radiodiff | random | path to a JSON file (lib/splits.py)
+    split: str = "random"        # radiounet | radiodiff | random | path to a JSON file (lib/data/splits.py)
     split_seed: int = 0          # the random split's permutation (independent of `seed`)
     train_maps: int = 500        # random split: maps for training, of which `val_maps` are held back
     val_maps: int = 20
@@ -111,7 +110,7 @@ class TrainConfig:
     adam_betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
     gradient_accumulation_steps: int = 1
     grad_clip: float = 1.0             # max global grad norm before each step; 0: no clipping
-    # auto: bf16 on a CUDA GPU that has it, else float32 (the CPU); lib/accel.py resolves it
+    # auto: bf16 on a CUDA GPU that has it, else float32 (the CPU); lib/train/accel.py resolves it
     # (and `accelerate launch --mixed_precision`) and every run records what it used.
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     log_every: int = 100
@@ -125,7 +124,7 @@ class TrainConfig:
     divergence_factor: float = 3.0     # smoothed loss above best x this factor ...
     divergence_window: int = 5         # ... for this many consecutive log records
     on_divergence: Literal["warn", "stop"] = "warn"
-    # Speed switches (lib/accel.py). None changes anything on a CPU.
+    # Speed switches (lib/train/accel.py). None changes anything on a CPU.
     tf32: bool = True                  # TF32 float32 matmuls and convolutions on Ampere+ GPUs; false:
                                        # PyTorch's defaults (TF32 convolutions, IEEE matmuls)
     channels_last: bool = False        # NHWC memory format for the convolutional models
@@ -134,7 +133,7 @@ class TrainConfig:
                           "max-autotune-no-cudagraphs"] = "default"   # torch.compile's mode
     compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: no code generation)
     gradient_checkpointing: bool = False   # recompute activations in the backward: less memory, slower
-    # Experiment trackers (Accelerate's): records and sample grids also go there (lib/trackers.py).
+    # Experiment trackers (Accelerate's): records and sample grids also go there (lib/train/trackers.py).
     report_to: Literal["tensorboard", "wandb", "mlflow", "comet_ml", "all"] = "tensorboard"
 
     def validate(self, v: "_Validator", prefix: str) -> None:
@@ -270,12 +269,13 @@ class PriorModelConfig:
 
 @dataclass
 class DiffusionConfig:
-    """What the prior learns and how it samples (lib/objectives.py)."""
-    objective: Literal["ddpm", "radiodiff", "flow", "regression"] = "ddpm"
+    """What the prior learns and how it samples (lib/models/objectives.py, which checks the
+    objective and its sampler against its registry)."""
+    objective: str = "ddpm"            # lib/models/objectives.py REGISTRY: ddpm | radiodiff | flow | regression
     num_train_timesteps: int = 1000    # ddpm: the discrete noise schedule
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"   # ddpm
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"          # ddpm
-    sampler: Optional[Literal["ddim", "dpm", "euler", "heun"]] = None   # ddpm: ddim | dpm; flow: euler | heun
+    sampler: Optional[str] = None      # null: the objective's default (ddpm: ddim | dpm; flow: euler | heun)
     num_inference_steps: int = 50      # sampling steps (regression: one forward pass whatever this says)
     radiodiff_weighting: bool = True   # radiodiff: w1 = 2 e^(1-t), w2 = e^sqrt(t) (false: 1 and 1)
     radiodiff_loss: Literal["l2", "l1_l2"] = "l1_l2"   # radiodiff: squared errors, or (L2 + L1) / 2 as RadioDiff
@@ -287,15 +287,11 @@ class DiffusionConfig:
         v.check(1 <= self.num_inference_steps <= self.num_train_timesteps,
                 "prior.diffusion.num_inference_steps", self.num_inference_steps,
                 f"an integer in [1, {self.num_train_timesteps}]")
-        valid = {"ddpm": ("ddim", "dpm"), "flow": ("euler", "heun")}.get(self.objective, ())
-        v.check(self.sampler is None or self.sampler in valid, "prior.diffusion.sampler", self.sampler,
-                f"null or one of {list(valid)} for objective {self.objective}" if valid else
-                f"null: objective {self.objective} has one sampler")
         v.check(0 < self.time_eps < 1, "prior.diffusion.time_eps", self.time_eps, "a number in (0, 1)")
 
 
 def _prior_train_defaults() -> TrainConfig:
-    # The seed run's stage-2 settings (seeds/001): AdamW 1e-4, wd 1e-3, warmup 20K, cosine to 450K.
+    # The original RadioDiff run's stage-2 settings: AdamW 1e-4, wd 1e-3, warmup 20K, cosine to 450K.
     return TrainConfig(max_steps=450_000, lr=1e-4, min_lr=1e-6, lr_scheduler="cosine",
                        warmup_steps=20_000, weight_decay=1e-3, adam_betas=[0.9, 0.999],
                        ema=True, ema_decay=0.9999)
@@ -305,7 +301,7 @@ def _prior_train_defaults() -> TrainConfig:
 class PriorConfig:
     vae_checkpoint: str = "latest"     # latest | best (after disc_start) | path to a checkpoint folder
     latent_scale_batches: int = 32     # training batches the latent scale factor is measured on
-    latent_cache: str = "auto"         # auto | off | PATH: the frozen VAE's latents, encoded once (lib/latent_cache.py)
+    latent_cache: str = "auto"         # auto | off | PATH: the frozen VAE's latents, encoded once (lib/models/latents.py)
     posterior_sample: bool = False     # train on posterior samples mean + std * eps (false: the posterior mean)
     model: PriorModelConfig = field(default_factory=PriorModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)

@@ -1,4 +1,6 @@
-"""User-facing errors: one line that names the file, key or value and what would be valid.
+"""How a program ends: user-facing errors in one line that names the file, key or value and
+what would be valid, exit codes, and the signals (:func:`handling_signals`, the one place they
+are handled).
 
 Every entry point wraps its ``main`` in :func:`run_cli`, which prints a :class:`UserError`
 as a single ``error: ...`` line (no traceback) and exits with status 2, and turns SIGINT /
@@ -7,10 +9,12 @@ else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
+import os
 import re
 import signal
 import sys
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 EXIT_USER_ERROR = 2
 
@@ -41,7 +45,7 @@ def one_line(message: str) -> str:
     if not lines:
         return "unknown error"
     last = lines[-1]
-    # "lib.errors.DataError: file x is corrupt" (or lib.layout.BadFile, ...) -> "file x is corrupt"
+    # "lib.errors.DataError: file x is corrupt" (or lib.data.layout.BadFile, ...) -> "file x is corrupt"
     for cls in (UserError, ConfigError, DataError, CheckpointError):
         for prefix in (f"{cls.__module__}.{cls.__name__}: ", f"{cls.__name__}: "):
             if last.startswith(prefix):
@@ -50,7 +54,7 @@ def one_line(message: str) -> str:
 
 
 class Interrupted(BaseException):
-    """SIGINT or SIGTERM before the training loop (which catches them itself: lib/faults.py)."""
+    """SIGINT or SIGTERM outside the training loop (which defers them itself: lib/train/faults.py)."""
 
     def __init__(self, signum: int) -> None:
         self.signum = signum
@@ -61,55 +65,69 @@ def _interrupt(signum: int, frame: object) -> None:
     raise Interrupted(signum)
 
 
-# Called with the one-line message when an entry point fails (lib/run.py registers the run
-# folder's cleanup: an ``error`` record in its log, or, before the log exists, removing what
-# the start created); emptied after each failure.
-FAILURE_HOOKS: list[Callable[[str], None]] = []
+def _exit_now(signum: int, frame: object) -> None:
+    sys.stderr.write(f"interrupted by {signal.Signals(signum).name} while starting\n")
+    os._exit(128 + signum)      # nothing is written yet: nothing to clean up
 
 
-def _failed(message: str) -> None:
-    hooks = list(FAILURE_HOOKS)
-    FAILURE_HOOKS.clear()
-    for hook in hooks:
+@contextmanager
+def handling_signals(handler: Callable[[int, object], None]) -> Iterator[None]:
+    """SIGINT and SIGTERM go to ``handler`` inside the block (also when they were inherited as
+    ignored), and to what they went to before after it. The one place the toolkit handles
+    signals, in three phases: before a script's slow imports the process exits at once
+    (:func:`exit_on_signals`), from ``main`` on they raise :class:`Interrupted`
+    (:func:`run_cli`), and the training loop defers them to the end of a step (lib/train/faults.py)."""
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
         try:
-            hook(message)
-        except Exception:       # cleanup must never hide the error it reports
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:        # not the main thread
             pass
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def exit_on_signals() -> None:
+    """Before the slow imports: SIGINT / SIGTERM end the program at once (a process started in
+    the background inherits SIGINT ignored; a user who sends it means it)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _exit_now)
+
+
+def failure_message(exc: BaseException) -> str:
+    """The one line a failure is reported with (and recorded with in a run's log)."""
+    if isinstance(exc, (Interrupted, KeyboardInterrupt)):
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        return f"interrupted by {signal.Signals(signum).name}"
+    if is_user_error(exc):
+        return one_line(str(exc))
+    return f"{type(exc).__name__}: {one_line(str(exc))} (a bug: the traceback is on stderr)"
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """A :class:`UserError`, or a DataLoader worker's copy of one (re-raised as another type
+    with the same name)."""
+    return isinstance(exc, UserError) or type(exc).__name__ in {"DataError", "ConfigError", "CheckpointError",
+                                                                 "UserError"}
 
 
 def run_cli(main: Callable[[], int | None]) -> None:
     """Run ``main``: a :class:`UserError` becomes one ``error: ...`` line on stderr and exit
     code 2; SIGINT/SIGTERM (outside the training loop) one ``interrupted`` line and 128 + the
-    signal. Either way the failure hooks run first (the run's own log says why it stopped, and
-    a failed start leaves nothing behind). Other exceptions are bugs and keep their traceback."""
-    previous = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            previous[sig] = signal.signal(sig, _interrupt)     # also when inherited as ignored
-        except ValueError:        # not the main thread
-            pass
+    signal. (A training run has recorded the failure in its own log by then, lib/train/run.py.)
+    Other exceptions are bugs and keep their traceback."""
     try:
-        code = main()
-    except UserError as exc:
-        message = one_line(str(exc))
-        _failed(message)
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+        with handling_signals(_interrupt):
+            code = main()
     except (Interrupted, KeyboardInterrupt) as exc:
-        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
-        message = f"interrupted by {signal.Signals(signum).name}"
-        _failed(message)
-        print(message, file=sys.stderr)
-        sys.exit(128 + signum)
-    except Exception as exc:  # DataLoader workers re-raise our errors as RuntimeError-like copies
-        if type(exc).__name__ in {"DataError", "ConfigError", "CheckpointError", "UserError"}:
-            message = one_line(str(exc))
-            _failed(message)
-            print(f"error: {message}", file=sys.stderr)
-            sys.exit(EXIT_USER_ERROR)
-        _failed(f"{type(exc).__name__}: {one_line(str(exc))} (a bug: the traceback is on stderr)")
-        raise
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        print(failure_message(exc), file=sys.stderr)
+        sys.exit(128 + (exc.signum if isinstance(exc, Interrupted) else signal.SIGINT))
+    except Exception as exc:
+        if not is_user_error(exc):
+            raise
+        print(f"error: {failure_message(exc)}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
     sys.exit(code or 0)

@@ -3,13 +3,13 @@
     python -m lib.export --checkpoint runs/m/prior/checkpoints/step-0050000 --out models/radiomap-dpm
 
 The folder (``save_pretrained``: safetensors weights, JSON configs, ``model_index.json``) loads
-with ``RadioMapPipeline.from_pretrained(folder)`` (lib/pipeline.py: the VAE, the UNet with the
+with ``RadioMapPipeline.from_pretrained(folder)`` (lib/evaluation/pipeline.py: the VAE, the UNet with the
 EMA weights when the run kept them, the condition encoder, the objective's scheduler) and holds a
 model card, ``README.md``: the data, the split, the threshold, the metric convention, the
 evaluation of this checkpoint when ``{output_dir}/eval/metrics.json`` is one (or
 ``--evaluation``), and the resolved config. It is written whole or not at all, into a new or
 empty folder, ready to upload to a model hub as it is (loading it needs this toolkit's
-``lib/pipeline.py``, as the card says).
+``lib/evaluation/pipeline.py``, as the card says).
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def model_card(name: str, state: dict, cfg: dict, evaluation: Optional[dict]) ->
              "## Use", "",
              "```python",
              "import numpy as np",
-             "from lib.pipeline import RadioMapPipeline      # radiodiff-train's lib/ on the Python path",
+             "from lib.evaluation.pipeline import RadioMapPipeline      # radiodiff-train's lib/ on the Python path",
              "",
              f'pipe = RadioMapPipeline.from_pretrained("{name}")',
              f"buildings = np.zeros(({data['image_size']}, {data['image_size']}), np.uint8)   # 255 = building",
@@ -97,8 +97,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise UserError(f"--out {out}: exists and is not an empty folder; pass a new one (nothing is overwritten)")
     import torch
 
+    from lib.evaluation.pipeline import pipeline_from_checkpoint
     from lib.outputs import StagedFolder
-    from lib.pipeline import pipeline_from_checkpoint
     pipe = pipeline_from_checkpoint(Path(args.checkpoint), torch.device("cpu"))
     folder = Path(args.checkpoint)
     state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))

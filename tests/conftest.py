@@ -1,6 +1,6 @@
 import pytest
 
-from lib.synthetic import generate
+from lib.data.synthetic import generate
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from lib.models.objectives import REGISTRY
+
 ROOT = Path(__file__).resolve().parent.parent
 CITY_MAPS, CITY_TX, CITY_SIZE = 6, 3, 32      # the ``city`` fixture (conftest.py)
 
@@ -24,7 +26,7 @@ def quiet(message: str) -> None:
 
 def dataset(root: Path, sims=("DPM",), maps=range(CITY_MAPS), size: int = CITY_SIZE, **kw):
     """A RadioMapDataset of ``root`` (the ``city`` fixture by default shape), quiet."""
-    from lib.dataset import RadioMapDataset
+    from lib.data.dataset import RadioMapDataset
     kw.setdefault("log", quiet)
     return RadioMapDataset(root, list(sims), list(maps), size, **kw)
 
@@ -184,15 +186,15 @@ def poison_training_forward(monkeypatch: pytest.MonkeyPatch, trainer: "TrainerSp
 
 
 TRAINERS: dict[str, TrainerSpec] = {
-    "vae": TrainerSpec("train_vae", "vae", "lib.models:VAEWithLogvar", _poison_vae_output, spike_lr=5.0,
+    "vae": TrainerSpec("train_vae", "vae", "lib.models.vae:VAEWithLogvar", _poison_vae_output, spike_lr=5.0,
                        shape_override="vae.model.latent_channels=3"),
-    "prior": TrainerSpec("train_unified_prior", "prior", "lib.prior:LatentPrior", _poison_tensor, spike_lr=5.0,
+    "prior": TrainerSpec("train_unified_prior", "prior", "lib.models.prior:LatentPrior", _poison_tensor, spike_lr=5.0,
                          shape_override="prior.model.cond_channels=16", watched="loss",
                          setup=tiny_prior_sections),
 }
-# Every stage-2 objective (lib/objectives.py) keeps the trainer's guarantees: the stage-2 cases of
+# Every stage-2 objective (lib/models/objectives.py) keeps the trainer's guarantees: the stage-2 cases of
 # the shared trainer tests run for each (the ddpm prior above is the fourth).
-for _objective in ("radiodiff", "flow", "regression"):
+for _objective in [name for name in REGISTRY if name != "ddpm"]:
     TRAINERS[f"prior-{_objective}"] = dataclasses.replace(
         TRAINERS["prior"], extra_sections={"prior.diffusion": {"objective": _objective}})
 

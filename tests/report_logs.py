@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from lib.config import load_config, save_config
-from lib.schedule import lr_at
+from lib.train.schedule import lr_at
 
 T0 = 1_700_000_000.0
 ORIG_T0 = dt.datetime(2025, 1, 2, 10, 0, 0)
@@ -47,7 +47,7 @@ def toolkit_run(root: Path, stage: str = "vae", segments: Optional[list[list[int
                 edit: Optional[Callable[[int, dict], dict]] = None, val_every: int = 1000,
                 changes: Optional[list[dict]] = None, end: bool = True) -> Path:
     """A run folder ``root/out/<stage>``: records every 100 steps to 5,000 (max_steps),
-    disc_start 2001, the LR exactly as ``lib.schedule.lr_at`` says. ``segments`` and
+    disc_start 2001, the LR exactly as ``lib.train.schedule.lr_at`` says. ``segments`` and
     ``resume_from`` build a resumed run (a ``resume`` event and a run.json entry between
     segments); ``edit(step, record)`` changes a train record (e.g. inject a fault)."""
     cfg = load_config(None, [f"{stage}.train.max_steps=5000", f"{stage}.train.log_every=100",

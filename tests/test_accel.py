@@ -1,4 +1,4 @@
-"""lib.accel: the precision a run trains in (auto, the launcher's flag, recorded), the TF32
+"""lib.train.accel: the precision a run trains in (auto, the launcher's flag, recorded), the TF32
 switch (never slower than PyTorch's defaults), channels_last, compile and gradient
 checkpointing (the same training, checkpoints interchangeable, exact resume)."""
 from __future__ import annotations
@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import train_vae
-from lib.accel import DEFAULT_PRECISION, apply_backend_flags, backend_flags, prepare_model, resolve_precision
 from lib.config import PriorModelConfig, TrainConfig, VAEModelConfig, load_config
 from lib.errors import ConfigError, UserError
-from lib.models import VAEWithLogvar
-from lib.prior import LatentPrior
+from lib.models.prior import LatentPrior
+from lib.models.vae import VAEWithLogvar
+from lib.train.accel import DEFAULT_PRECISION, apply_backend_flags, backend_flags, prepare_model, resolve_precision
 from tests.helpers import (TRAINERS, checkpoint_tensors, max_abs_diff, read_records, run_main, tiny_config,
                            trainer_config)
 
@@ -189,7 +189,7 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(which):
 # ----------------------------------------------------------------------------- trainers
 def test_trainer_with_channels_last_runs_and_resumes_exactly(tmp_path, tiny_data, monkeypatch):
     """Both phases (disc_start 3) with channels_last weights and their optimizer
-    (lib.optim.ChannelsLastAdamW); stopped at step 3 and resumed, the same as straight through."""
+    (lib.train.optim.ChannelsLastAdamW); stopped at step 3 and resumed, the same as straight through."""
     def config(name):
         return tiny_config(tmp_path, tiny_data, f"{name}.yaml", output_dir=str(tmp_path / name),
                            **{"vae.train": {"channels_last": True, "checkpoint_every": 3, "val_every": 3}})
@@ -269,12 +269,13 @@ def test_every_objective_compiles_to_the_same_loss_gradients_and_samples():
     import copy
 
     import torch._dynamo
+
     from lib.config import DiffusionConfig
-    from lib.objectives import OBJECTIVES, make_objective
+    from lib.models.objectives import REGISTRY, make_objective
     cond, latents, sim = torch.rand(2, 3, 32, 32) * 2 - 1, torch.randn(2, 2, 16, 16), torch.tensor([0, 1])
     _register_counted_backends()
     torch._dynamo.reset()
-    for name in OBJECTIVES:
+    for name in REGISTRY:
         objective = make_objective(DiffusionConfig(objective=name, num_inference_steps=2))
         torch.manual_seed(0)
         eager = LatentPrior(TINY_UNET, 2, 32, 2, 2, objective.outputs)

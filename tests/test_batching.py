@@ -1,12 +1,12 @@
-"""lib.batching: the training stream resumes exactly, shards disjointly, and leaves the global
+"""lib.data.batching: the training stream resumes exactly, shards disjointly, and leaves the global
 RNG alone; evaluation batches are a fixed order."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lib.batching import batches_per_epoch, eval_batches, train_batches
-from lib.dataset import RadioMapDataset
+from lib.data.batching import batches_per_epoch, eval_batches, train_batches
+from lib.data.dataset import RadioMapDataset
 from lib.errors import DataError
 from tests.helpers import batch_keys as keys
 from tests.helpers import dataset as ds

@@ -9,11 +9,11 @@ import torch
 
 import bench
 import train_vae
-from lib.accel import make_accelerator
-from lib.config import load_config
 from lib.cli import bench_parser
-from lib.dataset import build_datasets
+from lib.config import load_config
+from lib.data.dataset import build_datasets
 from lib.errors import UserError
+from lib.train.accel import make_accelerator
 from tests.helpers import TINY_PRIOR, read_records, reset_accelerate, run_main, tiny_config
 
 REQUIRED = ["steps_per_sec", "samples_per_sec", "reference_steps_per_sec", "ratio_vs_reference",
@@ -66,7 +66,7 @@ def test_vae_bench_writes_json(tmp_path, tiny_data, capsys):
 def test_count_flops_equals_the_formula():
     """torch.utils.flop_counter through bench's counter: a linear layer's forward (2 B I O) and its
     backward to the weight only (2 B I O more), and a 3x3 convolution's forward."""
-    from lib.benchmarking import count_flops
+    from lib.bench.measure import count_flops
     lin, x = torch.nn.Linear(16, 8, bias=False), torch.randn(4, 16)
     assert count_flops(lambda t: lin(x).sum().backward(), torch.device("cpu")) == 2 * (2 * 4 * 16 * 8)
     conv, img = torch.nn.Conv2d(3, 5, 3, padding=1, bias=False), torch.randn(2, 3, 8, 8)
@@ -77,7 +77,7 @@ def test_count_flops_equals_the_formula():
 def test_reference_step_runs_under_pytorchs_default_precision(tmp_path, tiny_data, monkeypatch):
     """The toolkit's step under its config's TF32 switch, the reference's under PyTorch's defaults
     (as RadioDiff's users ran it), taking turns in one process."""
-    from lib.reference_step import ReferenceVAE
+    from lib.bench.reference_step import ReferenceVAE
     seen = {"toolkit": set(), "reference": set()}
     flags = lambda: (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)  # noqa: E731
     ref_step, tk_step = ReferenceVAE.step, bench.TrainerStep.step
@@ -199,7 +199,7 @@ def test_gpu_suite_says_it_needs_a_gpu(monkeypatch):
 
 
 def test_gpu_suite_runs_every_stage_and_setting_and_tabulates_them(tmp_path):
-    from lib.bench_suite import RUNS, run_suite
+    from lib.bench.suite import RUNS, run_suite
     calls = []
 
     def fake(argv):
@@ -228,7 +228,7 @@ def test_gpu_suite_runs_every_stage_and_setting_and_tabulates_them(tmp_path):
 
 
 def test_gpu_suite_reports_a_failed_run_and_goes_on(tmp_path):
-    from lib.bench_suite import RUNS, run_suite
+    from lib.bench.suite import RUNS, run_suite
 
     def fake(argv):
         if "vae.train.compile=true" in argv:

@@ -1,4 +1,4 @@
-"""lib.cache: the packed copy reads exactly like the PNGs, and a stale or bad cache is refused."""
+"""lib.data.cache: the packed copy reads exactly like the PNGs, and a stale or bad cache is refused."""
 from __future__ import annotations
 
 import json
@@ -12,10 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from lib import cache, cache_read
+from lib import cache as cache_cli
 from lib.config import load_config
-from lib.batching import train_batches
-from lib.dataset import RadioMapDataset, build_datasets
+from lib.data import cache
+from lib.data.batching import train_batches
+from lib.data.dataset import RadioMapDataset, build_datasets
 from lib.errors import ConfigError, DataError
 from tests.helpers import tiny_config
 
@@ -149,35 +150,35 @@ def test_stale_cache_is_refused(city, tmp_path, change):
     else:
         target.unlink()
     # (skip: the PNG listing itself would report the added or missing file first)
-    msg = one_line_error(lambda: dataset(city, cache_read.PackedMaps.open(out), on_bad_file="skip"))
+    msg = one_line_error(lambda: dataset(city, cache.PackedMaps.open(out), on_bad_file="skip"))
     assert msg.startswith(f"data.cache {out}: stale: {city / 'gain/carsIRT2'} changed")
     assert "rebuild it with `python -m lib.cache build" in msg
-    dataset(city, cache_read.PackedMaps.open(out), sims=["DPM"])        # the folders it uses are unchanged
+    dataset(city, cache.PackedMaps.open(out), sims=["DPM"])        # the folders it uses are unchanged
 
 
 def test_bad_caches_are_one_line_errors(city, tmp_path):
     out = tmp_path / "packed"
     cache.build(city, ["DPM"], out, log=quiet)
-    msg = one_line_error(lambda: dataset(city, cache_read.PackedMaps.open(out)))          # lacks carsIRT2
+    msg = one_line_error(lambda: dataset(city, cache.PackedMaps.open(out)))          # lacks carsIRT2
     assert "holds simulations ['DPM'], not ['carsIRT2']" in msg
     np.save(out / "gain-DPM.npy", np.zeros((3, 32, 32), np.uint8))                  # wrong shape
-    msg = one_line_error(lambda: cache_read.PackedMaps.open(out))
+    msg = one_line_error(lambda: cache.PackedMaps.open(out))
     assert "damaged or not a cache of this toolkit (gain-DPM.npy has shape (3, 32, 32)" in msg
     (out / "index.json").write_text("{not json")
-    assert "damaged" in one_line_error(lambda: cache_read.PackedMaps.open(out))
+    assert "damaged" in one_line_error(lambda: cache.PackedMaps.open(out))
     (out / "index.json").write_text(json.dumps({"version": 99}))
-    assert "version 99, expected 1" in one_line_error(lambda: cache_read.PackedMaps.open(out))
+    assert "version 99, expected 1" in one_line_error(lambda: cache.PackedMaps.open(out))
 
 
 # ------------------------------------------------------------------ command line
 def test_command_line_build_and_check(city, tmp_path, capsys):
     out = tmp_path / "cli-cache"
-    assert cache.main(["build", "--root", str(city), "--simulation", "DPM", "IRT2", "--out", str(out)]) == 0
-    assert cache.main(["check", "--root", str(city), "--simulation", "DPM", "--out", str(out)]) == 0
+    assert cache_cli.main(["build", "--root", str(city), "--simulation", "DPM", "IRT2", "--out", str(out)]) == 0
+    assert cache_cli.main(["check", "--root", str(city), "--simulation", "DPM", "--out", str(out)]) == 0
     assert "fresh" in capsys.readouterr().out
     cfg = tiny_config(tmp_path, city, data={"cache": str(tmp_path / "from-config")})
-    assert cache.main(["build", "--config", str(cfg)]) == 0
-    assert cache_read.PackedMaps.open(tmp_path / "from-config").simulations == ["DPM"]
+    assert cache_cli.main(["build", "--config", str(cfg)]) == 0
+    assert cache.PackedMaps.open(tmp_path / "from-config").simulations == ["DPM"]
 
 
 def test_unwritable_cache_location(city, tmp_path):

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from lib import checkpoint as ck
 from lib.errors import CheckpointError
+from lib.train import checkpoint as ck
 
 
 def make(ckpt_dir, step, val_loss=None, payload=b"weights"):
@@ -84,7 +84,7 @@ def test_clean_temporaries(tmp_path):
 def test_best_stage1_checkpoint_is_chosen_after_disc_start(tmp_path):
     """prior.vae_checkpoint best: the pixel loss favours checkpoints from before the GAN term,
     so once a run went past disc_start only the checkpoints after it are candidates."""
-    from lib.weights import resolve_trained
+    from lib.train.weights import resolve_trained
     ckpt_dir = tmp_path / "vae" / "checkpoints"
 
     def vae_ckpt(step, val_loss, disc_start=20):

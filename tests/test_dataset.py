@@ -1,4 +1,4 @@
-"""lib.layout, lib.splits, lib.dataset: discovery, splits, samples, bad-file handling."""
+"""lib.data.layout, lib.data.splits, lib.data.dataset: discovery, splits, samples, bad-file handling."""
 from __future__ import annotations
 
 import shutil
@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from lib.batching import eval_batches
 from lib.config import DataConfig, SyntheticConfig
-from lib.dataset import build_datasets
+from lib.data.batching import eval_batches
+from lib.data.dataset import build_datasets
+from lib.data.layout import discover_maps
+from lib.data.splits import random_split
 from lib.errors import DataError
-from lib.layout import discover_maps
-from lib.splits import random_split
 from tests.helpers import CITY_MAPS as N_MAPS
 from tests.helpers import CITY_SIZE as SIZE
 from tests.helpers import CITY_TX as N_TX
@@ -266,7 +266,7 @@ def test_build_datasets_real_source_does_not_generate(tmp_path):
 
 def test_pixel_conversion_is_exact_float32_arithmetic():
     """uint8 -> [-1, 1]: float32(pixel) * float32(2/255) - 1 for every value, as torch computes it."""
-    from lib.layout import to_unit
+    from lib.data.layout import to_unit
     pixels = np.arange(256, dtype=np.uint8).reshape(16, 16)
     expected = torch.from_numpy(pixels.copy()).float().mul_(2.0 / 255.0).sub_(1.0)
     got = to_unit(pixels, pixels[::-1].copy())
@@ -292,3 +292,43 @@ def test_batched_reads_equal_collated_samples(city, copy, size):
         assert torch.equal(loaded["cond"], default_collate([d[i] for i in range(len(d))])["cond"])
     assert [Path(p).name for p, _ in d.skipped] == ["1_1.png"]
     assert (batch["map_id"][2], batch["tx"][2], batch["sim_id"][2]) == (1, 2, 0)   # the next readable one
+
+
+# ------------------------------------------------------------------ what each stage reads
+@pytest.mark.parametrize("cached", [False, True])
+@pytest.mark.parametrize("size", [SIZE, 20])
+def test_each_stage_reads_only_its_fields(city, tmp_path, monkeypatch, cached, size):
+    """Stage 1 reads the gain map alone (one PNG per sample), stage 2 on its latent cache the
+    condition alone (no gain map); the values are those of a dataset that reads everything."""
+    import lib.data.layout as layout
+    from lib.data.cache import PackedMaps, build
+    from lib.data.dataset import STAGE_FIELDS
+    packed = None
+    if cached:
+        build(city, ["DPM", "carsIRT2"], tmp_path / "packed", log=quiet)
+        packed = PackedMaps.open(tmp_path / "packed")
+    full = ds(city, ("DPM", "carsIRT2"), size=size, cache=packed)
+    read: list[str] = []
+    real = layout.read_png
+    monkeypatch.setattr(layout, "read_png", lambda path, *a: read.append(Path(path).parts[-2]) or real(path, *a))
+    idx = [0, 3, len(full) - 1]
+    reference = {i: full[i] for i in idx}
+    read.clear()
+    for stage, kinds in (("vae", {"DPM", "carsIRT2"}), ("prior-cached", {"buildings_complete", "antennas", "cars"})):
+        d = full.with_fields(STAGE_FIELDS[stage])
+        batch = d.__getitems__(idx)
+        assert set(batch) == {*STAGE_FIELDS[stage], "sim_id", "map_id", "tx", "index"}
+        for k, i in enumerate(idx):
+            single = d[i]
+            for f in STAGE_FIELDS[stage]:
+                assert torch.equal(single[f], reference[i][f]) and torch.equal(batch[f][k], reference[i][f]), (stage, f)
+        if cached:
+            assert read == []                               # the arrays, no PNG
+        else:
+            assert set(read) <= kinds and read, (stage, read)
+            if stage == "vae":
+                assert len(read) == 2 * len(idx)            # one gain PNG per sample (single and batched)
+        read.clear()
+    assert full.fields == ("image", "cond")                 # with_fields copies, the original reads both
+    with pytest.raises(ValueError, match="fields"):
+        full.with_fields(("gain",))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.helpers import (TRAINERS, checkpoint_tensors, max_abs_diff, read_records, run_injected, run_main,
-                           trainer_config)
+                            trainer_config)
 
 pytestmark = pytest.mark.parametrize("trainer", list(TRAINERS), indirect=True)
 
@@ -18,7 +18,7 @@ import torch
 from accelerate.utils import gather
 from pathlib import Path
 OUT = Path(os.environ["PROBE_DIR"])
-import lib.optim as optim
+import lib.train.optim as optim
 orig_apply, orig_clip = optim.apply_updates, optim.clip_grad_norms
 state = {"n": 0}
 def clip(accelerator, optimizers, max_norm):
@@ -39,7 +39,7 @@ def apply(accelerator, optimizers, schedulers, finite):
 optim.apply_updates, optim.clip_grad_norms = apply, clip
 """
 DETERMINISTIC = """
-import lib.models as models
+import lib.models.vae as models
 orig_forward = models.VAEWithLogvar.forward
 models.VAEWithLogvar.forward = lambda self, x, sample_posterior=True: orig_forward(self, x, False)
 """

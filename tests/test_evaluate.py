@@ -13,14 +13,14 @@ from PIL import Image
 
 import evaluate
 import train_unified_prior
-from lib.baselines import DistanceBaseline, fit_distance_baseline
-from lib.condition import log_distance
 from lib.config import load_config
-from lib.batching import eval_batches
-from lib.dataset import build_datasets
-from lib.metrics import MetricAccumulator
-from lib.latents import decode_latents, encode_latents
-from lib.weights import load_vae
+from lib.data.batching import eval_batches
+from lib.data.condition import log_distance
+from lib.data.dataset import build_datasets
+from lib.evaluation.baselines import DistanceBaseline, fit_distance_baseline
+from lib.evaluation.metrics import MetricAccumulator
+from lib.models.latents import decode_latents, encode_latents
+from lib.train.weights import load_vae
 from tests.helpers import TRAINERS, run_main, trainer_config
 
 SIMS = ["DPM", "IRT2"]
@@ -90,7 +90,7 @@ def test_missing_prior_checkpoint_is_one_line(tmp_path, tiny_data, monkeypatch, 
     cfg = trainer_config(tmp_path, replace(TRAINERS["prior"], data_root=tiny_data))
     assert run_main(evaluate, ["--config", cfg], monkeypatch) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert line.startswith("error: no stage-2 checkpoint") and "train_unified_prior.py" in line
+    assert line.startswith("error: --checkpoint best: no complete stage-2 checkpoint") and "train_unified_prior.py" in line
 
 
 # ----------------------------------------------------------------------------- distance baseline
@@ -185,7 +185,7 @@ def test_prior_checkpoint_vae_carries_the_scaling_factor(evaluated):
 
 
 SLOW_EVALUATION = """
-import time, lib.evaluation as ev
+import time, lib.evaluation.scoring as ev
 orig = ev.PredictionStore.add
 def add(self, *a, **k):
     orig(self, *a, **k)

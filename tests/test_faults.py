@@ -5,7 +5,7 @@ import signal
 import pytest
 import torch
 
-from lib.faults import EXIT_PREEMPTED, EXIT_STOPPED
+from lib.train.faults import EXIT_PREEMPTED, EXIT_STOPPED
 from tests.helpers import (TRAINERS, checkpoint_tensors, max_abs_diff, poison_training_forward, read_records,
                            run_injected, run_main, trainer_config)
 
@@ -22,7 +22,7 @@ def test_kill_during_checkpoint_write_then_resume(tmp_path, trainer, monkeypatch
     cfg = trainer_config(tmp_path, trainer, "k.yaml", output_dir=str(tmp_path / "k"))
     # kill -9 in the middle of writing step 6 (after the files, before the rename)
     r = run_injected(tmp_path, trainer, cfg, """
-        import lib.checkpoint as ck
+        import lib.train.checkpoint as ck
         orig = ck.commit
         def commit(tmp, state):
             if state["step"] == 6:
@@ -47,7 +47,7 @@ def test_sigterm_then_resume_equals_uninterrupted(tmp_path, trainer, monkeypatch
     cfg = trainer_config(tmp_path, trainer, "s.yaml", output_dir=str(tmp_path / "s"))
     # a real SIGTERM arrives while step 4's record is being written
     r = run_injected(tmp_path, trainer, cfg, """
-        import lib.runlog as rl
+        import lib.train.runlog as rl
         orig = rl.RunLog.record
         def record(self, split, step, values, echo=True):
             if split == "train" and step == 4:
@@ -65,7 +65,8 @@ def test_sigterm_then_resume_equals_uninterrupted(tmp_path, trainer, monkeypatch
 
 
 def test_nan_loss_skips_update_and_logs(tmp_path, trainer, monkeypatch):
-    from lib import optim
+    from lib.train import optim
+
     snapshots = []
     poison_training_forward(monkeypatch, trainer, lambda n: n == 3)   # the 3rd micro-batch's loss is NaN
     orig_apply = optim.apply_updates
@@ -121,7 +122,8 @@ def test_lr_spike_divergence_is_detected_and_stops(tmp_path, trainer, monkeypatc
 
 
 def test_unstepped_schedule_is_caught_by_the_guard(tmp_path, trainer, monkeypatch, capsys):
-    from lib import optim
+    from lib.train import optim
+
     orig = optim.apply_updates
     # the seeds' unified-prior bug: optimizers step, the schedule never does
     monkeypatch.setattr(optim, "apply_updates", lambda acc, opts, scheds, finite: orig(acc, opts, [], finite))

@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-import lib.images as images
-from lib.images import BUILDING_RGB, CAR_RGB, PAD, TX_RGB, marker_radius, render_grid, save_grid
+import lib.evaluation.images as images
+from lib.evaluation.images import BUILDING_RGB, CAR_RGB, PAD, TX_RGB, marker_radius, render_grid, save_grid
 
 H, W = 32, 48  # not square, so rows and columns cannot be confused
 

@@ -1,4 +1,4 @@
-"""Stage 2's latent cache (lib/latent_cache.py): the encoder's numbers, the same training, stale
+"""Stage 2's latent cache (lib/models/latents.py): the encoder's numbers, the same training, stale
 caches refused, built once."""
 from dataclasses import replace
 from pathlib import Path
@@ -8,9 +8,9 @@ import torch
 
 import train_unified_prior
 from lib.config import load_config
-from lib.dataset import build_datasets
-from lib.latent_cache import LatentCacheError, LatentSource, _chunks, open_latent_cache
-from lib.weights import load_vae
+from lib.data.dataset import build_datasets
+from lib.models.latents import LatentCacheError, LatentSource, _chunks, open_latent_cache
+from lib.train.weights import load_vae
 from tests.helpers import TRAINERS, checkpoint_tensors, max_abs_diff, read_records, run_main, trainer_config
 
 

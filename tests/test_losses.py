@@ -3,9 +3,9 @@ import torch
 
 from lib.config import VAELossConfig, VAEModelConfig
 from lib.errors import ConfigError
-from lib.losses import (ADAPTIVE_WEIGHT_MAX, adaptive_weight, discriminator_loss, generator_loss, grad_norm_at,
-                        load_perceptual)
-from lib.models import PatchDiscriminator, VAEWithLogvar, frozen
+from lib.models.losses import (ADAPTIVE_WEIGHT_MAX, adaptive_weight, discriminator_loss, generator_loss, grad_norm_at,
+                               load_perceptual)
+from lib.models.vae import PatchDiscriminator, VAEWithLogvar, frozen
 
 MODEL = VAEModelConfig(block_out_channels=[8, 16], layers_per_block=1, latent_channels=2,
                        norm_num_groups=8, mid_block_attention=False)

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lib import synthetic
+from lib import synthetic as synthetic_cli
+from lib.data import synthetic
+from lib.data.map_stats import REAL_RANGES, map_statistics
 from lib.errors import DataError
-from lib.map_stats import REAL_RANGES, map_statistics
 
 
 def png(path, arr):
@@ -46,7 +47,7 @@ def test_statistics_of_a_handmade_folder(handmade, capsys):
     # medians over the two maps: 0.11, 0.167, 0.333, 0.281
     assert st.inside_real() == {"median": True, "above_half": False, "below_005": True, "buildings": True}
 
-    assert synthetic.main(["stats", str(handmade)]) == 0          # every simulation under gain/
+    assert synthetic_cli.main(["stats", str(handmade)]) == 0          # every simulation under gain/
     out = capsys.readouterr().out
     assert "DPM: 2 gain maps of 2 city maps" in out
     row = next(line for line in out.splitlines() if line.strip().startswith("buildings, share of the map"))

@@ -7,17 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from lib.metrics import (
-    METRIC_NAMES,
-    SUM_NAMES,
-    NMSE_EPS,
-    PSNR_MAX_DB,
-    MetricAccumulator,
-    per_map_metrics,
-    summarize,
-    summarize_groups,
-    to_unit,
-)
+from lib.evaluation.metrics import (METRIC_NAMES, NMSE_EPS, PSNR_MAX_DB, SUM_NAMES, MetricAccumulator,
+                                     per_map_metrics, summarize, summarize_groups, to_unit)
 
 
 def _rand_maps(b: int, seed: int, c: int = 1, h: int = 32, w: int = 32) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""lib.optim: ChannelsLastAdamW is torch's AdamW to the bit, without copies of channels_last weights;
+"""lib.train.optim: ChannelsLastAdamW is torch's AdamW to the bit, without copies of channels_last weights;
 ``update`` clips before it steps, steps every schedule once per applied update and none for a
 skipped one, and goes through fp16's gradient scaler as it should."""
 from __future__ import annotations
@@ -10,8 +10,8 @@ import torch
 import torch.optim.adam as torch_adam
 
 from lib.config import TrainConfig
-from lib.optim import ChannelsLastAdamW, update
-from lib.schedule import build_scheduler, lr_at
+from lib.train.optim import ChannelsLastAdamW, update
+from lib.train.schedule import build_scheduler, lr_at
 
 
 def _model(channels_last: bool) -> torch.nn.Module:
@@ -73,9 +73,9 @@ def test_state_dict_round_trip_continues_identically():
     assert all(torch.equal(a, b) for a, b in zip(m.parameters(), m2.parameters()))
 
 
-# ----------------------------------------------------------------------------- the update (lib.optim.update)
+# ----------------------------------------------------------------------------- the update (lib.train.optim.update)
 class OneProcess:
-    """What lib.optim.update asks of an Accelerator, on one process (``scaler``: fp16's GradScaler)."""
+    """What lib.train.optim.update asks of an Accelerator, on one process (``scaler``: fp16's GradScaler)."""
     num_processes, device = 1, torch.device("cpu")
 
     def __init__(self, scaler=None) -> None:

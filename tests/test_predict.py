@@ -83,7 +83,8 @@ def test_maps_go_under_out_only_and_never_twice(trained, tiny_data, monkeypatch,
     shutil.copytree(metrics["checkpoints"]["prior"], ckpt)
     state = json.loads((ckpt / "trainer_state.json").read_text())
     state["simulations"] = ["../../../../elsewhere/x"]
-    from lib import checkpoint as ck
+    from lib.train import checkpoint as ck
+
     state["state_sha256"] = ck.state_digest(state)             # a consistent but hostile checkpoint
     (ckpt / "trainer_state.json").write_text(json.dumps(state))
     out = tmp / "safe-out"
@@ -111,8 +112,8 @@ def test_the_exported_pipeline_equals_predict_and_evaluate(trained, tiny_data, m
     import torch
 
     from lib import export
-    from lib.layout import ANTENNAS_DIR, BUILDINGS_DIR, read_png, tx_pixel
-    from lib.pipeline import RadioConditionEncoder, RadioMapPipeline
+    from lib.data.layout import ANTENNAS_DIR, BUILDINGS_DIR, read_png, tx_pixel
+    from lib.evaluation.pipeline import RadioConditionEncoder, RadioMapPipeline
     from tests.helpers import reset_accelerate
     tmp, cfg, metrics = trained
     ckpt = metrics["checkpoints"]["prior"]

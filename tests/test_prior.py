@@ -11,13 +11,15 @@ import torch
 
 import train_unified_prior
 from lib.config import load_config
-from lib.condition import distance_map, obstruction_map
-from lib.dataset import build_datasets
-from lib.objectives import RadioDiff, generate_maps, make_objective
-from lib.prior import LatentPrior
-from lib.schedule import lr_at
-from lib.latents import encode_latents, measure_latent_scale
-from lib.weights import load_vae
+from lib.data.condition import distance_map, obstruction_map
+from lib.data.dataset import build_datasets
+from lib.errors import ConfigError, UserError
+from lib.models.latents import encode_latents, measure_latent_scale
+from lib.models.objectives import (REGISTRY, RadioDiff, Regression, choose_sampler, generate_maps, make_objective,
+                                   register)
+from lib.models.prior import LatentPrior
+from lib.train.schedule import lr_at
+from lib.train.weights import load_vae
 from tests.helpers import (TRAINERS, checkpoint_tensors, max_abs_diff, read_records, run_main, tiny_config,
                            tiny_prior_sections, trainer_config)
 
@@ -326,7 +328,7 @@ def test_missing_vae_checkpoint_is_one_line(tmp_path, prior_trainer, monkeypatch
     cfg = trainer_config(tmp_path, prior_trainer, **{"prior": {"vae_checkpoint": "best"}})
     assert run(monkeypatch, cfg, "--set", "seed=3") == 2
     line = error_line(capsys)
-    assert "no stage-1 VAE checkpoint" in line and str(tmp_path / "run") in line
+    assert "no complete stage-1 VAE checkpoint" in line and str(tmp_path / "run") in line
     assert f"run `python train_vae.py --config {cfg} --set seed=3` first" in line     # the user's own flags
     assert not (tmp_path / "run" / "prior").exists()         # nothing written
     cfg = trainer_config(tmp_path, prior_trainer, **{"prior": {"vae_checkpoint": str(tmp_path / "nope")}})
@@ -362,3 +364,48 @@ def test_prior_refuses_validation_maps_the_vae_trained_on(tmp_path, prior_traine
     run_json = json.loads((tmp_path / "run" / "prior" / "run.json").read_text())
     assert run_json["allow_overlap"][0]["maps"] == 2 and run_json["split"]["seed"] == 1
     assert run_json["vae_step"] == 3
+
+
+# ----------------------------------------------------------------------------- the registry
+def test_the_registry_checks_objectives_and_samplers_in_one_line(tiny):
+    cfg = tiny[0]
+    with pytest.raises(ConfigError) as err:
+        make_objective(diffusion_cfg(cfg, objective="score"))
+    assert "prior.diffusion.objective: 'score' is not an objective; expected one of ddpm, radiodiff, flow, " \
+           "regression" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        make_objective(diffusion_cfg(cfg, objective="flow", sampler="ddim"))
+    assert "prior.diffusion.sampler: 'ddim' is not a sampler of objective flow; expected null or euler or heun" \
+        in str(err.value)
+    assert choose_sampler(diffusion_cfg(cfg, objective="flow", sampler=None), None) == "euler"
+    assert choose_sampler(diffusion_cfg(cfg, objective="ddpm", sampler="ddim"), "dpm") == "dpm"
+    with pytest.raises(UserError, match="--sampler heun: objective ddpm samples with ddim or dpm"):
+        choose_sampler(diffusion_cfg(cfg, objective="ddpm"), "heun")
+
+
+def test_a_new_objective_is_one_registered_class(tiny, monkeypatch):
+    """What "adding an objective touches one file" means: a class registered under its name is
+    accepted by the config check and the samplers, and gives the prior its outputs, its loss and
+    its samples."""
+    cfg, data, vae = tiny
+    monkeypatch.setattr("lib.models.objectives.REGISTRY", dict(REGISTRY))
+
+    @register
+    class Halved(Regression):
+        name, samplers = "halved", ("half",)
+
+        def sample(self, prior, cond, sim_id, steps, sampler=None, generator=None):
+            return super().sample(prior, cond, sim_id, steps, sampler, generator) / 2
+
+    dcfg = diffusion_cfg(cfg, objective="halved")
+    objective = make_objective(dcfg)
+    assert isinstance(objective, Halved) and choose_sampler(dcfg, None) == "half"
+    prior, batch = build_prior(cfg, vae, outputs=objective.outputs), batch_of(data["train"])
+    latents = encode_latents(vae.vae, batch["image"])
+    assert torch.isfinite(objective.loss(prior, latents, batch["cond"], batch["sim_id"]))
+    reference = make_objective(diffusion_cfg(cfg, objective="regression"))
+    with torch.no_grad():
+        torch.testing.assert_close(objective.sample(prior, batch["cond"], batch["sim_id"], 1),
+                                   reference.sample(prior, batch["cond"], batch["sim_id"], 1) / 2)
+    import lib.models.objectives as objectives
+    assert "halved" in objectives.REGISTRY

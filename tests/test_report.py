@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from report_logs import ORIG_CONFIG, orig_line, original_log, stamp, toolkit_run
 
 import report
-from lib.read_original import parse_config_line
-from lib.read_run import load_run
-from report_logs import ORIG_CONFIG, orig_line, original_log, stamp, toolkit_run
+from lib.report.read_original import parse_config_line
+from lib.report.read_run import load_run
 
 ROOT = Path(__file__).resolve().parent.parent
 PRAISE = ("excellent", "successful", "production-ready", "outstanding", "perfect", "state-of-the-art")
@@ -92,9 +92,9 @@ def test_config_line_is_never_executed(tmp_path):
 
 
 def test_no_eval_exec_in_report_code():
-    for path in ("report.py", "lib/runtable.py", "lib/read_original.py", "lib/read_toolkit.py", "lib/read_run.py",
-                 "lib/findings.py", "lib/findings_schedule.py", "lib/analysis.py", "lib/report_text.py",
-                 "lib/report_figures.py"):
+    for path in ("report.py", "lib/report/runtable.py", "lib/report/read_original.py", "lib/report/read_toolkit.py", "lib/report/read_run.py",
+                 "lib/report/findings.py", "lib/report/findings.py", "lib/report/analysis.py", "lib/report/text.py",
+                 "lib/report/figures.py"):
         tree = ast.parse((ROOT / path).read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
@@ -266,7 +266,8 @@ def test_bad_config_option_is_a_user_error(tmp_path):
 
 def test_parallel_parse_of_original_logs_equals_sequential(tmp_path, monkeypatch):
     import numpy as np
-    import lib.read_original as rp
+
+    import lib.report.read_original as rp
     # 41 lines: the halves split the generator and discriminator lines of step 2,000
     f1 = original_log(tmp_path / "a.log", list(range(1100, 3001, 100)))
     f2 = original_log(tmp_path / "b.log", list(range(2500, 3001, 100)), t0=90000)
@@ -310,7 +311,7 @@ def test_lr_mismatch_reaches_the_figures_and_the_report(tmp_path):
 def test_an_overlong_line_and_an_impossible_step_are_skipped_not_fatal(tmp_path):
     """A line of several MiB is counted and skipped without being read whole (report.py once used
     7.8 GB on one 253 MB line); a step beyond any run's (2^64) is skipped, not an overflow."""
-    from lib.runtable import MAX_LINE
+    from lib.report.runtable import MAX_LINE
     run = toolkit_run(tmp_path, stage="prior")
     p = run / "metrics.jsonl"
     long_line = '{"step": 5100, "split": "train", "loss": 1.0, "pad": "' + "x" * (3 * MAX_LINE) + '"}\n'

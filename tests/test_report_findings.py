@@ -1,4 +1,4 @@
-"""lib.findings: every finding on a log made to contain it, and none but info on clean runs."""
+"""lib.report.findings: every finding on a log made to contain it, and none but info on clean runs."""
 from __future__ import annotations
 
 import math
@@ -6,11 +6,11 @@ import re
 
 import numpy as np
 import pytest
-
-from lib.analysis import analyze
-from lib.findings import moving_average
-from lib.read_run import load_run
 from report_logs import original_log, toolkit_run
+
+from lib.report.analysis import analyze
+from lib.report.findings import moving_average
+from lib.report.read_run import load_run
 
 
 def findings(paths, config=None):
@@ -76,7 +76,7 @@ def test_clean_resumed_toolkit_run(tmp_path):
 def test_resume_that_lowered_the_lr_is_compared_piecewise(tmp_path):
     # the first 3,000 steps ran with lr 1e-5; the resume lowered it to the default 5e-6
     from lib.config import load_config
-    from lib.schedule import lr_at
+    from lib.train.schedule import lr_at
     old = load_config(None, ["vae.train.max_steps=5000", "vae.train.lr=1e-5"]).vae.train
 
     def edit(step, rec):
@@ -136,13 +136,13 @@ def test_original_flat_zero_disc_loss(tmp_path):
 
 
 def test_original_lr_with_our_config(tmp_path):
-    # --config: the logged LR (five decimals) against lib.schedule.lr_at of our config
+    # --config: the logged LR (five decimals) against lib.train.schedule.lr_at of our config
     import yaml
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text(yaml.safe_dump({"vae": {"train": {"max_steps": 3000, "lr": 1e-4, "min_lr": 1e-6},
                                                 "loss": {"disc_start": 1001}}}))
     from lib.config import load_config
-    from lib.schedule import lr_at
+    from lib.train.schedule import lr_at
     tcfg = load_config(cfg_path).vae.train
     log = original_log(tmp_path / "a.log", list(range(0, 3001, 100)), config=None,
                        lr_fn=lambda s: lr_at(tcfg, s))

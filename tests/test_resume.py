@@ -1,11 +1,11 @@
-"""lib.resume: what a resume restores, and what it says when it cannot restore all of it."""
+"""lib.train.resume: what a resume restores, and what it says when it cannot restore all of it."""
 from __future__ import annotations
 
 import torch
 from accelerate import Accelerator
 
-from lib import checkpoint as ck
-from lib.resume import load_training_state
+from lib.train import checkpoint as ck
+from lib.train.resume import load_training_state
 from tests.helpers import reset_accelerate
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lib.faults import EXIT_PREEMPTED, EXIT_STOPPED
+from lib.train.faults import EXIT_PREEMPTED, EXIT_STOPPED
 from tests.helpers import (ROOT, TRAINERS, checkpoint_tensors, max_abs_diff, read_records, run_injected, run_main,
                            tiny_config, trainer_config)
 
@@ -32,7 +32,7 @@ def last_error(capsys) -> str:
 
 # ----------------------------------------------------------------------------- one run at a time
 SLOW_STEPS = """
-import time, lib.optim as optim
+import time, lib.train.optim as optim
 orig = optim.apply_updates
 def apply_updates(*a, **k):
     time.sleep(0.5)
@@ -86,7 +86,7 @@ def test_two_runs_started_together_one_refuses(tmp_path, tiny_data):
 
 # ----------------------------------------------------------------------------- preemption
 SLOW_VALIDATION = """
-import time, signal, lib.evaluation as ev
+import time, signal, lib.evaluation.scoring as ev
 from pathlib import Path
 orig = ev.timed
 def timed(fn, device):
@@ -149,7 +149,7 @@ def test_ctrl_c_during_synthetic_generation_leaves_nothing(tmp_path, tiny_data):
     data = tmp_path / "syn"
     cfg = tiny_config(tmp_path, data, data={"synthetic": {"num_maps": 8, "tx_per_map": 2, "size": 32}})
     patch = """
-import lib.synthetic as syn
+import lib.data.synthetic as syn
 orig = syn._write_map
 def write(root, map_id, *a, **k):
     if map_id == 2:
@@ -171,7 +171,7 @@ def test_a_failure_after_the_start_is_in_the_runs_own_log(tmp_path, tiny_data, m
     vae = TRAINERS["vae"]
     cfg = tiny_config(tmp_path, tiny_data)
     patch = """
-import lib.optim as optim
+import lib.train.optim as optim
 orig, calls = optim.apply_updates, [0]
 def apply_updates(*a, **k):
     calls[0] += 1
@@ -201,7 +201,10 @@ def test_a_rejected_resume_changes_nothing(tmp_path, trainer, monkeypatch, capsy
     assert run_main(trainer.module, ["--config", cfg], monkeypatch) == 0
     run_dir = tmp_path / "run" / trainer.subdir
     snapshot = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
-    for override, expected in ((trainer.shape_override, "was saved with a different model"),
+    changes = [(trainer.shape_override, "was saved with a different model")]
+    if trainer.subdir == "vae":           # the discriminator's shape is part of the model too
+        changes.append(("vae.loss.disc_layers=1", "different model: vae.loss.disc_layers = 2 there, 1"))
+    for override, expected in (*changes,
                                ("data.simulation=[DPM, IRT2]", "data.simulation" if trainer.subdir == "prior"
                                 else "trained on other data: data.simulation")):
         assert run_main(trainer.module, ["--config", cfg, "--resume", "latest", "--set", override], monkeypatch) == 2
@@ -251,7 +254,7 @@ def test_a_requeued_job_can_always_pass_resume_latest(tmp_path, trainer, monkeyp
     assert run_main(trainer.module, ["--config", ref], monkeypatch) == 0
     cfg = trainer_config(tmp_path, trainer, "q.yaml", output_dir=str(tmp_path / "q"))
     r = run_injected(tmp_path, trainer, cfg, """
-        import lib.optim as optim
+        import lib.train.optim as optim
         orig, calls = optim.apply_updates, [0]
         def apply_updates(*a, **k):
             calls[0] += 1
@@ -280,7 +283,8 @@ def test_nonfinite_weights_are_never_checkpointed_and_the_advised_resume_works(t
     """An update that leaves an infinite weight (a far too high LR does that): every later loss is
     NaN, the run stops, and no checkpoint holds those weights, so the advice it prints (lower the
     LR, then --resume latest) continues from the last finite one."""
-    from lib import optim
+    from lib.train import optim
+
     orig, calls = optim.apply_updates, [0]
 
     def apply_updates(accelerator, optimizers, schedulers, finite):
@@ -311,7 +315,7 @@ def test_nonfinite_weights_are_never_checkpointed_and_the_advised_resume_works(t
 def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_earlier_ones_stand(tmp_path, tiny_data, monkeypatch, capsys):
     import errno
 
-    import lib.checkpoint as ck
+    import lib.train.checkpoint as ck
     import train_vae
     orig = ck.write_file
 
@@ -336,7 +340,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_earlier_ones_stand(tmp_
 def test_an_output_folder_that_cannot_be_made_or_written_is_one_line(tmp_path, tiny_data, monkeypatch, capsys):
     """output_dir under a file, or a folder that cannot be written: one line for a run and for
     --dry-run alike, nothing written."""
-    import lib.run
+    import lib.train.run
     import train_vae
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
@@ -347,8 +351,8 @@ def test_an_output_folder_that_cannot_be_made_or_written_is_one_line(tmp_path, t
                                       f"{blocker / 'run' / 'vae'} cannot be made there (pass --set output_dir=NEW_DIR)")
     read_only = tmp_path / "read-only"
     read_only.mkdir()
-    real_access = lib.run.os.access
-    monkeypatch.setattr(lib.run.os, "access", lambda p, mode: Path(p) != read_only and real_access(p, mode))
+    real_access = lib.train.run.os.access
+    monkeypatch.setattr(lib.train.run.os, "access", lambda p, mode: Path(p) != read_only and real_access(p, mode))
     cfg = tiny_config(tmp_path, tiny_data, "ro.yaml", output_dir=str(read_only))
     for extra in ([], ["--dry-run"]):
         assert run_main(train_vae, ["--config", cfg, *extra], monkeypatch) == 2

@@ -1,4 +1,4 @@
-"""lib.runlock: a lock left by a process that is gone is taken over, one held by a live run is
+"""lib.outputs: a lock left by a process that is gone is taken over, one held by a live run is
 not, and a PID the kernel gave to another process since is not mistaken for the holder."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from lib.errors import UserError
-from lib.runlock import LOCK_FILE, RunLock, process_start
+from lib.outputs import LOCK_FILE, RunLock, process_start
 
 
 @pytest.fixture

@@ -5,8 +5,7 @@ import torch
 
 from lib.config import TrainConfig
 from lib.numfmt import fmt_lr
-from lib.schedule import (ScheduleMismatch, build_scheduler, check_schedule, key_points, lr_at,
-                          rebase_scheduler)
+from lib.train.schedule import ScheduleMismatch, build_scheduler, check_schedule, key_points, lr_at, rebase_scheduler
 
 
 def cfg(**kw):
@@ -16,7 +15,7 @@ def cfg(**kw):
 
 
 def expected(c, s):
-    """The documented closed forms (lib/schedule.py docstring)."""
+    """The documented closed forms (lib/train/schedule.py docstring)."""
     if c.lr_scheduler != "constant" and s < c.warmup_steps:
         return c.lr * s / c.warmup_steps
     if c.lr_scheduler in ("constant", "constant_with_warmup"):
@@ -103,7 +102,7 @@ def test_lr_at_needs_no_torch():
     """report.py evaluates lr_at for every logged step without importing torch (seconds)."""
     import subprocess
     import sys
-    code = ("import sys; from lib.config import TrainConfig; from lib.schedule import lr_at; "
+    code = ("import sys; from lib.config import TrainConfig; from lib.train.schedule import lr_at; "
             "lr_at(TrainConfig(), 10); print(sorted(m for m in ('torch', 'diffusers') if m in sys.modules))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))

@@ -1,4 +1,4 @@
-"""lib/splits.py: the published protocols exactly as the original loaders compute them, the
+"""lib/data/splits.py: the published protocols exactly as the original loaders compute them, the
 random split's own seed, split files, the contamination guard; the RadioMapSeer layout as it is
 (IRT4 only for transmitters 0-1), cars as an input channel and RadioUNet's threshold."""
 from __future__ import annotations
@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from lib.config import DataConfig, load_config
-from lib.dataset import RadioMapDataset, prepare_data
+from lib.data.dataset import RadioMapDataset, prepare_data
+from lib.data.splits import check_overlap, make_split, protocol_split, protocol_warnings, random_split
 from lib.errors import DataError
-from lib.splits import check_overlap, make_split, protocol_split, protocol_warnings, random_split
 from tests.helpers import dataset, quiet, tiny_config
 
 

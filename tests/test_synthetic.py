@@ -1,4 +1,4 @@
-"""lib.synthetic: layout, determinism and the physics the simulations must respect."""
+"""lib.data.synthetic: layout, determinism and the physics the simulations must respect."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lib import synthetic
+from lib import synthetic as synthetic_cli
 from lib.config import DataConfig, SyntheticConfig
+from lib.data import synthetic
 from lib.errors import DataError
 
 SIMS = ["DPM", "IRT2", "IRT4", "carsDPM", "carsIRT2", "carsIRT4"]
@@ -198,7 +199,7 @@ def test_ensure_synthetic_generates_once(tmp_path):
 
 
 def test_cli(tmp_path, capsys):
-    assert synthetic.main(["--root", str(tmp_path / "c"), "--num-maps", "2", "--tx-per-map", "2",
+    assert synthetic_cli.main(["--root", str(tmp_path / "c"), "--num-maps", "2", "--tx-per-map", "2",
                            "--seed", "7", "--size", "32", "--no-cars"]) == 0
     assert "2 maps x 2 transmitters" in capsys.readouterr().out
     assert len(list((tmp_path / "c/gain/IRT2").iterdir())) == 4

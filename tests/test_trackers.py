@@ -1,13 +1,13 @@
-"""lib.trackers: Accelerate's experiment trackers (report_to). TensorBoard, the default, gets the
+"""lib.train.trackers: Accelerate's experiment trackers (report_to). TensorBoard, the default, gets the
 records and the sample grids as images; a tracker whose package is missing is one line."""
 from __future__ import annotations
 
 import pytest
 
 import train_vae
-from lib import trackers
 from lib.config import load_config
 from lib.errors import ConfigError
+from lib.train import trackers
 from tests.helpers import read_records, run_main, tiny_config
 
 

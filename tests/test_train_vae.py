@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 import train_vae
 from lib.config import load_config
-from lib.dataset import build_datasets
-from lib.schedule import lr_at
+from lib.data.dataset import build_datasets
+from lib.train.schedule import lr_at
 from tests.helpers import checkpoint_tensors, max_abs_diff, read_records, run_main, tiny_config
 
 
@@ -119,8 +119,8 @@ def test_train_step_trains_the_discriminator_after_disc_start_only_and_the_logva
     the generator's optimizer and moves in both; the discriminator moves only once it is active
     (the reference's gradient_accumulate_every: 1 never updated it); the generator and
     discriminator schedules advance once per update either way."""
-    from lib.accel import make_accelerator
-    from lib.batching import train_batches
+    from lib.data.batching import train_batches
+    from lib.train.accel import make_accelerator
     from tests.helpers import reset_accelerate
     reset_accelerate()
     cfg = load_config(tiny_config(tmp_path, tiny_data, **{"vae.train": {"warmup_steps": 0}}))   # LR > 0 at once
