@@ -3,6 +3,7 @@
     python evaluate.py --config configs/demo.yaml                   # test maps, best prior checkpoint
     python evaluate.py --config configs/m.yaml --steps 10 --sampler dpm --checkpoint latest
     python evaluate.py --config configs/m.yaml --save-predictions   # + every predicted map, to recompute
+    python evaluate.py --config configs/demo.yaml --measurements 0 --measurements 2% --samples 8
 
 Next to the model it measures, on the same maps, two baselines: the VAE round trip of the
 ground truth (``vae_ceiling``: the best stage 2 can do through this VAE) and a distance-only
@@ -14,6 +15,14 @@ The maps it is measured on must not be training maps of the VAE or the prior (th
 guard; ``--allow-overlap`` measures anyway and says so). Writes ``{output_dir}/eval/metrics.json``
 (with a ``protocol`` entry: split, map ids, threshold, sampler, checkpoints), ``metrics.md`` and
 ``samples.png``. Runs in one process (a GPU when there is one).
+
+Also in ``metrics.json`` and ``metrics.md``: every method's set-level metrics by region
+(outside buildings, line of sight or not, distance bands: lib/evaluation/regions.py), in gray
+levels and in dB (``data.db_range``, lib/data/units.py); with ``--measurements N`` (a model trained
+with measurements; repeatable) the model at each N, with the same measured pixels for the same
+seed (lib/data/measurements.py); with ``--samples K`` the metrics of the mean of K maps, those of
+one map, and the calibration of their spread (lib/evaluation/uncertainty.py), and with
+``--save-predictions`` their std and quantiles per pixel.
 """
 from __future__ import annotations
 
@@ -33,14 +42,18 @@ from torch.utils.data import Subset
 
 from lib.cli import evaluate_parser
 from lib.config import load_config
+from lib.data import measurements
 from lib.data.batching import eval_batches
 from lib.data.dataset import build_datasets, prepare_data
 from lib.data.splits import check_overlap, data_mismatch, maps_hash, protocol_warnings, split_record
+from lib.data.units import db_per_unit
 from lib.errors import UserError, run_cli
 from lib.evaluation.baselines import fit_distance_baseline
 from lib.evaluation.images import save_samples
-from lib.evaluation.metrics import DB_PER_GRAY_LEVEL, METRIC_NAMES, MetricAccumulator, summarize, summarize_groups
+from lib.evaluation.metrics import METRIC_NAMES, MetricAccumulator, summarize, summarize_groups
+from lib.evaluation.regions import LOS_SHARE, METRES_AT_256, REGIONS, RegionAccumulator, region_masks
 from lib.evaluation.scoring import PredictionStore, score_methods
+from lib.evaluation.uncertainty import QUANTILES, CalibrationAccumulator, sample_stats
 from lib.models.latents import decode_latents, encode_latents
 from lib.models.objectives import choose_sampler, generate_maps, make_objective
 from lib.models.prior import ARCHITECTURE_KEYS
@@ -57,6 +70,7 @@ GRID_TITLES = {"model": "model", "vae_ceiling": "VAE round trip", "distance_base
 
 
 def method_summary(acc: MetricAccumulator, seconds: float, db_factor: float) -> dict[str, Any]:
+    """A method's metrics: mean and std over samples, set level, per simulator."""
     values, groups = acc.values(), acc.groups()
     out: dict[str, Any] = summarize(values)
     out["rmse_db"] = db_factor * out["rmse_set"]
@@ -72,7 +86,7 @@ def markdown(result: dict[str, Any]) -> str:
     def cell(d: dict[str, Any], k: str) -> str:
         return f"{fmt(d[k])} ± {fmt(d[k + '_std'])}"
 
-    ck, pr = result["checkpoints"], result["protocol"]
+    ck, pr, methods = result["checkpoints"], result["protocol"], result["methods"]
     lines = [f"# Evaluation on the {result['split']} split: {result['num_samples']} samples "
              f"({result['protocol']['maps']} maps x transmitters x simulations {', '.join(result['simulations'])})", "",
              f"Split `{pr['split']}` ({pr['maps']} {result['split']} maps), threshold {pr['threshold']:g}; "
@@ -80,18 +94,52 @@ def markdown(result: dict[str, Any]) -> str:
              f"objective {result['objective']}, {result['sampler']} sampler, {result['num_inference_steps']} steps "
              f"({result['network_evaluations']} network evaluations); VAE `{ck['vae']}`. Metrics on [0, 1] gray levels: "
              f"mean ± std over samples (RadioDiff's convention), and set level over every pixel "
-             f"(RadioUNet's: NMSE_set, RMSE_set; RMSE in dB = {pr['rmse_db_factor']:g} x RMSE_set).", "",
+             f"(RadioUNet's: NMSE_set, RMSE_set; RMSE in dB = {pr['rmse_db_factor']:g} x RMSE_set, "
+             f"data.db_range {pr['db_range']}).", "",
              "| method | NMSE | RMSE | SSIM | PSNR (dB) | NMSE_set | RMSE_set | RMSE (dB) | samples/s |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for key, title in METHODS.items():
+    for key, title in methods.items():
         d = result[key]
         lines.append(f"| {title} | " + " | ".join(cell(d, m) for m in METRIC_NAMES) +
                      f" | {fmt(d['nmse_set'])} | {fmt(d['rmse_set'])} | {fmt(d['rmse_db'])} | {fmt(d['samples_per_sec'])} |")
+    models = [k for k in methods if "measurements" in result[k]]
+    if pr["measurements"]:
+        lines += ["", f"Measurements: pixels outside buildings, fixed per sample by seed {pr['measurement_seed']}; "
+                  f"the model at each amount (mean measured pixels per map):", "",
+                  "| measurements | pixels per map | NMSE | RMSE (dB) set | outside buildings RMSE (dB) |",
+                  "|---|---|---|---|---|"]
+        for k in models:
+            d = result[k]
+            lines.append(f"| {d['measurements']['amount']} | {fmt(d['measurements']['mean_pixels'])} | "
+                         f"{cell(d, 'nmse')} | {fmt(d['rmse_db'])} | {fmt(d['regions']['outside_buildings']['rmse_db'])} |")
+    sampled = [k for k in models if result[k]["samples"]["drawn"] > 1]
+    if sampled or pr["samples"] > 1:
+        lines += ["", f"Samples: {pr['samples']} maps per input, scored by their mean; calibration outside buildings "
+                  f"(share of true pixels inside the samples' central 50 % / 90 % intervals; CRPS, lower is better):", ""]
+        if not sampled:
+            lines.append(f"objective {result['objective']} is deterministic: one map per input, no calibration.")
+        else:
+            lines += ["| method | NMSE one map | NMSE mean of K | coverage 50 % | coverage 90 % | CRPS (dB) | mean std (dB) |",
+                      "|---|---|---|---|---|---|---|"]
+            for k in sampled:
+                d, c = result[k], result[k]["calibration"]["outside_buildings"]
+                lines.append(f"| {methods[k]} | {cell(d['single_sample'], 'nmse')} | {cell(d, 'nmse')} | "
+                             f"{fmt(c['coverage50'])} | {fmt(c['coverage90'])} | {fmt(c['crps_db'])} | {fmt(c['mean_std_db'])} |")
+    lines += ["", "By region (set level over the region's pixels; LOS: less than "
+              f"{pr['regions']['los_share']:g} of the direct path in buildings; distances at "
+              f"{pr['regions']['metres_at_256']:g} m per 256 px): RMSE in dB (NMSE_set)", "",
+              "| region | share of pixels | " + " | ".join(methods.values()) + " |",
+              "|---|---|" + "---|" * len(methods)]
+    for region in REGIONS:
+        first = result[next(iter(methods))]["regions"][region]
+        lines.append(f"| {region} | {fmt(first['share'])} | " + " | ".join(
+            f"{fmt(result[k]['regions'][region]['rmse_db'])} ({fmt(result[k]['regions'][region]['nmse_set'])})"
+            for k in methods) + " |")
     lines += ["", "Per simulator:", "",
               "| simulator | method | samples | NMSE | RMSE | SSIM | PSNR (dB) | NMSE_set | RMSE_set |",
               "|---|---|---|---|---|---|---|---|---|"]
     for sim in result["simulations"]:
-        for key, title in METHODS.items():
+        for key, title in methods.items():
             d = result[key]["per_simulator"][sim]
             lines.append(f"| {sim} | {title} | {d['num_samples']} | " +
                          " | ".join(cell(d, m) for m in METRIC_NAMES) + f" | {fmt(d['nmse_set'])} | {fmt(d['rmse_set'])} |")
@@ -118,8 +166,17 @@ def main() -> int:
 
     # ------------------------------------------------------------------ checkpoints
     info = resolve_trained("prior", args.checkpoint, cfg.output_dir, cfg.flags)
-    check_compatible(info, cfg, ARCHITECTURE_KEYS)
+    saved = check_compatible(info, cfg, ARCHITECTURE_KEYS)
     state = info.state
+    trained_count = ((saved.get("prior") or {}).get("measurements") or {}).get("count")
+    amounts = [measurements.parse_amount(a, "--measurements") for a in args.measurements]
+    if amounts and trained_count is None:
+        raise UserError(f"--measurements {args.measurements[0]}: the prior {info.path} was trained without "
+                        f"measurements (prior.measurements.count: null); only a prior trained with them takes them")
+    if trained_count is not None and not amounts:
+        amounts = [measurements.Amount(0, False)]
+        echo(f"the prior was trained with measurements ({trained_count}); evaluating it with none "
+             f"(--measurements N for others)")
     trained_sims = list(state["simulations"])
     unknown = [s for s in cfg.data.simulation if s not in trained_sims]
     if unknown:
@@ -127,7 +184,8 @@ def main() -> int:
                         f"{trained_sims} only")
     loaded = load_prior_vae(info, cfg, device)
     vae, latent_scale = loaded.vae, float(state["latent_scale"])
-    prior, prior_ema = load_prior(info.path, cfg, loaded.downsample, len(trained_sims), device)
+    prior, prior_ema = load_prior(info.path, cfg, loaded.downsample, len(trained_sims), device,
+                                  measurements=trained_count is not None)
 
     # ------------------------------------------------------------------ the maps, the guard
     split = prepare_data(cfg.data, cfg.seed, echo)
@@ -159,39 +217,92 @@ def main() -> int:
          + ", ".join(f"{s}: {a:.3f} {b:+.3f} log10(d px)" for s, (a, b) in sorted(baseline.lines.items())))
 
     # ------------------------------------------------------------------ the predictions
-    # Written into a staging folder that replaces {output_dir}/eval only when complete; one
-    # evaluation at a time into it (lib/outputs.py).
+    # The model once per measurement amount ("model" the first), K maps per input; the
+    # baselines once. Written into a staging folder that replaces {output_dir}/eval only when
+    # complete; one evaluation at a time into it (lib/outputs.py).
+    models = {("model" if i == 0 else f"model@{a}"): a for i, a in enumerate(amounts or [None])}
+    drawn = args.samples if objective.stochastic else 1
+    if drawn < args.samples:
+        echo(f"--samples {args.samples}: objective {dcfg.objective} is deterministic; one map per input")
+    sigma = cfg.prior.measurements.sigma if cfg.prior.measurements.correct else None
+    method_titles = {**{k: METHODS["model"] + ("" if a is None else f", {a} measured") for k, a in models.items()},
+                     **{k: METHODS[k] for k in ("vae_ceiling", "distance_baseline")}}
     out_dir = Path(cfg.output_dir) / "eval"
     with StagedFolder(out_dir, "evaluation") as work:
-        store = PredictionStore(work, len(eval_ds), cfg.data.image_size) if args.save_predictions else None
+        extra = {}
+        if drawn > 1:
+            extra = {"std": (), **{f"q{round(q * 100):02d}": () for q in QUANTILES},
+                     **({"samples": (drawn,)} if args.save_samples else {})}
+        store = PredictionStore(work, len(eval_ds), cfg.data.image_size, extra) if args.save_predictions else None
         rng = torch.Generator().manual_seed(cfg.seed)      # the same sampling noise every evaluation
+        draws: dict[str, torch.Tensor] = {}                # each model's K maps of the current batch
+        measured = dict.fromkeys(models, 0.0)              # measured pixels, summed over the samples
+
+        def model(key: str, amount: Any):
+            def run(b: dict) -> torch.Tensor:
+                cond = b["cond"]
+                if amount is not None:
+                    mask = measurements.fixed_mask(cond, amount, cfg.seed, b["map_id"].tolist(), b["tx"].tolist())
+                    measured[key] += float(mask.sum())
+                    cond = measurements.with_measurements(cond, b["image"], mask)
+                ids = to_model_id[b["sim_id"]]
+                draws[key] = torch.stack([generate_maps(prior, vae, latent_scale, cond, ids, objective, steps, sampler,
+                                                        rng, sigma) for _ in range(drawn)])
+                return draws[key].mean(dim=0)
+            return run
+
         methods = {
-            "model": lambda b: generate_maps(prior, vae, latent_scale, b["cond"], to_model_id[b["sim_id"]],
-                                             objective, steps, sampler, rng),
+            **{key: model(key, a) for key, a in models.items()},
             "vae_ceiling": lambda b: decode_latents(vae, encode_latents(vae, b["image"])),
             "distance_baseline": lambda b: baseline.predict(b["cond"], [sims[i] for i in b["sim_id"].tolist()]),
         }
+        regions = {k: RegionAccumulator() for k in methods}
+        single = {k: MetricAccumulator() for k in models}
+        calibration = {k: CalibrationAccumulator() for k in models}
         batch_size = cfg.batch_size("prior")
         with torch.no_grad(), progress(len(eval_ds), desc=f"evaluate {args.split}", unit="sample") as bar:
             def after(batch: dict, preds: dict) -> None:
+                names = [sims[i] for i in batch["sim_id"].tolist()]
+                masks = region_masks(batch["cond"])
+                for k, pred in preds.items():
+                    regions[k].update(pred, batch["image"], masks)
+                for k in models:
+                    if drawn > 1:
+                        single[k].update(draws[k][0], batch["image"], names)
+                        calibration[k].update(draws[k], batch["image"], masks)
                 if store is not None:
+                    more = {}
+                    if drawn > 1:
+                        stats = sample_stats(draws["model"])
+                        more = {k: stats[k] for k in extra if k != "samples"}
+                        if args.save_samples:
+                            more["samples"] = ((draws["model"].float() + 1) / 2).clamp(0, 1)[:, :, 0].transpose(0, 1)
                     store.add(preds["model"], batch["image"], batch["map_id"].tolist(), batch["tx"].tolist(),
-                              [sims[i] for i in batch["sim_id"].tolist()])
+                              names, more)
                 bar.update(len(batch["image"]))
             scores = score_methods(eval_batches(eval_ds, batch_size), methods, device, sims, after)
 
         # ------------------------------------------------------------------ report
-        db_factor = DB_PER_GRAY_LEVEL * (1.0 - cfg.data.threshold)
+        db_factor = db_per_unit(cfg.data.db_range, cfg.data.threshold)
         result: dict[str, Any] = {
             "split": args.split, "num_samples": scores.accs["model"].num_samples, "simulations": sims,
             "objective": dcfg.objective, "sampler": sampler, "num_inference_steps": steps,
             "network_evaluations": objective.evaluations(steps, sampler), "prediction_type": dcfg.prediction_type,
-            "latent_scale": latent_scale,
+            "latent_scale": latent_scale, "methods": method_titles,
             "checkpoints": {"prior": str(info.path), "prior_step": info.step, "prior_ema": prior_ema,
                             "vae": state["vae_checkpoint"], "vae_step": state.get("vae_step"), "vae_ema": loaded.ema},
         }
-        for k in METHODS:
+        for k in methods:
             result[k] = method_summary(scores.accs[k], scores.seconds[k], db_factor)
+            result[k]["regions"] = regions[k].compute(db_factor)
+        for k, a in models.items():
+            n = max(1, result[k]["num_samples"])
+            result[k]["measurements"] = {"amount": "none" if a is None else str(a), "mean_pixels": measured[k] / n}
+            result[k]["samples"] = {"requested": args.samples, "drawn": drawn,
+                                    "deterministic": not objective.stochastic}
+            if drawn > 1:
+                result[k]["single_sample"] = method_summary(single[k], 0.0, db_factor)
+                result[k]["calibration"] = calibration[k].compute(db_factor)
         result["distance_baseline"]["fit"] = {"samples": n_fit, "lines": baseline.to_dict()}
         result["protocol"] = {
             "split": split.name, "split_seed": split.seed, "part": args.split, "maps": len(part_maps),
@@ -199,25 +310,30 @@ def main() -> int:
             "threshold": cfg.data.threshold, "cars_input": cfg.data.cars_input, "simulations": sims,
             "objective": dcfg.objective, "sampler": sampler, "steps": steps,
             "network_evaluations": result["network_evaluations"], "ms_per_sample": result["model"]["ms_per_sample"],
-            "rmse_db_factor": db_factor, "allow_overlap": overlaps,
+            "rmse_db_factor": db_factor, "db_range": list(cfg.data.db_range), "allow_overlap": overlaps,
+            "measurements": [str(a) for a in amounts], "measurement_seed": cfg.seed,
+            "measurement_correction_sigma": sigma if amounts else None, "samples": args.samples,
+            "regions": {"los_share": LOS_SHARE, "metres_at_256": METRES_AT_256},
             "conventions": {"mean": "per map (map x transmitter x simulation), then mean and std over them",
                             "set": "nmse_set = sum (pred - target)^2 / sum target^2 and rmse_set = sqrt(mean "
                                    "(pred - target)^2), over every pixel of the set",
-                            "rmse_db": f"{DB_PER_GRAY_LEVEL:g} dB per gray level x (1 - threshold) x rmse_set"},
+                            "rmse_db": "(data.db_range high - low) dB per gray level x (1 - threshold) x rmse_set",
+                            "samples": "with K > 1 the model's maps are the mean of K draws (its seconds: all K); "
+                                       "single_sample: the first draw; calibration per region on the [0, 1] scale"},
         }
         (work / "metrics.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
         table = markdown(result)
         (work / "metrics.md").write_text(table, encoding="utf-8")
         written = ["metrics.json", "metrics.md"]
         if scores.first is not None:
-            save_samples(work / "samples.png", scores.first, {GRID_TITLES[k]: k for k in METHODS}, sims,
+            save_samples(work / "samples.png", scores.first, {GRID_TITLES[k]: k for k in GRID_TITLES}, sims,
                          cfg.data.threshold)
             written.append("samples.png")
         if store is not None:
             written += [store.close().name, "predictions"]
         trackers = open_trackers(cfg.prior.train.report_to, "prior.train.report_to", work, "radiodiff-eval",
                                  cfg.to_dict(), run_name=f"{Path(cfg.output_dir).name}/eval")
-        log_scalars(trackers, {f"eval/{k}/{m}": result[k][m] for k in METHODS for m in METRIC_NAMES}, info.step)
+        log_scalars(trackers, {f"eval/{k}/{m}": result[k][m] for k in methods for m in METRIC_NAMES}, info.step)
         if "samples.png" in written:
             log_image(trackers, "eval/samples", work / "samples.png", info.step)
         close_trackers(trackers)                   # TensorBoard: {output_dir}/eval/tb

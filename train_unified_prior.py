@@ -28,8 +28,9 @@ from diffusers.training_utils import EMAModel
 
 from lib.cli import trainer_parser
 from lib.config import Config, load_config
-from lib.data import (STAGE_FIELDS, build_datasets, check_overlap, data_mismatch, eval_batches, prepare_data,
-                      protocol_warnings, split_record, train_batches)
+from lib.data import (STAGE_FIELDS, MeasurementSpec, build_datasets, check_overlap, data_mismatch, draw_mask,
+                      eval_batches, fixed_mask, parse_spec, prepare_data, protocol_warnings, split_record,
+                      train_batches, with_measurements)
 from lib.errors import run_cli
 from lib.evaluation import gather_accumulator, gather_values, save_samples, score_methods
 from lib.models import (LatentCache, LatentPrior, LatentSource, Objective, check_diffusion, count_parameters,
@@ -54,20 +55,22 @@ class Stage2:
     latents: LatentSource             # the frozen encoder, or the latent cache (lib/models/latents.py)
     latent_scale: float
     objective: Objective              # what the prior learns and how it samples (lib/models/objectives.py)
+    measured: Optional[MeasurementSpec] = None    # prior.measurements.count (lib/data/measurements.py)
 
 
 def build_models(cfg: Config, accelerator: Accelerator, vae: AutoencoderKL, downsample: int,
                  cache: Optional[LatentCache] = None) -> Stage2:
     train_cfg, objective = cfg.prior.train, make_objective(cfg.prior.diffusion)
+    measured = parse_spec(cfg.prior.measurements.count)
     prior = LatentPrior(cfg.prior.model, cfg.vae.model.latent_channels, cfg.data.image_size,
-                        downsample, len(cfg.data.simulation), objective.outputs)
+                        downsample, len(cfg.data.simulation), objective.outputs, measured is not None)
     prior = prepare_model(prior, train_cfg)                # channels_last, compile
     opt = build_optimizer(prior.parameters(), train_cfg)
     sched = build_scheduler(opt, train_cfg)                # sets the LR, every step
     prior, opt, sched = accelerator.prepare(prior, opt, sched)
     prior_raw, vae = accelerator.unwrap_model(prior), place_vae(vae, accelerator.device, encoder=cache is None)
     return Stage2(prior, prior_raw, opt, sched, make_ema(prior_raw, train_cfg, accelerator.device),
-                  vae, LatentSource(vae, cache, cfg.prior.posterior_sample), 1.0, objective)
+                  vae, LatentSource(vae, cache, cfg.prior.posterior_sample), 1.0, objective, measured)
 
 
 def train_step(m: Stage2, data_iter: Iterator[dict], accelerator: Accelerator, cfg: Config,
@@ -83,6 +86,9 @@ def train_step(m: Stage2, data_iter: Iterator[dict], accelerator: Accelerator, c
             batch = next(data_iter)
             cond = batch["cond"].to(device, non_blocking=True)   # buildings, transmitter, cars
             sim_id = batch["sim_id"].to(device, non_blocking=True)
+            if m.measured is not None:      # + measured pixels of the target, drawn afresh
+                cond = with_measurements(cond, batch["image"].to(device, non_blocking=True),
+                                                      draw_mask(cond, m.measured))
         with accelerator.accumulate(m.prior):
             with phase("encode"), accelerator.autocast():
                 latents = m.latents(batch, "train", device) * m.latent_scale     # frozen, no grad
@@ -122,8 +128,8 @@ def train(run: Run, args: Any) -> int:
     with accelerator.main_process_first():      # the latent cache: built once, by the main process
         cache = open_latent_cache(cfg, loaded.vae.to(accelerator.device), data, accelerator.device,
                                   accelerator.is_main_process, start.info)
-    if cache is not None:              # training reads the condition alone: the latents are cache rows
-        train_ds = train_ds.with_fields(STAGE_FIELDS["prior-cached"])
+    if cache is not None and cfg.prior.measurements.count is None:
+        train_ds = train_ds.with_fields(STAGE_FIELDS["prior-cached"])   # the latents are cache rows
     log = run.open()                             # the run folder, its log and config.yaml
 
     # ------------------------------------------------------------------ models, optimizer, schedule
@@ -158,13 +164,19 @@ def train(run: Run, args: Any) -> int:
         nonlocal best_val
         t0, losses = time.perf_counter(), []
         rng = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)
+        measured_cfg = cfg.prior.measurements
 
         def sample(batch: dict) -> torch.Tensor:
+            cond = batch["cond"]
+            if m.measured is not None:         # the most the training draws, the same pixels every time
+                mask = fixed_mask(cond, m.measured.high, cfg.seed, batch["map_id"].tolist(),
+                                               batch["tx"].tolist())
+                cond = with_measurements(cond, batch["image"], mask)
             with accelerator.autocast():
                 latents = m.latents(batch, "val", accelerator.device, sample=False) * m.latent_scale
-                losses.append(m.objective.loss(m.prior_raw, latents, batch["cond"], batch["sim_id"], rng))
-                return generate_maps(m.prior_raw, m.vae, m.latent_scale, batch["cond"], batch["sim_id"],
-                                     m.objective, generator=rng)
+                losses.append(m.objective.loss(m.prior_raw, latents, cond, batch["sim_id"], rng))
+                return generate_maps(m.prior_raw, m.vae, m.latent_scale, cond, batch["sim_id"], m.objective,
+                                     generator=rng, correct_sigma=measured_cfg.sigma if measured_cfg.correct else None)
 
         with ema_weights(m.ema, m.prior_raw.parameters()), torch.no_grad():
             m.prior_raw.eval()
@@ -234,6 +246,7 @@ def main() -> int:
     args = trainer_parser(__doc__.splitlines()[0], allow_overlap=True).parse_args()
     cfg = load_config(args.config, args.set)
     check_diffusion(cfg.prior.diffusion)             # the objective and its sampler, from their registry
+    parse_spec(cfg.prior.measurements.count)      # the measurements, if any
     if args.dry_run:
         vae = stage1_checkpoint(cfg) if args.resume is None else None     # a resumed prior keeps its own
         return print_dry_run(cfg, "prior", args.resume is not None,

@@ -2,6 +2,8 @@
 
     python benchmarks/objectives.py --config configs/demo.yaml            # after train_vae.py
     python benchmarks/objectives.py --config configs/demo.yaml --objectives flow regression --steps 1 2
+    python benchmarks/objectives.py --config configs/demo.yaml --steps 1 --set 'prior.measurements.count=[0, "2%"]' \
+        --measurements 0 0.5% 2% --samples 8                          # sparse measurements, calibration
 
 For each objective, trains the prior with ``train_unified_prior.py`` (the config's stage 2,
 only ``prior.diffusion.objective`` changed; its own run folder under ``--out``), then runs
@@ -9,7 +11,10 @@ only ``prior.diffusion.objective`` changed; its own run folder under ``--out``),
 regression has one forward pass), and prints a Markdown table (NMSE, RMSE, SSIM, PSNR: mean
 over samples; samples/s; training seconds) next to the VAE ceiling and the distance-only baseline,
 and writes it with every number to ``--out/objectives.json`` and ``objectives.md``. Every run is
-the real command line, in a fresh process.
+the real command line, in a fresh process. With ``--measurements`` (a prior trained with them:
+``prior.measurements.count`` in ``--set``) each evaluation gives the model at every amount, one row
+each; with ``--samples K`` the model's maps are the mean of K draws, and a second table gives the
+calibration of their spread (outside buildings) and the NMSE of a single draw.
 """
 from __future__ import annotations
 
@@ -33,6 +38,9 @@ def main() -> int:
                    help="stage-1 checkpoint (default: the config's output_dir, latest)")
     p.add_argument("--out", default="runs/objectives", help="run folders and the table")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more config overrides")
+    p.add_argument("--measurements", nargs="+", default=[], metavar="N",
+                   help="evaluate.py --measurements at each of these amounts (200, 1%%)")
+    p.add_argument("--samples", type=int, default=1, metavar="K", help="evaluate.py --samples K")
     a = p.parse_args()
     sys.path.insert(0, str(ROOT))
     from lib.config import load_config
@@ -43,8 +51,9 @@ def main() -> int:
         vae = str(resolve_trained("vae", "latest", ROOT / cfg.output_dir if not Path(cfg.output_dir).is_absolute()
                                   else cfg.output_dir, cfg.flags, warn=lambda m: None).path)
     out = Path(a.out)
-    rows, results = [], {}
+    rows, calib_rows, results = [], [], {}
     ceiling = baseline = None
+    eval_flags = [x for n in a.measurements for x in ("--measurements", n)] + ["--samples", str(a.samples)]
     for objective in a.objectives:
         sets = [f"output_dir={out / objective}", f"prior.vae_checkpoint={vae}",
                 f"prior.diffusion.objective={objective}", "prior.diffusion.sampler=null", *a.set]
@@ -52,23 +61,43 @@ def main() -> int:
         train_s = run(["train_unified_prior.py", "--config", a.config, *flags])
         results[objective] = {"train_seconds": round(train_s, 1), "steps": {}}
         for steps in (a.steps if REGISTRY[objective].iterative else [1]):
-            run(["evaluate.py", "--config", a.config, *flags, "--steps", str(steps), "--checkpoint", "latest"])
+            run(["evaluate.py", "--config", a.config, *flags, "--steps", str(steps), "--checkpoint", "latest",
+                 *eval_flags])
             m = json.loads((out / objective / "eval" / "metrics.json").read_text())
-            results[objective]["steps"][steps] = {k: m["model"][k] for k in
-                                                  ("nmse", "rmse", "ssim", "psnr", "nmse_set", "samples_per_sec")}
-            results[objective]["steps"][steps]["evaluations"] = m["network_evaluations"]
             results[objective]["sampler"] = m["sampler"]
             ceiling, baseline = m["vae_ceiling"], m["distance_baseline"]
-            r = results[objective]["steps"][steps]
-            rows.append(f"| {objective} ({m['sampler']}) | {steps} | {r['evaluations']} | {r['nmse']:.4g} | "
-                        f"{r['rmse']:.4g} | {r['ssim']:.4g} | {r['psnr']:.4g} | {r['samples_per_sec']:.4g} | "
-                        f"{train_s:.0f} |")
-            print(rows[-1], flush=True)
+            for key in [k for k in m["methods"] if k.startswith("model")]:
+                d = m[key]
+                amount = d["measurements"]["amount"]
+                r = {k: d[k] for k in ("nmse", "rmse", "ssim", "psnr", "nmse_set", "rmse_db", "samples_per_sec")}
+                r.update(evaluations=m["network_evaluations"], measurements=amount,
+                         outside_buildings_rmse_db=d["regions"]["outside_buildings"]["rmse_db"],
+                         nlos_rmse_db=d["regions"]["nlos"]["rmse_db"], los_rmse_db=d["regions"]["los"]["rmse_db"])
+                if "calibration" in d:
+                    c = d["calibration"]["outside_buildings"]
+                    r.update(single_nmse=d["single_sample"]["nmse"], coverage50=c["coverage50"],
+                             coverage90=c["coverage90"], crps_db=c["crps_db"])
+                    calib_rows.append(f"| {objective} ({m['sampler']}) | {steps} | {amount} | {r['single_nmse']:.4g} | "
+                                      f"{r['nmse']:.4g} | {r['coverage50']:.3f} | {r['coverage90']:.3f} | "
+                                      f"{r['crps_db']:.3g} |")
+                results[objective]["steps"].setdefault(steps, {})[amount] = r
+                rows.append(f"| {objective} ({m['sampler']}) | {steps} | {r['evaluations']} | {amount} | "
+                            f"{r['nmse']:.4g} | {r['rmse']:.4g} | {r['ssim']:.4g} | {r['psnr']:.4g} | "
+                            f"{r['outside_buildings_rmse_db']:.3g} | {r['los_rmse_db']:.3g} | {r['nlos_rmse_db']:.3g} | "
+                            f"{r['samples_per_sec']:.4g} | {train_s:.0f} |")
+                print(rows[-1], flush=True)
     for name, d in (("VAE round trip (ceiling)", ceiling), ("distance only", baseline)):
-        rows.append(f"| {name} | - | - | {d['nmse']:.4g} | {d['rmse']:.4g} | {d['ssim']:.4g} | {d['psnr']:.4g} | "
-                    f"{d['samples_per_sec']:.4g} | - |")
-    table = "\n".join(["| objective (sampler) | steps | network evaluations | NMSE | RMSE | SSIM | PSNR (dB) | "
-                       "samples/s | stage-2 training (s) |", "|---|---|---|---|---|---|---|---|---|", *rows])
+        rg = d["regions"]
+        rows.append(f"| {name} | - | - | - | {d['nmse']:.4g} | {d['rmse']:.4g} | {d['ssim']:.4g} | {d['psnr']:.4g} | "
+                    f"{rg['outside_buildings']['rmse_db']:.3g} | {rg['los']['rmse_db']:.3g} | "
+                    f"{rg['nlos']['rmse_db']:.3g} | {d['samples_per_sec']:.4g} | - |")
+    table = "\n".join(["| objective (sampler) | steps | network evaluations | measurements | NMSE | RMSE | SSIM | "
+                       "PSNR (dB) | RMSE outside buildings (dB) | LOS (dB) | NLOS (dB) | samples/s | "
+                       "stage-2 training (s) |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|", *rows])
+    if calib_rows:
+        table += "\n\n" + "\n".join([f"| objective (sampler) | steps | measurements | NMSE one map | NMSE mean of "
+                                      f"{a.samples} | coverage 50 % | coverage 90 % | CRPS (dB) |",
+                                      "|---|---|---|---|---|---|---|---|", *calib_rows])
     results["vae_ceiling"], results["distance_baseline"] = ceiling, baseline
     (out / "objectives.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "objectives.md").write_text(table + "\n")

@@ -80,6 +80,13 @@ def evaluate_parser() -> argparse.ArgumentParser:
                    help="evaluate N of the split's maps, spread evenly over it (a fixed subset)")
     p.add_argument("--save-predictions", action="store_true",
                    help="also write eval/predictions.npz and one PNG per predicted map")
+    p.add_argument("--measurements", action="append", default=[], metavar="N",
+                   help="give a model trained with measurements N measured pixels (200) or a share of those "
+                        "outside buildings (1%%), fixed per sample by the seed; repeat it for a table over N")
+    p.add_argument("--samples", type=positive_int, default=1, metavar="K",
+                   help="draw K maps per input: metrics of their mean, calibration of their spread")
+    p.add_argument("--save-samples", action="store_true",
+                   help="with --save-predictions and --samples K: also every drawn map (N x K x S x S)")
     p.add_argument("--allow-overlap", action="store_true",
                    help="evaluate on maps the VAE or the prior was trained on (recorded in metrics.json)")
     return p
@@ -132,6 +139,15 @@ def predict_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default=None, metavar="NAME",
                    help="one of the objective's samplers (default: the checkpoint's)")
     p.add_argument("--batch-size", type=int, default=16, metavar="N", help="maps sampled together")
-    p.add_argument("--seed", type=int, default=None, help="sampling noise (default: the checkpoint's seed)")
+    p.add_argument("--seed", type=int, default=None, help="sampling noise and --measurements N's pixels "
+                   "(default: the checkpoint's seed)")
+    p.add_argument("--measurements", default=None, metavar="FILE|N",
+                   help="a CSV x,y,gray or x,y,db (optionally a tx column, the --tx index) of measured pixels; or "
+                        "with --root, N pixels (200) or a share (1%%) of each map's gain map, the pixels "
+                        "evaluate.py measures with the same seed")
+    p.add_argument("--samples", type=positive_int, default=1, metavar="K",
+                   help="draw K maps per input: write their mean, and their std and quantiles")
+    p.add_argument("--units", choices=("gray", "db"), default="gray",
+                   help=".npy maps as gray levels in [0, 1] or as pathloss in dB (data.db_range)")
     p.add_argument("--out", required=True, metavar="FOLDER", help="where {simulation}/{name}_{tx}.png/.npy go")
     return p

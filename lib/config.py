@@ -54,6 +54,7 @@ class DataConfig:
     cars_input: Literal["auto", True, False] = "auto"   # cars as the 3rd condition channel; auto: cars* sims
     threshold: float = 0.0       # RadioUNet's noise floor on the target gain (0: off; their protocol: 0.2)
     on_bad_file: Literal["error", "skip"] = "error"
+    db_range: list[float] = field(default_factory=lambda: [-127.0, -47.0])   # dB at gray 0 and 255 (lib/data/units.py)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def validate(self, v: "_Validator") -> None:
@@ -73,6 +74,8 @@ class DataConfig:
                 "test lists of map ids")
         v.check(0.0 <= self.threshold < 1.0, "data.threshold", self.threshold,
                 "a number in [0, 1) (0: off; RadioUNet's protocol: 0.2)")
+        v.check(len(self.db_range) == 2 and self.db_range[0] < self.db_range[1], "data.db_range", self.db_range,
+                "[low, high]: the pathloss in dB at gray level 0 and at 255, low < high (RadioMapSeer: [-127, -47])")
         v.check(self.val_maps >= 1, "data.val_maps", self.val_maps, "an integer >= 1")
         v.check(self.train_maps > self.val_maps, "data.train_maps", self.train_maps,
                 f"more than data.val_maps ({self.val_maps})")
@@ -298,11 +301,23 @@ def _prior_train_defaults() -> TrainConfig:
 
 
 @dataclass
+class MeasurementConfig:
+    """Sparse measurements as a condition (lib/data/measurements.py)."""
+    count: Optional[list[str]] = None  # null: off | N pixels | "1%" of those outside buildings | [low, high]
+    correct: bool = True               # let the measurements correct the decoded map
+    sigma: float = 2.0                 # the correction's Gaussian, px at data.image_size
+
+    def validate(self, v: "_Validator") -> None:       # count: lib.data.measurements.parse_spec, at start
+        v.check(self.sigma > 0, "prior.measurements.sigma", self.sigma, "a number of pixels > 0")
+
+
+@dataclass
 class PriorConfig:
     vae_checkpoint: str = "latest"     # latest | best (after disc_start) | path to a checkpoint folder
     latent_scale_batches: int = 32     # training batches the latent scale factor is measured on
     latent_cache: str = "auto"         # auto | off | PATH: the frozen VAE's latents, encoded once (lib/models/latents.py)
     posterior_sample: bool = False     # train on posterior samples mean + std * eps (false: the posterior mean)
+    measurements: MeasurementConfig = field(default_factory=MeasurementConfig)
     model: PriorModelConfig = field(default_factory=PriorModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=_prior_train_defaults)
@@ -334,6 +349,7 @@ class Config:
         v.check(bool(self.prior.latent_cache.strip()), "prior.latent_cache", self.prior.latent_cache,
                 "auto, off, or a folder for the cache")
         self.prior.model.validate(v)
+        self.prior.measurements.validate(v)
         # Both models halve the maps: the VAE once per level after the first, the prior's UNet
         # (and its condition encoder) the latent again.
         vae_halvings = len(self.vae.model.block_out_channels) - 1
@@ -429,8 +445,8 @@ def _convert(tp: Any, value: Any, key: str, source: str, default: Any = None) ->
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
-            if item_tp is str and isinstance(value, str):
-                return [value]          # `simulation: DPM` means `[DPM]`
+            if item_tp is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+                return [str(value)]     # `simulation: DPM` means `[DPM]`, `count: 200` `[200]`
             raise bad()
         return [_convert(item_tp, x, f"{key}[{i}]", source) for i, x in enumerate(value)]
     if tp is bool:

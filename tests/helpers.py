@@ -197,6 +197,9 @@ TRAINERS: dict[str, TrainerSpec] = {
 for _objective in [name for name in REGISTRY if name != "ddpm"]:
     TRAINERS[f"prior-{_objective}"] = dataclasses.replace(
         TRAINERS["prior"], extra_sections={"prior.diffusion": {"objective": _objective}})
+# ... and so does a prior conditioned on sparse measurements (their pixels drawn from the global RNG).
+TRAINERS["prior-measurements"] = dataclasses.replace(
+    TRAINERS["prior"], extra_sections={"prior.measurements": {"count": [0, "10%"]}})
 
 
 def trainer_config(tmp_path: Path, trainer: TrainerSpec, name: str = "tiny.yaml", **sections) -> Path:

@@ -46,7 +46,7 @@ def test_metrics_json_has_the_documented_keys(evaluated):
     cfg, m, out = evaluated
     assert set(m) == {"split", "num_samples", "simulations", "objective", "sampler", "num_inference_steps",
                       "network_evaluations", "prediction_type", "latent_scale", "checkpoints", "model",
-                      "vae_ceiling", "distance_baseline", "protocol"}
+                      "vae_ceiling", "distance_baseline", "protocol", "methods"}
     assert (m["split"], m["sampler"], m["num_inference_steps"], m["simulations"]) == ("test", "dpm", 1, SIMS)
     assert set(m["checkpoints"]) == {"prior", "prior_step", "prior_ema", "vae", "vae_step", "vae_ema"}
     p = m["protocol"]
@@ -56,9 +56,9 @@ def test_metrics_json_has_the_documented_keys(evaluated):
     assert m["checkpoints"]["vae"] == load_config(cfg).prior.vae_checkpoint
     for method in ("model", "vae_ceiling", "distance_baseline"):
         d = m[method]
-        extra = {"fit"} if method == "distance_baseline" else set()
+        extra = {"fit"} if method == "distance_baseline" else {"measurements", "samples"} if method == "model" else set()
         assert set(d) == METRICS | {"num_samples", "samples_per_sec", "ms_per_sample", "per_simulator", "nmse_set", "rmse_set",
-                                    "rmse_db"} | extra
+                                    "rmse_db", "regions"} | extra
         assert d["num_samples"] == m["num_samples"] and d["samples_per_sec"] > 0
         assert all(math.isfinite(d[k]) for k in METRICS)
         assert set(d["per_simulator"]) == set(SIMS)

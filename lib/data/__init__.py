@@ -9,4 +9,6 @@ __getattr__ = exports(__name__, {
     "STAGE_FIELDS": "dataset", "build_datasets": "dataset", "prepare_data": "dataset",
     "protocol_warnings": "splits", "split_record": "splits", "check_overlap": "splits",
     "data_mismatch": "splits",
+    "MeasurementSpec": "measurements", "parse_spec": "measurements", "draw_mask": "measurements",
+    "fixed_mask": "measurements", "with_measurements": "measurements",
 })

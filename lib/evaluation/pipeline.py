@@ -31,9 +31,11 @@ from diffusers.models.modeling_utils import ModelMixin
 from lib.config import DiffusionConfig
 from lib.data.condition import fill_condition
 from lib.data.layout import cars_channels
+from lib.data.measurements import with_measurements
 from lib.evaluation.metrics import to_unit
+from lib.evaluation.uncertainty import sample_stats
 from lib.models.objectives import generate_maps, make_objective
-from lib.models.prior import COND_CHANNELS, ConditionEncoder, LatentPrior
+from lib.models.prior import ConditionEncoder, LatentPrior, encoder_inputs
 
 
 class RadioConditionEncoder(ConditionEncoder, ModelMixin, ConfigMixin):
@@ -43,9 +45,9 @@ class RadioConditionEncoder(ConditionEncoder, ModelMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, channels: int = 64, downsample: int = 4, distance_channel: bool = True,
-                 obstruction_channel: bool = True) -> None:
+                 obstruction_channel: bool = True, measurements: bool = False) -> None:
         ConditionEncoder.__init__(self, channels, downsample,
-                                  COND_CHANNELS + int(distance_channel) + int(obstruction_channel))
+                                  encoder_inputs(distance_channel, obstruction_channel, measurements))
 
 
 class RadioMapPipeline(DiffusionPipeline):
@@ -55,11 +57,13 @@ class RadioMapPipeline(DiffusionPipeline):
 
     def __init__(self, vae: AutoencoderKL, unet: UNet2DModel, cond_encoder: RadioConditionEncoder,
                  scheduler: Any = None, diffusion: Optional[dict] = None, simulations: Optional[list] = None,
-                 image_size: int = 256, threshold: float = 0.0, cars_input: Any = "auto", seed: int = 0) -> None:
+                 image_size: int = 256, threshold: float = 0.0, cars_input: Any = "auto", seed: int = 0,
+                 measurements: Optional[dict] = None, db_range: Optional[list] = None) -> None:
         super().__init__()
         self.register_modules(vae=vae, unet=unet, cond_encoder=cond_encoder, scheduler=scheduler)
         self.register_to_config(diffusion=diffusion or {}, simulations=list(simulations or []),
-                                image_size=image_size, threshold=threshold, cars_input=cars_input, seed=seed)
+                                image_size=image_size, threshold=threshold, cars_input=cars_input, seed=seed,
+                                measurements=measurements, db_range=list(db_range or [-127.0, -47.0]))
 
     # ------------------------------------------------------------------ what it samples with
     @property
@@ -69,20 +73,41 @@ class RadioMapPipeline(DiffusionPipeline):
     @property
     def prior(self) -> LatentPrior:
         enc = self.cond_encoder.config
-        return LatentPrior.from_parts(self.cond_encoder, self.unet, enc.distance_channel, enc.obstruction_channel)
+        return LatentPrior.from_parts(self.cond_encoder, self.unet, enc.distance_channel, enc.obstruction_channel,
+                                      bool(enc.get("measurements", False)))
+
+    @property
+    def takes_measurements(self) -> bool:
+        return bool(self.cond_encoder.config.get("measurements", False))
+
+    def _maps(self, cond: torch.Tensor, sim_id: torch.Tensor, steps: Optional[int], sampler: Optional[str],
+              generator: Optional[torch.Generator]) -> torch.Tensor:
+        objective, measured = self.objective, self.config.measurements or {}
+        sigma = float(measured.get("sigma", 2.0)) if measured.get("correct", True) else None
+        return generate_maps(self.prior, self.vae, float(self.vae.config.scaling_factor), cond, sim_id, objective,
+                             steps or objective.cfg.num_inference_steps, sampler, generator, sigma)
+
+    def _gray(self, u: torch.Tensor, spread: bool = False) -> np.ndarray:
+        """The metrics' [0, 1] scale -> gray levels (a spread: only scaled), (B, S, S) float32."""
+        t = float(self.config.threshold)
+        out = u.float().cpu().numpy()[:, 0] * (1.0 - t)
+        return (out if spread else out + t).astype(np.float32)
 
     def sample(self, cond: torch.Tensor, sim_id: torch.Tensor, steps: Optional[int] = None,
                sampler: Optional[str] = None, generator: Optional[torch.Generator] = None) -> np.ndarray:
-        """One batch: conditions ``cond`` ((B, 3, S, S) in [-1, 1], lib/data/condition.py) and simulator ids
-        -> (B, S, S) float32 gray levels in [0, 1], the data's convention (``threshold`` undone)."""
-        objective = self.objective
-        maps = generate_maps(self.prior, self.vae, float(self.vae.config.scaling_factor), cond, sim_id, objective,
-                             steps or objective.cfg.num_inference_steps, sampler, generator)
-        gray = to_unit(maps.float()).cpu().numpy()[:, 0]
-        threshold = float(self.config.threshold)
-        if threshold > 0:                # back from RadioUNet's thresholded units to the gray level
-            gray = threshold + (1.0 - threshold) * gray
-        return gray.astype(np.float32)
+        """One batch: conditions ``cond`` ((B, 3, S, S) in [-1, 1], lib/data/condition.py; (B, 5, S, S)
+        with the measurement channels, lib/data/measurements.py) and simulator ids -> (B, S, S) float32
+        gray levels in [0, 1], the data's convention (``threshold`` undone)."""
+        return self._gray(to_unit(self._maps(cond, sim_id, steps, sampler, generator).float()))
+
+    def sample_spread(self, cond: torch.Tensor, sim_id: torch.Tensor, samples: int, steps: Optional[int] = None,
+                      sampler: Optional[str] = None, generator: Optional[torch.Generator] = None
+                      ) -> dict[str, np.ndarray]:
+        """``samples`` maps per input, as :meth:`sample` draws them one after another: their ``mean``,
+        ``std`` and quantiles ``q05``, ``q25``, ``q75``, ``q95`` (lib/evaluation/uncertainty.py), each
+        (B, S, S) float32 gray levels."""
+        draws = torch.stack([self._maps(cond, sim_id, steps, sampler, generator) for _ in range(samples)])
+        return {k: self._gray(v, spread=k == "std") for k, v in sample_stats(draws).items()}
 
     def cars_needed(self, simulation: str) -> bool:
         """Whether the condition's third channel is the cars map for ``simulation`` (data.cars_input)."""
@@ -127,7 +152,10 @@ class RadioMapPipeline(DiffusionPipeline):
                 fill_condition(cond[k], city.astype(np.uint8), None if car is None else car.astype(np.uint8),
                                pairs[i], city.shape)
             sim_id = torch.full((len(chunk),), sims.index(simulation), device=device)
-            out.append(self.sample(torch.from_numpy(cond).to(device), sim_id, steps, sampler, generator))
+            c = torch.from_numpy(cond).to(device)
+            if self.takes_measurements:          # none here: predict.py --measurements gives them
+                c = with_measurements(c, None, None)
+            out.append(self.sample(c, sim_id, steps, sampler, generator))
         return np.concatenate(out)
 
 
@@ -145,9 +173,12 @@ def pipeline_from_checkpoint(folder: Path, device: torch.device | str = "cpu") -
     trained = list(info.state["simulations"])
     prior, _ = load_prior(info.path, cfg, loaded.downsample, len(trained), device)
     pm = cfg.prior.model
-    encoder = RadioConditionEncoder(pm.cond_channels, loaded.downsample, pm.distance_channel, pm.obstruction_channel)
+    measured = cfg.prior.measurements.count is not None
+    encoder = RadioConditionEncoder(pm.cond_channels, loaded.downsample, pm.distance_channel, pm.obstruction_channel,
+                                    measured)
     encoder.load_state_dict(prior.cond_encoder.state_dict())
     encoder.requires_grad_(False).eval().to(device)
     objective = make_objective(cfg.prior.diffusion)
     return RadioMapPipeline(loaded.vae, prior.unet, encoder, objective.pipeline_scheduler(), dataclasses.asdict(cfg.prior.diffusion),
-                            trained, cfg.data.image_size, cfg.data.threshold, cfg.data.cars_input, cfg.seed)
+                            trained, cfg.data.image_size, cfg.data.threshold, cfg.data.cars_input, cfg.seed,
+                            dataclasses.asdict(cfg.prior.measurements) if measured else None, cfg.data.db_range)

@@ -97,31 +97,43 @@ def gather_values(accelerator: Accelerator, values: torch.Tensor) -> torch.Tenso
 class PredictionStore:
     """``--save-predictions``: every prediction and its target exactly as the metrics saw them
     (float32 in [0, 1], the metrics' space: thresholded when ``data.threshold`` is on), written
-    as ``predictions.npz`` (``pred``, ``target``: N x H x W; ``map_id``, ``tx``, ``simulation``)
-    and one 8-bit PNG per prediction, ``predictions/{simulation}/{map}_{tx}.png``
-    (``round(255 * pred)``), the dataset's own naming. The arrays go to disk as they come
-    (memory-mapped), so a full test set needs no more memory than one batch."""
+    as ``predictions.npz`` (``pred``, ``target``: N x H x W; ``map_id``, ``tx``, ``simulation``;
+    and the ``extra`` arrays, e.g. ``std`` and the quantiles of ``--samples K``, N x H x W, or
+    ``samples``, N x K x H x W) and one 8-bit PNG per prediction,
+    ``predictions/{simulation}/{map}_{tx}.png`` (``round(255 * pred)``), the dataset's own naming,
+    and with a ``std``, ``{map}_{tx}_std.png`` (``round(255 * min(1, 4 std))``: white is a std of a
+    quarter of the range). The arrays go to disk as they come (memory-mapped), so a full test set
+    needs no more memory than one batch."""
 
-    def __init__(self, folder: Path, count: int, size: int) -> None:
+    def __init__(self, folder: Path, count: int, size: int, extra: Optional[dict[str, tuple]] = None) -> None:
         self.folder, self.count, self.n = folder, count, 0
         self.tmp = folder / ".predictions.tmp"
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
+        shapes = {"pred": (), "target": (), **(extra or {})}
         self.arrays = {k: np.lib.format.open_memmap(self.tmp / f"{k}.npy", mode="w+", dtype=np.float32,
-                                                    shape=(count, size, size)) for k in ("pred", "target")}
+                                                    shape=(count, *lead, size, size)) for k, lead in shapes.items()}
+        self.names = list(shapes)
         self.keys: dict[str, list] = {"map_id": [], "tx": [], "simulation": []}
 
     def add(self, pred: torch.Tensor, target: torch.Tensor, map_ids: list[int], txs: list[int],
-            simulations: list[str]) -> None:
-        """A batch of maps in model space ([-1, 1], (B, 1, H, W))."""
+            simulations: list[str], extra: Optional[dict[str, torch.Tensor]] = None) -> None:
+        """A batch of maps in model space ([-1, 1], (B, 1, H, W)); ``extra`` on the [0, 1] scale,
+        (B, 1, H, W) or (B, K, H, W)."""
         k = pred.shape[0]
         for name, x in (("pred", pred), ("target", target)):
             self.arrays[name][self.n:self.n + k] = to_unit(x.detach().float()).cpu().numpy()[:, 0]
+        for name, x in (extra or {}).items():
+            arr = x.detach().float().cpu().numpy()
+            self.arrays[name][self.n:self.n + k] = arr if self.arrays[name].ndim == 4 else arr[:, 0]
         for i in range(k):
             out = self.folder / "predictions" / simulations[i] / f"{map_ids[i]}_{txs[i]}.png"
             out.parent.mkdir(parents=True, exist_ok=True)
             pixels = np.rint(self.arrays["pred"][self.n + i] * 255.0).astype(np.uint8)
             Image.fromarray(pixels, mode="L").save(out, compress_level=1)
+            if "std" in self.arrays:
+                std = np.rint(np.minimum(1.0, 4.0 * self.arrays["std"][self.n + i]) * 255.0).astype(np.uint8)
+                Image.fromarray(std, mode="L").save(out.with_name(f"{out.stem}_std.png"), compress_level=1)
         self.keys["map_id"] += map_ids
         self.keys["tx"] += txs
         self.keys["simulation"] += simulations
@@ -137,7 +149,7 @@ class PredictionStore:
         np.save(self.tmp / "simulation.npy", np.asarray(self.keys["simulation"]))
         out = self.folder / "predictions.npz"
         with zipfile.ZipFile(self.folder / "predictions.npz.tmp", "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-            for name in ("pred", "target", "map_id", "tx", "simulation"):
+            for name in (*self.names, "map_id", "tx", "simulation"):
                 zf.write(self.tmp / f"{name}.npy", f"{name}.npy")
         os.replace(self.folder / "predictions.npz.tmp", out)
         shutil.rmtree(self.tmp, ignore_errors=True)

@@ -45,6 +45,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from lib.config import DiffusionConfig
+from lib.data.measurements import correct
 from lib.errors import ConfigError, UserError
 from lib.models.latents import decode_latents
 
@@ -74,6 +75,7 @@ class Objective:
     reads: tuple[str, ...] = ()        # the prior.diffusion keys it reads besides COMMON_KEYS
     outputs = 1              # predictions per latent channel (the UNet's out_channels factor)
     iterative = True         # False: one forward pass whatever the number of steps
+    stochastic = True        # False: the same map every draw (evaluate.py --samples K draws one)
 
     def __init__(self, cfg: DiffusionConfig) -> None:
         self.cfg = cfg
@@ -254,7 +256,7 @@ class Flow(Objective):
 @register
 class Regression(Objective):
     name, samplers = "regression", ("one forward pass",)
-    iterative = False
+    iterative = stochastic = False
 
     @staticmethod
     def _inputs(like_shape, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -302,7 +304,13 @@ def choose_sampler(cfg: DiffusionConfig, requested: Optional[str]) -> str:
 @torch.no_grad()
 def generate_maps(prior: nn.Module, vae: AutoencoderKL, latent_scale: float, cond: torch.Tensor,
                   sim_id: torch.Tensor, objective: Objective, steps: Optional[int] = None,
-                  sampler: Optional[str] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """The full stage-2 pipeline: condition -> sampled latent -> VAE decode; maps in [-1, 1]."""
+                  sampler: Optional[str] = None, generator: Optional[torch.Generator] = None,
+                  correct_sigma: Optional[float] = None) -> torch.Tensor:
+    """The full stage-2 pipeline: condition -> sampled latent -> VAE decode; maps in [-1, 1]. With
+    measurements in ``cond`` and ``correct_sigma``, the measurements then correct the decoded map
+    (:func:`lib.data.measurements.correct`)."""
     z = objective.sample(prior, cond, sim_id, steps or objective.cfg.num_inference_steps, sampler, generator)
-    return decode_latents(vae, z / latent_scale)
+    maps = decode_latents(vae, z / latent_scale)
+    if correct_sigma and getattr(prior, "measurements", False):
+        maps = correct(maps, cond, correct_sigma)
+    return maps

@@ -4,7 +4,9 @@
   (:mod:`lib.data.condition`: buildings, transmitter, cars-or-buildings; (3, S, S) in [-1, 1]),
   plus, computed from them on the device, the log-distance to the transmitter
   (``distance_channel``) and the share of the direct path that runs through buildings
-  (``obstruction_channel``), down to the latent resolution.
+  (``obstruction_channel``), down to the latent resolution; a prior trained with sparse
+  measurements (``prior.measurements``, :mod:`lib.data.measurements`) also gets their value and
+  mask channels and, computed from them, their values spread over the map and how near one is.
 - :class:`LatentPrior`: a diffusers ``UNet2DModel`` on ``concat(noisy latent, condition
   features)``, with the simulator id as its class embedding (``num_class_embeds`` = number
   of simulations), so one model serves every simulator and is asked for one at sampling time.
@@ -21,6 +23,8 @@ from torch import nn
 
 from lib.config import PriorModelConfig
 from lib.data.condition import CHANNELS, distance_map, obstruction_map
+from lib.data.measurements import CHANNELS as MEASUREMENT_CHANNELS
+from lib.data.measurements import spread
 
 COND_CHANNELS = len(CHANNELS)
 UNET_DIR = "unet"
@@ -28,8 +32,15 @@ COND_ENCODER_FILE = "cond_encoder.safetensors"
 # Config keys that make a checkpoint another model: resume and evaluate refuse a difference.
 ARCHITECTURE_KEYS = ["prior.model", "prior.diffusion.objective", "prior.diffusion.num_train_timesteps",
               "prior.diffusion.beta_schedule", "prior.diffusion.prediction_type", "vae.model", "data.image_size"]
-# Resuming also needs the same simulations: sim_id i must keep meaning the same simulator.
-RESUME_KEYS = ARCHITECTURE_KEYS + ["data.simulation"]
+# Resuming also needs the same simulations (sim_id i must keep meaning the same simulator) and
+# the same measurements. (Whether the prior takes measurements at all follows the checkpoint.)
+RESUME_KEYS = ARCHITECTURE_KEYS + ["data.simulation", "prior.measurements.count"]
+
+
+def encoder_inputs(distance_channel: bool, obstruction_channel: bool, measurements: bool) -> int:
+    """Input channels of the condition encoder: the condition, the channels computed from it, and
+    with measurements their two channels and the two :func:`lib.data.measurements.spread` gives."""
+    return COND_CHANNELS + int(distance_channel) + int(obstruction_channel) + 4 * int(measurements)
 
 
 # --------------------------------------------------------------------------- networks
@@ -81,11 +92,12 @@ class LatentPrior(nn.Module):
     one DDP wrapper, one EMA)."""
 
     def __init__(self, cfg: PriorModelConfig, latent_channels: int, image_size: int,
-                 downsample: int, num_simulations: int, outputs: int = 1) -> None:
+                 downsample: int, num_simulations: int, outputs: int = 1, measurements: bool = False) -> None:
         super().__init__()
         self.distance_channel, self.obstruction_channel = cfg.distance_channel, cfg.obstruction_channel
-        self.cond_encoder = ConditionEncoder(cfg.cond_channels, downsample,
-                                             COND_CHANNELS + int(cfg.distance_channel) + int(cfg.obstruction_channel))
+        self.measurements = measurements
+        self.cond_encoder = ConditionEncoder(cfg.cond_channels, downsample, encoder_inputs(
+            cfg.distance_channel, cfg.obstruction_channel, measurements))
         self.unet = build_unet(cfg, latent_channels, image_size // downsample, num_simulations, outputs)
         # Softmax attention ignores a bias added to every key, so the key biases' true gradient
         # is zero; AdamW would turn its rounding noise into steps of size lr (and runs with
@@ -98,13 +110,13 @@ class LatentPrior(nn.Module):
 
     @classmethod
     def from_parts(cls, cond_encoder: ConditionEncoder, unet: UNet2DModel, distance_channel: bool,
-                   obstruction_channel: bool) -> "LatentPrior":
+                   obstruction_channel: bool, measurements: bool = False) -> "LatentPrior":
         """A prior around networks that exist already (a diffusers pipeline's components,
         lib/evaluation/pipeline.py), with the weights they hold."""
         prior = cls.__new__(cls)
         nn.Module.__init__(prior)
         prior.distance_channel, prior.obstruction_channel = distance_channel, obstruction_channel
-        prior.cond_encoder, prior.unet = cond_encoder, unet
+        prior.cond_encoder, prior.unet, prior.measurements = cond_encoder, unet, measurements
         prior.latent_channels = unet.config.in_channels - cond_encoder.net[-1].out_channels
         prior.latent_size = unet.config.sample_size
         return prior
@@ -119,9 +131,17 @@ class LatentPrior(nn.Module):
     def latent_shape(self) -> str:
         return f"{self.latent_channels}x{self.latent_size}x{self.latent_size}"
 
+    @property
+    def cond_channels(self) -> int:
+        """Channels of the condition it takes: 3, and the 2 measurement channels when trained with them."""
+        return COND_CHANNELS + len(MEASUREMENT_CHANNELS) * int(self.measurements)
+
     def encode_cond(self, cond: torch.Tensor) -> torch.Tensor:
+        if cond.shape[1] != self.cond_channels:
+            raise ValueError(f"this prior takes {self.cond_channels} condition channels, got {cond.shape[1]}")
         extra = ([distance_map(cond)] if self.distance_channel else []) + \
-            ([obstruction_map(cond)] if self.obstruction_channel else [])
+            ([obstruction_map(cond)] if self.obstruction_channel else []) + \
+            ([spread(cond)] if self.measurements else [])
         return self.cond_encoder(torch.cat([cond, *extra], dim=1) if extra else cond)
 
     def denoise(self, z: torch.Tensor, t: torch.Tensor, features: torch.Tensor,

@@ -135,11 +135,15 @@ def load_prior_vae(info: ckpt.CheckpointInfo, cfg: Config, device: torch.device 
 
 
 def load_prior(folder: Path, cfg: Config, downsample: int, num_simulations: int,
-               device: torch.device | str = "cpu", use_ema: bool = True) -> tuple[LatentPrior, bool]:
-    """The prior of stage-2 checkpoint ``folder``, built as ``cfg.prior.model`` says, frozen,
-    in eval mode (its EMA weights when saved and ``use_ema``); and whether EMA was used."""
+               device: torch.device | str = "cpu", use_ema: bool = True,
+               measurements: Optional[bool] = None) -> tuple[LatentPrior, bool]:
+    """The prior of stage-2 checkpoint ``folder``, built as ``cfg.prior.model`` says (and taking
+    measurements as ``measurements`` says; None: as ``cfg``), frozen, in eval mode (its EMA weights
+    when saved and ``use_ema``); and whether EMA was used."""
+    if measurements is None:
+        measurements = cfg.prior.measurements.count is not None
     prior = LatentPrior(cfg.prior.model, cfg.vae.model.latent_channels, cfg.data.image_size,
-                        downsample, num_simulations, make_objective(cfg.prior.diffusion).outputs)
+                        downsample, num_simulations, make_objective(cfg.prior.diffusion).outputs, measurements)
     tensors, ema = read_weights(folder, {"unet.": PRIOR_WEIGHTS, "cond_encoder.": COND_ENCODER_FILE}, use_ema)
     load_weights(prior, tensors, str(folder), "set prior.model as in that checkpoint's config.yaml")
     prior.requires_grad_(False).eval().to(device)
