@@ -53,7 +53,7 @@ from lib.evaluation.images import save_samples
 from lib.evaluation.metrics import METRIC_NAMES, MetricAccumulator, summarize, summarize_groups
 from lib.evaluation.regions import LOS_SHARE, METRES_AT_256, REGIONS, RegionAccumulator, region_masks
 from lib.evaluation.scoring import PredictionStore, score_methods
-from lib.evaluation.uncertainty import QUANTILES, CalibrationAccumulator, sample_stats
+from lib.evaluation.uncertainty import QUANTILES, CalibrationAccumulator, ConformalFit, sample_stats
 from lib.models.latents import decode_latents, encode_latents
 from lib.models.objectives import choose_sampler, generate_maps, make_objective
 from lib.models.prior import ARCHITECTURE_KEYS
@@ -119,12 +119,22 @@ def markdown(result: dict[str, Any]) -> str:
         if not sampled:
             lines.append(f"objective {result['objective']} is deterministic: one map per input, no calibration.")
         else:
-            lines += ["| method | NMSE one map | NMSE mean of K | coverage 50 % | coverage 90 % | CRPS (dB) | mean std (dB) |",
-                      "|---|---|---|---|---|---|---|"]
+            conformal = pr.get("conformal")
+            lines += ["| method | NMSE one map | NMSE mean of K | coverage 50 % | coverage 90 % | CRPS (dB) | mean std (dB) |"
+                      + (" conformal: widening 50 % / 90 % (dB) | coverage 50 % | coverage 90 % |" if conformal else ""),
+                      "|---|---|---|---|---|---|---|" + ("---|---|---|" if conformal else "")]
             for k in sampled:
                 d, c = result[k], result[k]["calibration"]["outside_buildings"]
-                lines.append(f"| {methods[k]} | {cell(d['single_sample'], 'nmse')} | {cell(d, 'nmse')} | "
-                             f"{fmt(c['coverage50'])} | {fmt(c['coverage90'])} | {fmt(c['crps_db'])} | {fmt(c['mean_std_db'])} |")
+                row = (f"| {methods[k]} | {cell(d['single_sample'], 'nmse')} | {cell(d, 'nmse')} | "
+                       f"{fmt(c['coverage50'])} | {fmt(c['coverage90'])} | {fmt(c['crps_db'])} | {fmt(c['mean_std_db'])} |")
+                if conformal:
+                    w = d["conformal"]
+                    row += (f" {fmt(w['widen50_db'])} / {fmt(w['widen90_db'])} | {fmt(c['coverage50_conformal'])} | "
+                            f"{fmt(c['coverage90_conformal'])} |")
+                lines.append(row)
+            if conformal:
+                lines += ["", "Conformal: the intervals widened by conformalized quantile regression fitted on the "
+                          "validation maps (lib/evaluation/uncertainty.py), measured on these."]
     lines += ["", "By region (set level over the region's pixels; LOS: less than "
               f"{pr['regions']['los_share']:g} of the direct path in buildings; distances at "
               f"{pr['regions']['metres_at_256']:g} m per 256 px): RMSE in dB (NMSE_set)", "",
@@ -205,7 +215,11 @@ def main() -> int:
          f"{' (its copy in the prior checkpoint)' if loaded.path == info.path else ''}, latent scale {latent_scale:.6g}")
 
     # ------------------------------------------------------------------ data and the distance fit
-    data = build_datasets(cfg.data, cfg.seed, ("train", args.split), echo, split)
+    if args.conformal and (args.samples < 2 or args.split != "test"):
+        raise UserError("--conformal fits the intervals on the validation maps and measures them on the test maps: "
+                        "it needs --samples K (K >= 2) and --split test")
+    data = build_datasets(cfg.data, cfg.seed, ("train", args.split, "val") if args.conformal
+                          else ("train", args.split), echo, split)
     train_ds, eval_ds = data["train"], data[args.split]
     sims = list(cfg.data.simulation)                  # the datasets' sim_id indexes this list
     to_model_id = torch.tensor([trained_sims.index(s) for s in sims], device=device)
@@ -256,6 +270,24 @@ def main() -> int:
             "vae_ceiling": lambda b: decode_latents(vae, encode_latents(vae, b["image"])),
             "distance_baseline": lambda b: baseline.predict(b["cond"], [sims[i] for i in b["sim_id"].tolist()]),
         }
+        widen: dict[str, dict[int, float]] = {}
+        fits: dict[str, ConformalFit] = {}
+        if args.conformal and drawn > 1:       # fitted on the validation maps, with noise of its own
+            main_rng, rng = rng, torch.Generator().manual_seed(cfg.seed + 1)
+            fits = {k: ConformalFit(seed=cfg.seed) for k in models}
+            with torch.no_grad(), progress(len(data["val"]), desc="conformal fit on val", unit="sample") as bar:
+                for batch in eval_batches(data["val"], cfg.batch_size("prior")):
+                    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                    free = batch["cond"][:, :1] < 0
+                    for k in models:
+                        methods[k](batch)
+                        fits[k].update(draws[k], batch["image"], free)
+                    bar.update(len(batch["image"]))
+            widen = {k: f.widen() for k, f in fits.items()}
+            rng = main_rng
+            measured = dict.fromkeys(models, 0.0)
+            echo("conformal widening on the validation maps (gray levels): " + "; ".join(
+                f"{k}: 50 % {w[50]:.4g}, 90 % {w[90]:.4g}" for k, w in widen.items()))
         regions = {k: RegionAccumulator() for k in methods}
         single = {k: MetricAccumulator() for k in models}
         calibration = {k: CalibrationAccumulator() for k in models}
@@ -269,7 +301,7 @@ def main() -> int:
                 for k in models:
                     if drawn > 1:
                         single[k].update(draws[k][0], batch["image"], names)
-                        calibration[k].update(draws[k], batch["image"], masks)
+                        calibration[k].update(draws[k], batch["image"], masks, widen.get(k))
                 if store is not None:
                     more = {}
                     if drawn > 1:
@@ -303,6 +335,10 @@ def main() -> int:
             if drawn > 1:
                 result[k]["single_sample"] = method_summary(single[k], 0.0, db_factor)
                 result[k]["calibration"] = calibration[k].compute(db_factor)
+            if k in widen:
+                result[k]["conformal"] = {"fitted_on": "val", "samples": len(data["val"]), "pixels": fits[k].pixels,
+                                          **{f"widen{p}": w for p, w in widen[k].items()},
+                                          **{f"widen{p}_db": w * db_factor for p, w in widen[k].items()}}
         result["distance_baseline"]["fit"] = {"samples": n_fit, "lines": baseline.to_dict()}
         result["protocol"] = {
             "split": split.name, "split_seed": split.seed, "part": args.split, "maps": len(part_maps),
@@ -313,6 +349,7 @@ def main() -> int:
             "rmse_db_factor": db_factor, "db_range": list(cfg.data.db_range), "allow_overlap": overlaps,
             "measurements": [str(a) for a in amounts], "measurement_seed": cfg.seed,
             "measurement_correction_sigma": sigma if amounts else None, "samples": args.samples,
+            "conformal": args.conformal,
             "regions": {"los_share": LOS_SHARE, "metres_at_256": METRES_AT_256},
             "conventions": {"mean": "per map (map x transmitter x simulation), then mean and std over them",
                             "set": "nmse_set = sum (pred - target)^2 / sum target^2 and rmse_set = sqrt(mean "

@@ -41,6 +41,7 @@ def main() -> int:
     p.add_argument("--measurements", nargs="+", default=[], metavar="N",
                    help="evaluate.py --measurements at each of these amounts (200, 1%%)")
     p.add_argument("--samples", type=int, default=1, metavar="K", help="evaluate.py --samples K")
+    p.add_argument("--conformal", action="store_true", help="evaluate.py --conformal (with --samples K)")
     a = p.parse_args()
     sys.path.insert(0, str(ROOT))
     from lib.config import load_config
@@ -53,7 +54,8 @@ def main() -> int:
     out = Path(a.out)
     rows, calib_rows, results = [], [], {}
     ceiling = baseline = None
-    eval_flags = [x for n in a.measurements for x in ("--measurements", n)] + ["--samples", str(a.samples)]
+    eval_flags = [x for n in a.measurements for x in ("--measurements", n)] + ["--samples", str(a.samples)] + \
+        (["--conformal"] if a.conformal else [])
     for objective in a.objectives:
         sets = [f"output_dir={out / objective}", f"prior.vae_checkpoint={vae}",
                 f"prior.diffusion.objective={objective}", "prior.diffusion.sampler=null", *a.set]
@@ -76,10 +78,14 @@ def main() -> int:
                 if "calibration" in d:
                     c = d["calibration"]["outside_buildings"]
                     r.update(single_nmse=d["single_sample"]["nmse"], coverage50=c["coverage50"],
-                             coverage90=c["coverage90"], crps_db=c["crps_db"])
+                             coverage90=c["coverage90"], crps_db=c["crps_db"], mean_std_db=c["mean_std_db"],
+                             coverage50_conformal=c["coverage50_conformal"],
+                             coverage90_conformal=c["coverage90_conformal"])
+                    conf = (f" {r['coverage50_conformal']:.3f} | {r['coverage90_conformal']:.3f} |"
+                            if a.conformal else "")
                     calib_rows.append(f"| {objective} ({m['sampler']}) | {steps} | {amount} | {r['single_nmse']:.4g} | "
                                       f"{r['nmse']:.4g} | {r['coverage50']:.3f} | {r['coverage90']:.3f} | "
-                                      f"{r['crps_db']:.3g} |")
+                                      f"{r['crps_db']:.3g} | {r['mean_std_db']:.3g} |{conf}")
                 results[objective]["steps"].setdefault(steps, {})[amount] = r
                 rows.append(f"| {objective} ({m['sampler']}) | {steps} | {r['evaluations']} | {amount} | "
                             f"{r['nmse']:.4g} | {r['rmse']:.4g} | {r['ssim']:.4g} | {r['psnr']:.4g} | "
@@ -96,8 +102,10 @@ def main() -> int:
                        "stage-2 training (s) |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|", *rows])
     if calib_rows:
         table += "\n\n" + "\n".join([f"| objective (sampler) | steps | measurements | NMSE one map | NMSE mean of "
-                                      f"{a.samples} | coverage 50 % | coverage 90 % | CRPS (dB) |",
-                                      "|---|---|---|---|---|---|---|---|", *calib_rows])
+                                      f"{a.samples} | coverage 50 % | coverage 90 % | CRPS (dB) | mean std (dB) |"
+                                      + (" conformal coverage 50 % | conformal coverage 90 % |" if a.conformal else ""),
+                                      "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if a.conformal else ""),
+                                      *calib_rows])
     results["vae_ceiling"], results["distance_baseline"] = ceiling, baseline
     (out / "objectives.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "objectives.md").write_text(table + "\n")

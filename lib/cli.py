@@ -85,6 +85,9 @@ def evaluate_parser() -> argparse.ArgumentParser:
                         "outside buildings (1%%), fixed per sample by the seed; repeat it for a table over N")
     p.add_argument("--samples", type=positive_int, default=1, metavar="K",
                    help="draw K maps per input: metrics of their mean, calibration of their spread")
+    p.add_argument("--conformal", action="store_true",
+                   help="with --samples K: also widen the samples' 50 %% and 90 %% intervals by conformalized quantile "
+                        "regression fitted on the validation maps, and report their coverage")
     p.add_argument("--save-samples", action="store_true",
                    help="with --save-predictions and --samples K: also every drawn map (N x K x S x S)")
     p.add_argument("--allow-overlap", action="store_true",

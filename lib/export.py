@@ -37,6 +37,14 @@ def _cell(d: dict, k: str) -> str:
     return f"{d[k]:.4g} ± {d[k + '_std']:.4g}"
 
 
+def _measurements(prior: dict) -> str:
+    m = prior.get("measurements") or {}
+    if m.get("count") is None:
+        return "none (a map from the environment alone)"
+    return (f"trained with {m['count']} measured pixels outside buildings per map (value and mask channels; "
+            f"`predict.py --measurements FILE`), {'corrected near them' if m.get('correct') else 'no correction'}")
+
+
 def model_card(name: str, state: dict, cfg: dict, evaluation: Optional[dict]) -> str:
     """The model card (``README.md``) of an exported pipeline."""
     data, prior = cfg["data"], cfg["prior"]
@@ -67,7 +75,10 @@ def model_card(name: str, state: dict, cfg: dict, evaluation: Optional[dict]) ->
              f"- threshold: {data['threshold']} (RadioUNet's noise floor; 0: none), cars as an input: {data['cars_input']}",
              f"- stage-1 VAE: `{state.get('vae_checkpoint')}` (step {state.get('vae_step')}), latent scale "
              f"{state.get('latent_scale'):.6g}",
-             f"- stage 2: {state['step']} optimizer steps, {'EMA' if prior['train'].get('ema') else 'raw'} weights", "",
+             f"- stage 2: {state['step']} optimizer steps, {'EMA' if prior['train'].get('ema') else 'raw'} weights",
+             f"- measurements: {_measurements(prior)}",
+             f"- decibels: gray 0 is {data.get('db_range', [-127, -47])[0]} dB, gray 255 "
+             f"{data.get('db_range', [-127, -47])[1]} dB (`data.db_range`; `predict.py --units db`)", "",
              "## Metric convention", "",
              "Maps are gray levels in [0, 1] (RadioMapSeer's PNG value / 255). Metrics per map (map x transmitter "
              "x simulation), then mean ± std over maps (RadioDiff's convention: NMSE, RMSE, SSIM, PSNR with data "

@@ -19,7 +19,7 @@ from lib.data import measurements as meas
 from lib.data.units import db_per_unit, db_to_gray, gray_to_db, gray_to_model, unit_to_gray
 from lib.errors import UserError
 from lib.evaluation.regions import region_masks
-from lib.evaluation.uncertainty import crps
+from lib.evaluation.uncertainty import CalibrationAccumulator, ConformalFit, crps
 from tests.helpers import TRAINERS, run_main, trainer_config
 
 STEPS = {"max_steps": 2, "warmup_steps": 1, "checkpoint_every": 2, "val_every": 2}
@@ -132,6 +132,30 @@ def test_crps_equals_the_pairwise_definition():
     assert np.allclose(crps(torch.from_numpy(x[:1]), torch.from_numpy(y)).numpy(), np.abs(x[0] - y))
 
 
+def test_conformal_widening_covers_new_maps_from_an_under_dispersed_ensemble():
+    torch.manual_seed(0)
+    cond = condition().repeat(8, 1, 1, 1)
+    free = cond[:, :1] < 0
+
+    def draw():        # truth ~ N(0, 0.2) around the mean; the samples' spread is 10x too narrow
+        mean = torch.rand(8, 1, 32, 32) * 1.2 - 0.6
+        return mean + 0.02 * torch.randn(8, 8, 1, 32, 32), mean + 0.2 * torch.randn(8, 1, 32, 32)
+
+    fit = ConformalFit(keep=10 ** 9)
+    samples, truth = draw()
+    fit.update(samples, truth, free)
+    widen = fit.widen()
+    scores = torch.cat(fit.scores[90]).sort().values
+    n = scores.numel()
+    assert n == int(free.sum()) and widen[90] == float(scores[math.ceil((n + 1) * 0.9) - 1])
+    acc = CalibrationAccumulator()
+    samples, truth = draw()                                # other maps
+    acc.update(samples, truth, region_masks(cond), widen)
+    c = acc.compute(80.0)["outside_buildings"]
+    assert c["coverage90"] < 0.3 and 0.87 < c["coverage90_conformal"] < 0.93
+    assert 0.45 < c["coverage50_conformal"] < 0.55
+
+
 # --------------------------------------------------------------------------- the scripts
 @pytest.fixture(scope="module")
 def runs(tiny_data, tmp_path_factory):
@@ -183,7 +207,7 @@ def test_measurements_change_the_maps_and_a_table_over_amounts(runs, monkeypatch
 
 def test_calibration_equals_numpy_on_the_saved_samples(runs, monkeypatch):
     metrics, folder = evaluate_run(runs["ddpm"], monkeypatch, "--measurements", "5%", "--samples", "4",
-                                   "--save-predictions", "--save-samples")
+                                   "--save-predictions", "--save-samples", "--conformal")
     with np.load(folder / "predictions.npz") as z:
         samples, target, pred, std = z["samples"].astype(np.float64), z["target"].astype(np.float64), z["pred"], z["std"]
         q = {k: z[k] for k in ("q05", "q25", "q75", "q95")}
@@ -198,6 +222,10 @@ def test_calibration_equals_numpy_on_the_saved_samples(runs, monkeypatch):
     pairwise = np.abs(samples[:, :, None] - samples[:, None]).sum((1, 2)) / (2 * 16)
     assert c["crps"] == pytest.approx((np.abs(samples - target[:, None]).mean(1) - pairwise).mean(), rel=1e-6)
     assert c["crps_db"] == pytest.approx(80 * c["crps"])
+    w = metrics["model"]["conformal"]                      # fitted on the validation maps, measured here
+    assert w["fitted_on"] == "val" and w["pixels"] > 0 and w["widen90_db"] == pytest.approx(80 * w["widen90"])
+    widened = (target >= lo - w["widen90"] - 1e-7) & (target <= hi + w["widen90"] + 1e-7)
+    assert c["coverage90_conformal"] == pytest.approx(widened.mean(), abs=2e-3)
     single = metrics["model"]["single_sample"]
     assert single["nmse"] != metrics["model"]["nmse"]
     assert "coverage 90 %" in (folder / "metrics.md").read_text()
