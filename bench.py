@@ -292,7 +292,8 @@ def bench_prior(cfg: Config, steps: int, warmup: int, work: Path, log,
     # Each its own VAE: with the cache the trainer moves the unused encoder off the device.
     variants = {"encoder": TrainerStep("prior", cfg, accelerator, datasets["configured"], work / "a", vae),
                 "cache": TrainerStep("prior", cfg, accelerator, datasets["configured"].with_fields(
-                    STAGE_FIELDS["prior-cached"]), work / "b", copy.deepcopy(vae), cache)}
+                    STAGE_FIELDS["prior-cached"] if cfg.prior.measurements.count is None else STAGE_FIELDS["prior"]),
+                    work / "b", copy.deepcopy(vae), cache)}
     steppers = {k: under_flags(cfg.prior.train, v.step) for k, v in variants.items()}
     flops = warm_and_count(steppers, device, PHASES["prior"])
     res = time_steps(steppers, steps, warmup, device, PHASES["prior"])

@@ -178,7 +178,8 @@ def main() -> int:
     info = resolve_trained("prior", args.checkpoint, cfg.output_dir, cfg.flags)
     saved = check_compatible(info, cfg, ARCHITECTURE_KEYS)
     state = info.state
-    trained_count = ((saved.get("prior") or {}).get("measurements") or {}).get("count")
+    trained_measurements = (saved.get("prior") or {}).get("measurements") or {}
+    trained_count = trained_measurements.get("count")
     amounts = [measurements.parse_amount(a, "--measurements") for a in args.measurements]
     if amounts and trained_count is None:
         raise UserError(f"--measurements {args.measurements[0]}: the prior {info.path} was trained without "
@@ -215,6 +216,11 @@ def main() -> int:
          f"{' (its copy in the prior checkpoint)' if loaded.path == info.path else ''}, latent scale {latent_scale:.6g}")
 
     # ------------------------------------------------------------------ data and the distance fit
+    if args.save_samples and (not args.save_predictions or args.samples < 2):
+        raise UserError("--save-samples saves the K drawn maps with --save-predictions and --samples K (K >= 2)")
+    if args.conformal and not objective.stochastic:
+        raise UserError(f"--conformal: objective {dcfg.objective} draws the same map every time; there is no "
+                        f"spread to calibrate")
     if args.conformal and (args.samples < 2 or args.split != "test"):
         raise UserError("--conformal fits the intervals on the validation maps and measures them on the test maps: "
                         "it needs --samples K (K >= 2) and --split test")
@@ -238,7 +244,8 @@ def main() -> int:
     drawn = args.samples if objective.stochastic else 1
     if drawn < args.samples:
         echo(f"--samples {args.samples}: objective {dcfg.objective} is deterministic; one map per input")
-    sigma = cfg.prior.measurements.sigma if cfg.prior.measurements.correct else None
+    # the correction as the checkpoint was trained and validated with (predict.py does the same)
+    sigma = float(trained_measurements.get("sigma", 2.0)) if trained_measurements.get("correct", True) else None
     method_titles = {**{k: METHODS["model"] + ("" if a is None else f", {a} measured") for k, a in models.items()},
                      **{k: METHODS[k] for k in ("vae_ceiling", "distance_baseline")}}
     out_dir = Path(cfg.output_dir) / "eval"

@@ -170,6 +170,9 @@ class Measured:
             self.gain = lambda name, tx: ds[keys[(int(name), tx)]]["image"] if (int(name), tx) in keys else None
             return
         unit, rows = measurements.read_csv(Path(spec))
+        if args.root is not None and len({name for name, *_ in environments}) > 1:
+            raise UserError(f"--measurements {spec}: a CSV holds the pixels of one city; with --root give one map "
+                            f"(--maps ID), or N to read them from each map's gain map")
         txs = {tx for *_, tx in rows}
         if None in txs and len(environments) > 1:
             raise UserError(f"--measurements {spec}: {len(environments)} transmitters; add a tx column (the --tx "
@@ -182,13 +185,17 @@ class Measured:
                     continue
                 if not (0 <= x < n and 0 <= y < n):
                     raise UserError(f"--measurements {spec}: x,y {x},{y} outside the {n}x{n} map (0..{n - 1})")
+                if buildings[y, x] > 127:
+                    raise UserError(f"--measurements {spec}: x,y {x},{y} is inside a building (measurements are of "
+                                    f"pixels outside buildings)")
                 r, c = scale_pixel((y, x), buildings.shape, size)
                 gray = db_to_gray(value, pipe.config.db_range) if unit == "db" else value
                 channels[:, r, c] = gray_to_model(gray, threshold), 1.0
             self.csv[(name, tx)] = channels
         unknown = sorted(t for t in txs - {None} if t not in {tx for _, tx, *_ in environments})
         if unknown:
-            raise UserError(f"--measurements {spec}: tx {unknown[0]} is not one of the --tx (0..{len(environments) - 1})")
+            raise UserError(f"--measurements {spec}: tx {unknown[0]} is not a transmitter of this run "
+                            f"({', '.join(str(t) for _, t, *_ in environments)})")
 
     def channels(self, cond: torch.Tensor, batch: list[Environment]) -> torch.Tensor:
         """``cond`` (B, 3, S, S) with its two measurement channels."""

@@ -29,6 +29,11 @@ sys.path.insert(0, str(ROOT))
 from lib.models.objectives import REGISTRY  # noqa: E402
 
 
+def g(x, spec: str = ".3g") -> str:
+    """A number, or n/a for a region without pixels."""
+    return "n/a" if x is None else format(x, spec)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/demo.yaml")
@@ -89,14 +94,14 @@ def main() -> int:
                 results[objective]["steps"].setdefault(steps, {})[amount] = r
                 rows.append(f"| {objective} ({m['sampler']}) | {steps} | {r['evaluations']} | {amount} | "
                             f"{r['nmse']:.4g} | {r['rmse']:.4g} | {r['ssim']:.4g} | {r['psnr']:.4g} | "
-                            f"{r['outside_buildings_rmse_db']:.3g} | {r['los_rmse_db']:.3g} | {r['nlos_rmse_db']:.3g} | "
+                            f"{g(r['outside_buildings_rmse_db'])} | {g(r['los_rmse_db'])} | {g(r['nlos_rmse_db'])} | "
                             f"{r['samples_per_sec']:.4g} | {train_s:.0f} |")
                 print(rows[-1], flush=True)
     for name, d in (("VAE round trip (ceiling)", ceiling), ("distance only", baseline)):
         rg = d["regions"]
         rows.append(f"| {name} | - | - | - | {d['nmse']:.4g} | {d['rmse']:.4g} | {d['ssim']:.4g} | {d['psnr']:.4g} | "
-                    f"{rg['outside_buildings']['rmse_db']:.3g} | {rg['los']['rmse_db']:.3g} | "
-                    f"{rg['nlos']['rmse_db']:.3g} | {d['samples_per_sec']:.4g} | - |")
+                    f"{g(rg['outside_buildings']['rmse_db'])} | {g(rg['los']['rmse_db'])} | "
+                    f"{g(rg['nlos']['rmse_db'])} | {d['samples_per_sec']:.4g} | - |")
     table = "\n".join(["| objective (sampler) | steps | network evaluations | measurements | NMSE | RMSE | SSIM | "
                        "PSNR (dB) | RMSE outside buildings (dB) | LOS (dB) | NLOS (dB) | samples/s | "
                        "stage-2 training (s) |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|", *rows])

@@ -97,6 +97,9 @@ def test_csv_errors_name_the_file_and_line(tmp_path):
     (tmp_path / "v.csv").write_text("x,y,gray\n1,2,0.5\n1,zz,0.5\n")
     with pytest.raises(UserError, match=r"v.csv:3: expected integers x,y"):
         meas.read_csv(tmp_path / "v.csv")
+    (tmp_path / "g.csv").write_text("x,y,gray\n1,2,128\n")
+    with pytest.raises(UserError, match=r"g.csv:2: gray 128 is outside \[0, 1\].*divide by 255"):
+        meas.read_csv(tmp_path / "g.csv")
 
 
 # --------------------------------------------------------------------------- regions, units, CRPS
@@ -263,6 +266,11 @@ def test_predict_with_a_csv_samples_and_decibels(runs, tiny_data, monkeypatch):
     gray, db = np.load(tmp / "gray" / "DPM" / "1_0.npy"), np.load(tmp / "db" / "DPM" / "1_0.npy")
     assert np.allclose(db, gray_to_db(gray, [-127, -47]), atol=1e-4)
     assert gray[2, 2] == pytest.approx(float(db_to_gray(-60, [-127, -47])), abs=1e-6)   # measured: kept
+    city = np.asarray(__import__("PIL.Image").Image.open(tiny_data / "png" / "buildings_complete" / "1.png"))
+    y, x = np.argwhere(city > 127)[0]
+    (tmp / "in.csv").write_text(f"x,y,gray\n{x},{y},0.5\n")
+    args = base[:base.index("--measurements") + 1] + [tmp / "in.csv", "--out", tmp / "no"]
+    assert run_main(predict, args, monkeypatch) == 2
     with np.load(tmp / "db" / "DPM" / "1_0_uncertainty.npz") as z:
         assert set(z.files) >= {"std", "q05", "q25", "q75", "q95"} and (z["q95"] >= z["q05"]).all()
     assert (tmp / "gray" / "DPM" / "1_0_std.png").is_file()

@@ -163,7 +163,13 @@ def with_measurements(cond: torch.Tensor, image: Optional[torch.Tensor], mask: O
 
 # --------------------------------------------------------------------------- what the prior and the decoder do with them
 def _gauss(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur with peak weight 1 (not normalised), zero padding."""
+    """Separable Gaussian blur with peak weight 1 (not normalised), zero padding, in float32
+    (outside autocast: validation under bf16 gives what evaluate.py gives)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return _gauss32(x.float(), sigma)
+
+
+def _gauss32(x: torch.Tensor, sigma: float) -> torch.Tensor:
     r = max(1, int(math.ceil(3 * sigma)))
     k = torch.exp(-0.5 * (torch.arange(-r, r + 1, device=x.device, dtype=x.dtype) / sigma) ** 2)
     c = x.shape[1]
@@ -194,7 +200,7 @@ def correct(maps: torch.Tensor, cond: torch.Tensor, sigma: float) -> torch.Tenso
     num, den = _gauss(residual, sigma), _gauss(mask, sigma)
     free = free_pixels(cond).float()
     out = maps.float() + free * num / (den + FADE)
-    out = torch.where(mask > 0, value, out)
+    out = torch.where((mask > 0) & (free > 0), value, out)
     return out.clamp(-1.0, 1.0).to(maps.dtype)
 
 
@@ -228,6 +234,9 @@ def read_csv(path: Path) -> tuple[str, list[tuple[int, int, float, Optional[int]
                             f"{' and an integer tx' if 'tx' in cols else ''}, got {','.join(row)}") from None
         if not math.isfinite(value):
             raise UserError(f"--measurements {path}:{n}: {unit} {row[cols[unit]]} is not a finite number")
+        if unit == "gray" and not 0.0 <= value <= 1.0:
+            raise UserError(f"--measurements {path}:{n}: gray {row[cols[unit]]} is outside [0, 1] (gray levels as "
+                            f"predict.py writes them; 8-bit pixel values: divide by 255)")
         out.append((x, y, value, tx))
     if not out:
         raise UserError(f"--measurements {path}: no measurements under its header")
