@@ -34,7 +34,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -51,7 +51,8 @@ from lib.errors import UserError, run_cli
 from lib.evaluation.baselines import fit_distance_baseline
 from lib.evaluation.images import save_samples
 from lib.evaluation.metrics import METRIC_NAMES, MetricAccumulator, summarize, summarize_groups
-from lib.evaluation.regions import LOS_SHARE, METRES_AT_256, REGIONS, RegionAccumulator, region_masks
+from lib.evaluation.regions import (LOS_SHARE, METRES_AT_256, REGIONS, RegionAccumulator, region_masks,
+                                    without_measured)
 from lib.evaluation.scoring import PredictionStore, score_methods
 from lib.evaluation.uncertainty import QUANTILES, CalibrationAccumulator, ConformalFit, sample_stats
 from lib.models.latents import decode_latents, encode_latents
@@ -106,16 +107,17 @@ def markdown(result: dict[str, Any]) -> str:
     if pr["measurements"]:
         lines += ["", f"Measurements: pixels outside buildings, fixed per sample by seed {pr['measurement_seed']}; "
                   f"the model at each amount (mean measured pixels per map):", "",
-                  "| measurements | pixels per map | NMSE | RMSE (dB) set | outside buildings RMSE (dB) |",
-                  "|---|---|---|---|---|"]
+                  "| measurements | pixels per map | NMSE | RMSE (dB) set | outside buildings RMSE (dB) | "
+                  "unmeasured RMSE (dB) (NMSE_set) |", "|---|---|---|---|---|---|"]
         for k in models:
-            d = result[k]
+            d, r = result[k], result[k]["regions"]
             lines.append(f"| {d['measurements']['amount']} | {fmt(d['measurements']['mean_pixels'])} | "
-                         f"{cell(d, 'nmse')} | {fmt(d['rmse_db'])} | {fmt(d['regions']['outside_buildings']['rmse_db'])} |")
+                         f"{cell(d, 'nmse')} | {fmt(d['rmse_db'])} | {fmt(r['outside_buildings']['rmse_db'])} | "
+                         f"{fmt(r['unmeasured']['rmse_db'])} ({fmt(r['unmeasured']['nmse_set'])}) |")
     sampled = [k for k in models if result[k]["samples"]["drawn"] > 1]
     if sampled or pr["samples"] > 1:
         lines += ["", f"Samples: {pr['samples']} maps per input, scored by their mean; calibration outside buildings "
-                  f"(share of true pixels inside the samples' central 50 % / 90 % intervals; CRPS, lower is better):", ""]
+                  f"where nothing was measured (share of true pixels inside the samples' central 50 % / 90 % intervals; CRPS, lower is better):", ""]
         if not sampled:
             lines.append(f"objective {result['objective']} is deterministic: one map per input, no calibration.")
         else:
@@ -124,7 +126,7 @@ def markdown(result: dict[str, Any]) -> str:
                       + (" conformal: widening 50 % / 90 % (dB) | coverage 50 % | coverage 90 % |" if conformal else ""),
                       "|---|---|---|---|---|---|---|" + ("---|---|---|" if conformal else "")]
             for k in sampled:
-                d, c = result[k], result[k]["calibration"]["outside_buildings"]
+                d, c = result[k], result[k]["calibration"]["unmeasured"]
                 row = (f"| {methods[k]} | {cell(d['single_sample'], 'nmse')} | {cell(d, 'nmse')} | "
                        f"{fmt(c['coverage50'])} | {fmt(c['coverage90'])} | {fmt(c['crps_db'])} | {fmt(c['mean_std_db'])} |")
                 if conformal:
@@ -258,6 +260,7 @@ def main() -> int:
         rng = torch.Generator().manual_seed(cfg.seed)      # the same sampling noise every evaluation
         draws: dict[str, torch.Tensor] = {}                # each model's K maps of the current batch
         measured = dict.fromkeys(models, 0.0)              # measured pixels, summed over the samples
+        given: dict[str, Optional[torch.Tensor]] = dict.fromkeys(models)   # each model's measured pixels, this batch
 
         def model(key: str, amount: Any):
             def run(b: dict) -> torch.Tensor:
@@ -265,6 +268,7 @@ def main() -> int:
                 if amount is not None:
                     mask = measurements.fixed_mask(cond, amount, cfg.seed, b["map_id"].tolist(), b["tx"].tolist())
                     measured[key] += float(mask.sum())
+                    given[key] = mask
                     cond = measurements.with_measurements(cond, b["image"], mask)
                 ids = to_model_id[b["sim_id"]]
                 draws[key] = torch.stack([generate_maps(prior, vae, latent_scale, cond, ids, objective, steps, sampler,
@@ -286,9 +290,10 @@ def main() -> int:
                 for batch in eval_batches(data["val"], cfg.batch_size("prior")):
                     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
                     free = batch["cond"][:, :1] < 0
-                    for k in models:
+                    for k in models:          # fitted where the measurements do not give the answer
                         methods[k](batch)
-                        fits[k].update(draws[k], batch["image"], free)
+                        fits[k].update(draws[k], batch["image"],
+                                       free if given[k] is None else free & ~given[k].to(torch.bool))
                     bar.update(len(batch["image"]))
             widen = {k: f.widen() for k, f in fits.items()}
             rng = main_rng
@@ -304,11 +309,12 @@ def main() -> int:
                 names = [sims[i] for i in batch["sim_id"].tolist()]
                 masks = region_masks(batch["cond"])
                 for k, pred in preds.items():
-                    regions[k].update(pred, batch["image"], masks)
+                    regions[k].update(pred, batch["image"], without_measured(masks, given.get(k)))
                 for k in models:
                     if drawn > 1:
                         single[k].update(draws[k][0], batch["image"], names)
-                        calibration[k].update(draws[k], batch["image"], masks, widen.get(k))
+                        calibration[k].update(draws[k], batch["image"], without_measured(masks, given[k]),
+                                              widen.get(k))
                 if store is not None:
                     more = {}
                     if drawn > 1:

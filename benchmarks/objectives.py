@@ -14,7 +14,7 @@ and writes it with every number to ``--out/objectives.json`` and ``objectives.md
 the real command line, in a fresh process. With ``--measurements`` (a prior trained with them:
 ``prior.measurements.count`` in ``--set``) each evaluation gives the model at every amount, one row
 each; with ``--samples K`` the model's maps are the mean of K draws, and a second table gives the
-calibration of their spread (outside buildings) and the NMSE of a single draw.
+calibration of their spread (outside buildings, where nothing was measured) and the NMSE of a single draw.
 """
 from __future__ import annotations
 
@@ -79,9 +79,11 @@ def main() -> int:
                 r = {k: d[k] for k in ("nmse", "rmse", "ssim", "psnr", "nmse_set", "rmse_db", "samples_per_sec")}
                 r.update(evaluations=m["network_evaluations"], measurements=amount,
                          outside_buildings_rmse_db=d["regions"]["outside_buildings"]["rmse_db"],
+                         unmeasured_rmse_db=d["regions"]["unmeasured"]["rmse_db"],
+                         unmeasured_nmse_set=d["regions"]["unmeasured"]["nmse_set"],
                          nlos_rmse_db=d["regions"]["nlos"]["rmse_db"], los_rmse_db=d["regions"]["los"]["rmse_db"])
                 if "calibration" in d:
-                    c = d["calibration"]["outside_buildings"]
+                    c = d["calibration"]["unmeasured"]
                     r.update(single_nmse=d["single_sample"]["nmse"], coverage50=c["coverage50"],
                              coverage90=c["coverage90"], crps_db=c["crps_db"], mean_std_db=c["mean_std_db"],
                              coverage50_conformal=c["coverage50_conformal"],
@@ -94,17 +96,19 @@ def main() -> int:
                 results[objective]["steps"].setdefault(steps, {})[amount] = r
                 rows.append(f"| {objective} ({m['sampler']}) | {steps} | {r['evaluations']} | {amount} | "
                             f"{r['nmse']:.4g} | {r['rmse']:.4g} | {r['ssim']:.4g} | {r['psnr']:.4g} | "
-                            f"{g(r['outside_buildings_rmse_db'])} | {g(r['los_rmse_db'])} | {g(r['nlos_rmse_db'])} | "
+                            f"{g(r['outside_buildings_rmse_db'])} | {g(r['unmeasured_rmse_db'])} | "
+                            f"{g(r['los_rmse_db'])} | {g(r['nlos_rmse_db'])} | "
                             f"{r['samples_per_sec']:.4g} | {train_s:.0f} |")
                 print(rows[-1], flush=True)
     for name, d in (("VAE round trip (ceiling)", ceiling), ("distance only", baseline)):
         rg = d["regions"]
         rows.append(f"| {name} | - | - | - | {d['nmse']:.4g} | {d['rmse']:.4g} | {d['ssim']:.4g} | {d['psnr']:.4g} | "
-                    f"{g(rg['outside_buildings']['rmse_db'])} | {g(rg['los']['rmse_db'])} | "
+                    f"{g(rg['outside_buildings']['rmse_db'])} | {g(rg['unmeasured']['rmse_db'])} | "
+                    f"{g(rg['los']['rmse_db'])} | "
                     f"{g(rg['nlos']['rmse_db'])} | {d['samples_per_sec']:.4g} | - |")
     table = "\n".join(["| objective (sampler) | steps | network evaluations | measurements | NMSE | RMSE | SSIM | "
-                       "PSNR (dB) | RMSE outside buildings (dB) | LOS (dB) | NLOS (dB) | samples/s | "
-                       "stage-2 training (s) |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|", *rows])
+                       "PSNR (dB) | RMSE outside buildings (dB) | unmeasured (dB) | LOS (dB) | NLOS (dB) | samples/s | "
+                       "stage-2 training (s) |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|", *rows])
     if calib_rows:
         table += "\n\n" + "\n".join([f"| objective (sampler) | steps | measurements | NMSE one map | NMSE mean of "
                                       f"{a.samples} | coverage 50 % | coverage 90 % | CRPS (dB) | mean std (dB) |"

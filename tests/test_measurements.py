@@ -18,7 +18,7 @@ import train_unified_prior
 from lib.data import measurements as meas
 from lib.data.units import db_per_unit, db_to_gray, gray_to_db, gray_to_model, unit_to_gray
 from lib.errors import UserError
-from lib.evaluation.regions import region_masks
+from lib.evaluation.regions import region_masks, without_measured
 from lib.evaluation.uncertainty import CalibrationAccumulator, ConformalFit, crps
 from tests.helpers import TRAINERS, run_main, trainer_config
 
@@ -115,6 +115,11 @@ def test_region_masks_match_a_hand_made_map():
     metres = ((rows - 16) ** 2 + (cols - 4) ** 2).sqrt().clamp(min=1) * 8      # 32 px: 8 m per pixel
     for name, lo, hi in (("d<32m", 0, 32), ("d32-64m", 32, 64), ("d64-128m", 64, 128), ("d>=128m", 128, math.inf)):
         assert torch.equal(masks[name][0, 0], ~wall & (metres >= lo) & (metres < hi)), name
+    assert torch.equal(masks["unmeasured"], masks["outside_buildings"])      # nothing measured
+    measured = torch.zeros(1, 1, 32, 32, dtype=torch.bool)
+    measured[0, 0, 3, 3] = measured[0, 0, 20, 20] = measured[0, 0, 5, 15] = True    # (5, 15): in the wall
+    unmeasured = without_measured(masks, measured)["unmeasured"][0, 0]
+    assert torch.equal(unmeasured, ~wall & ~measured[0, 0]) and int(unmeasured.sum()) == int((~wall).sum()) - 2
 
 
 def test_decibels_round_trip_the_gray_levels():
@@ -204,7 +209,17 @@ def test_measurements_change_the_maps_and_a_table_over_amounts(runs, monkeypatch
     assert metrics["model"]["measurements"]["mean_pixels"] == 0 and metrics["model@10%"]["measurements"]["mean_pixels"] > 0
     assert metrics["model"]["nmse"] != metrics["model@10%"]["nmse"]
     table = (folder / "metrics.md").read_text()
-    assert "| measurements | pixels per map |" in table and "| 10% |" in table
+    assert "| measurements | pixels per map |" in table and "| 10% |" in table and "| unmeasured |" in table
+    # "unmeasured": outside buildings without the method's measured pixels, where the correction
+    # gives the measured value (no error): the same squared error over fewer pixels
+    for key in ("model", "distance_baseline"):
+        assert metrics[key]["regions"]["unmeasured"] == metrics[key]["regions"]["outside_buildings"]
+    r, n = metrics["model@10%"]["regions"], metrics["num_samples"]
+    given = metrics["model@10%"]["measurements"]["mean_pixels"] * n
+    assert r["unmeasured"]["pixels"] == r["outside_buildings"]["pixels"] - given
+    sq = {k: r[k]["rmse_set"] ** 2 * r[k]["pixels"] for k in ("unmeasured", "outside_buildings")}
+    assert sq["unmeasured"] == pytest.approx(sq["outside_buildings"], rel=1e-6)
+    assert r["unmeasured"]["rmse_db"] > r["outside_buildings"]["rmse_db"]
     assert metrics["model"]["samples"] == {"requested": 1, "drawn": 1, "deterministic": True}
 
 

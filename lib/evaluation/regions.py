@@ -4,6 +4,9 @@ Whole-image metrics count the buildings (gain 0 there, trivially predicted) and 
 line-of-sight streets with the shadowed ones. :func:`region_masks` cuts each map into
 
 - ``all``: every pixel; ``outside_buildings``: the pixels a measurement or a receiver can be at;
+- ``unmeasured``: outside buildings, without the pixels a model was given as measurements
+  (lib/data/measurements.py; the correction sets those to their measured values, so a score
+  over them flatters the model): the same as ``outside_buildings`` for a method given none;
 - ``los`` / ``nlos``: outside buildings, with the straight path from the transmitter free of
   buildings or not, from the same computation the prior's condition uses
   (:func:`lib.data.condition.obstruction_map`: the share of the path inside buildings, LOS when
@@ -38,21 +41,29 @@ def band_name(low: float, high: float) -> str:
     return f"d>={low:g}m" if math.isinf(high) else f"d{low:g}-{high:g}m"
 
 
-REGIONS = ("all", "outside_buildings", "los", "nlos", *(band_name(lo, hi) for lo, hi in BANDS))
+REGIONS = ("all", "outside_buildings", "unmeasured", "los", "nlos", *(band_name(lo, hi) for lo, hi in BANDS))
 
 
 @torch.no_grad()
 def region_masks(cond: torch.Tensor) -> dict[str, torch.Tensor]:
-    """(B, 1, S, S) bool masks of :data:`REGIONS` for conditions ``cond`` ((B, C, S, S), lib/data/condition.py)."""
+    """(B, 1, S, S) bool masks of :data:`REGIONS` for conditions ``cond`` ((B, C, S, S), lib/data/condition.py);
+    nothing measured (:func:`without_measured` for a method given measurements)."""
     cond = cond.float()
     free = cond[:, :1] < 0
     share = (obstruction_map(cond) + 1.0) / 2.0
     metres = 10.0 ** log_distance(cond).float() * (METRES_AT_256 / cond.shape[-1])
-    masks = {"all": torch.ones_like(free), "outside_buildings": free,
+    masks = {"all": torch.ones_like(free), "outside_buildings": free, "unmeasured": free,
              "los": free & (share < LOS_SHARE), "nlos": free & (share >= LOS_SHARE)}
     for lo, hi in BANDS:
         masks[band_name(lo, hi)] = free & (metres >= lo) & (metres < hi)
     return masks
+
+
+def without_measured(masks: dict[str, torch.Tensor], measured: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``masks`` with ``unmeasured`` leaving out the (B, 1, S, S) ``measured`` pixels (None: as they are)."""
+    if measured is None:
+        return masks
+    return {**masks, "unmeasured": masks["outside_buildings"] & ~measured.to(torch.bool)}
 
 
 class RegionAccumulator:
