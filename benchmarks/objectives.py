@@ -59,8 +59,7 @@ def main() -> int:
     out = Path(a.out)
     rows, calib_rows, results = [], [], {}
     ceiling = baseline = None
-    eval_flags = [x for n in a.measurements for x in ("--measurements", n)] + ["--samples", str(a.samples)] + \
-        (["--conformal"] if a.conformal else [])
+    eval_flags = [x for n in a.measurements for x in ("--measurements", n)] + ["--samples", str(a.samples)]
     for objective in a.objectives:
         sets = [f"output_dir={out / objective}", f"prior.vae_checkpoint={vae}",
                 f"prior.diffusion.objective={objective}", "prior.diffusion.sampler=null", *a.set]
@@ -69,7 +68,7 @@ def main() -> int:
         results[objective] = {"train_seconds": round(train_s, 1), "steps": {}}
         for steps in (a.steps if REGISTRY[objective].iterative else [1]):
             run(["evaluate.py", "--config", a.config, *flags, "--steps", str(steps), "--checkpoint", "latest",
-                 *eval_flags])
+                 *eval_flags, *(["--conformal"] if a.conformal and REGISTRY[objective].stochastic else [])])
             m = json.loads((out / objective / "eval" / "metrics.json").read_text())
             results[objective]["sampler"] = m["sampler"]
             ceiling, baseline = m["vae_ceiling"], m["distance_baseline"]
