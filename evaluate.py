@@ -52,7 +52,7 @@ from lib.evaluation.baselines import fit_distance_baseline
 from lib.evaluation.images import save_samples
 from lib.evaluation.metrics import METRIC_NAMES, MetricAccumulator, summarize, summarize_groups
 from lib.evaluation.regions import (LOS_SHARE, METRES_AT_256, REGIONS, RegionAccumulator, region_masks,
-                                    without_measured)
+                                    unmeasured_pixels, without_measured)
 from lib.evaluation.scoring import PredictionStore, score_methods
 from lib.evaluation.uncertainty import QUANTILES, CalibrationAccumulator, ConformalFit, sample_stats
 from lib.models.latents import decode_latents, encode_latents
@@ -117,7 +117,8 @@ def markdown(result: dict[str, Any]) -> str:
     sampled = [k for k in models if result[k]["samples"]["drawn"] > 1]
     if sampled or pr["samples"] > 1:
         lines += ["", f"Samples: {pr['samples']} maps per input, scored by their mean; calibration outside buildings "
-                  f"where nothing was measured (share of true pixels inside the samples' central 50 % / 90 % intervals; CRPS, lower is better):", ""]
+                  f"where nothing was measured (share of true pixels inside the samples' central 50 % / 90 % "
+                  f"intervals; CRPS, lower is better):", ""]
         if not sampled:
             lines.append(f"objective {result['objective']} is deterministic: one map per input, no calibration.")
         else:
@@ -292,8 +293,7 @@ def main() -> int:
                     free = batch["cond"][:, :1] < 0
                     for k in models:          # fitted where the measurements do not give the answer
                         methods[k](batch)
-                        fits[k].update(draws[k], batch["image"],
-                                       free if given[k] is None else free & ~given[k].to(torch.bool))
+                        fits[k].update(draws[k], batch["image"], unmeasured_pixels(free, given[k]))
                     bar.update(len(batch["image"]))
             widen = {k: f.widen() for k, f in fits.items()}
             rng = main_rng

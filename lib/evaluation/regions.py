@@ -59,11 +59,14 @@ def region_masks(cond: torch.Tensor) -> dict[str, torch.Tensor]:
     return masks
 
 
+def unmeasured_pixels(free: torch.Tensor, measured: Optional[torch.Tensor]) -> torch.Tensor:
+    """The pixels outside buildings (``free``) without the (B, 1, S, S) ``measured`` ones (None: all of them)."""
+    return free if measured is None else free & ~measured.to(torch.bool)
+
+
 def without_measured(masks: dict[str, torch.Tensor], measured: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``masks`` with ``unmeasured`` leaving out the (B, 1, S, S) ``measured`` pixels (None: as they are)."""
-    if measured is None:
-        return masks
-    return {**masks, "unmeasured": masks["outside_buildings"] & ~measured.to(torch.bool)}
+    """``masks`` with ``unmeasured`` leaving out the ``measured`` pixels (None: as they are)."""
+    return {**masks, "unmeasured": unmeasured_pixels(masks["outside_buildings"], measured)}
 
 
 class RegionAccumulator:
